@@ -1,0 +1,31 @@
+# difflm: the two commands of the README.
+#   make quickstart   install, then train the quickstart on the built-in corpus
+#   make test         install, then run the whole test suite
+# GPU users: make quickstart TORCH_INDEX=https://download.pytorch.org/whl/cu128
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.difflm-installed
+
+.PHONY: install quickstart test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel here, or a CUDA build from TORCH_INDEX.
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/difflm train sweeps/runs/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .difflm_cache

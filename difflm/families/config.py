@@ -1,0 +1,31 @@
+"""Diffusion process sub-config (shared by every family; each family reads what it needs)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from difflm._config import StrictModel
+
+
+class DiffusionConfig(StrictModel):
+    """Noise schedule, time sampling and loss weighting."""
+
+    schedule: str = Field(
+        "loglinear",
+        description="Noise schedule; the allowed names depend on the family "
+        "(mdlm: loglinear, linear, cosine, cosinesqr, geometric, sqrt).",
+    )
+    eps: float = Field(1e-3, gt=0.0, lt=0.5, description="Schedule epsilon: the masked share at t=1 is 1 - eps.")
+    sampling_eps: float = Field(1e-3, ge=0.0, lt=0.5, description="Times are drawn from [sampling_eps, 1].")
+    antithetic: bool = Field(True, description="Antithetic (stratified) time sampling across the batch: lower variance.")
+    likelihood_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="w in loss = w * NELBO + (1 - w) * unweighted masked cross-entropy. 1 = pure NELBO. "
+        "The val metric is always the NELBO.",
+    )
+    timesteps: int = Field(
+        2000, ge=1, le=100000, description="Discrete diffusion steps T (families with discrete time, e.g. diffusion_lm)."
+    )
+    sample_steps: int = Field(128, ge=1, le=100000, description="Denoising steps for the samples logged at eval.")

@@ -1,0 +1,66 @@
+"""Backbone/model sub-config and the named size presets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from difflm._config import StrictModel
+
+# Named size presets (torchtitan style). Parameter counts depend on the vocab:
+# tiny ~1-3M with the byte tokenizer, small ~38M and base ~110M with GPT-2's.
+SIZE_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 128, "n_layers": 4, "n_heads": 4, "cond_dim": 64},
+    "small": {"d_model": 256, "n_layers": 4, "n_heads": 4, "cond_dim": 128},
+    "base": {"d_model": 768, "n_layers": 12, "n_heads": 12, "cond_dim": 128},
+}
+
+
+class ModelConfig(StrictModel):
+    """Which model family to train and how big its backbone is."""
+
+    family: str = Field(
+        "mdlm",
+        description="Model family from the registry (difflm.families): mdlm, ar, ... `difflm schema` lists them.",
+    )
+    size: Literal["tiny", "small", "base"] | None = Field(
+        "tiny",
+        description="Size preset: tiny (~1-3M params, CPU tests), small (~38M, 256 wide x 4 layers), "
+        "base (768 wide x 12 layers x 12 heads, ~110M). Explicit dims below override the preset.",
+    )
+    d_model: int | None = Field(None, ge=8, le=16384, description="Hidden width; overrides the preset.")
+    n_layers: int | None = Field(None, ge=1, le=256, description="Number of transformer blocks; overrides the preset.")
+    n_heads: int | None = Field(None, ge=1, le=256, description="Attention heads; must divide d_model.")
+    cond_dim: int | None = Field(None, ge=4, le=4096, description="Width of the time-conditioning vector fed to adaLN.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in attention output and MLP.")
+    time_conditioning: bool = Field(
+        False,
+        description="Feed the noise level to adaLN. MDLM's default is off: the share of masked tokens already "
+        "tells the time, and the cached sampler relies on it being off.",
+    )
+    backbone: Literal["transformer"] = Field(
+        "transformer", description="Backbone implementation: the project's own DiT-style transformer."
+    )
+
+    @model_validator(mode="after")
+    def _dims_resolvable(self) -> "ModelConfig":
+        d = self.dims()
+        if d["d_model"] % d["n_heads"] != 0:
+            raise ValueError(f"n_heads={d['n_heads']} must divide d_model={d['d_model']}")
+        if (d["d_model"] // d["n_heads"]) % 2 != 0:
+            raise ValueError("d_model / n_heads must be even for rotary positions")
+        return self
+
+    def dims(self) -> dict[str, int]:
+        """Resolved backbone dims: the preset, overridden by any explicit value."""
+        base = dict(SIZE_PRESETS[self.size]) if self.size else {}
+        for key in ("d_model", "n_layers", "n_heads", "cond_dim"):
+            val = getattr(self, key)
+            if val is not None:
+                base[key] = val
+        missing = [k for k in ("d_model", "n_layers", "n_heads") if k not in base]
+        if missing:
+            raise ValueError(f"size is null, so set {', '.join(missing)} explicitly")
+        base.setdefault("cond_dim", 128)
+        return base
