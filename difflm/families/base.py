@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,20 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Diagnostics:
+    """Family-specific validation extras, computed on one val batch at each eval.
+
+    scalars:  logged under ``val/<name>`` (e.g. per-noise-bucket cosine similarity).
+    texts:    logged as TensorBoard text under ``diagnostics/<name>`` (e.g. a denoising demo).
+    warnings: plain-language lines shown on the console (e.g. outputs stopped depending on inputs).
+    """
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
 class Family(nn.Module, ABC):
     """Base class of model families (mdlm, ar, ...)."""
 
@@ -51,6 +66,16 @@ class Family(nn.Module, ABC):
         self, num: int, length: int, steps: int, generator: torch.Generator | None = None
     ) -> Tensor:
         """Draw ``num`` unconditional samples of ``length`` token ids (num, length) in ``steps`` steps."""
+
+    @torch.no_grad()
+    def diagnostics(
+        self, tokens: Tensor, generator: torch.Generator | None, decode: Callable[[list[int]], str]
+    ) -> Diagnostics:
+        """Extra validation metrics on one clean val batch (B, L); none by default.
+
+        Called on every rank (collectives under ZeRO-3 must match); only rank 0 logs the result.
+        """
+        return Diagnostics()
 
     def num_parameters(self) -> int:
         """Trainable parameters (printed at start)."""

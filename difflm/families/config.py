@@ -13,7 +13,8 @@ class DiffusionConfig(StrictModel):
     schedule: str = Field(
         "loglinear",
         description="Noise schedule; the allowed names depend on the family "
-        "(mdlm: loglinear, linear, cosine, cosinesqr, geometric, sqrt).",
+        "(mdlm: loglinear, linear, cosine, cosinesqr, geometric, sqrt; "
+        "diffusion_lm: sqrt, cosine, linear, Gaussian schedules over `timesteps` steps).",
     )
     eps: float = Field(1e-3, gt=0.0, lt=0.5, description="Schedule epsilon: the masked share at t=1 is 1 - eps.")
     sampling_eps: float = Field(1e-3, ge=0.0, lt=0.5, description="Times are drawn from [sampling_eps, 1].")
@@ -22,10 +23,16 @@ class DiffusionConfig(StrictModel):
         1.0,
         ge=0.0,
         le=1.0,
-        description="w in loss = w * NELBO + (1 - w) * unweighted masked cross-entropy. 1 = pure NELBO. "
+        description="mdlm: w in loss = w * NELBO + (1 - w) * unweighted masked cross-entropy (1 = pure NELBO). "
+        "diffusion_lm: weight of the rounding (decoder) NLL added to the x0 MSE and prior terms. "
         "The val metric is always the NELBO.",
     )
     timesteps: int = Field(
         2000, ge=1, le=100000, description="Discrete diffusion steps T (families with discrete time, e.g. diffusion_lm)."
     )
     sample_steps: int = Field(128, ge=1, le=100000, description="Denoising steps for the samples logged at eval.")
+    clamp_sampling: bool = Field(
+        False,
+        description="diffusion_lm: the clamping trick, snapping the predicted x0 to the nearest word embedding "
+        "at every sampling step (Li et al. 2022). Off: plain ancestral sampling, rounding only at the end.",
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from difflm.families.base import Family
@@ -16,19 +16,32 @@ if TYPE_CHECKING:
     from difflm.models.config import ModelConfig
 
 
+class FamilyBuilder(Protocol):
+    """build(model_cfg, diffusion_cfg, vocab_size, **special_ids) -> Family."""
+
+    def __call__(
+        self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, /, **special_ids: Any
+    ) -> Family: ...
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How to build one family.
 
-    build(model_cfg, diffusion_cfg, vocab_size) -> Family. ``vocab_size`` is the
+    build(model_cfg, diffusion_cfg, vocab_size, **special_ids) -> Family. ``vocab_size`` is the
     tokenizer's; families that need extra tokens (mdlm's mask) add them themselves.
+    special_ids: the tokenizer's special token ids as keyword ints (bos_id, eos_id, pad_id);
+    a builder takes what it needs (ar: bos_id, to start samples) and ignores the rest, so
+    every builder must accept ``**special_ids``.
     schedules: the noise schedule names this family accepts (empty: it has none).
+    backbones: the ``model.backbone`` values this family can build, default first.
     """
 
     name: str
-    build: "Callable[[ModelConfig, DiffusionConfig, int], Family]"
+    build: FamilyBuilder
     schedules: tuple[str, ...]
     description: str
+    backbones: tuple[str, ...] = ("transformer",)
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

@@ -39,8 +39,23 @@ class ModelConfig(StrictModel):
         description="Feed the noise level to adaLN. MDLM's default is off: the share of masked tokens already "
         "tells the time, and the cached sampler relies on it being off.",
     )
-    backbone: Literal["transformer"] = Field(
-        "transformer", description="Backbone implementation: the project's own DiT-style transformer."
+    backbone: Literal["transformer", "bart"] = Field(
+        "transformer",
+        description="Backbone implementation: transformer (the project's own DiT-style blocks) or bart "
+        "(a Hugging Face BART encoder with time injection; diffusion_lm only).",
+    )
+    embed_dim: int = Field(
+        64,
+        ge=16,
+        le=1024,
+        description="Width of the learned word embeddings that continuous-embedding diffusion (diffusion_lm) "
+        "noises; 16-128 is typical. Other families ignore it.",
+    )
+    pretrained_path: str | None = Field(
+        None,
+        description="Local folder of a saved Hugging Face BART model (save_pretrained) whose encoder weights "
+        "initialise backbone: bart; its dims override d_model/n_layers/n_heads. Never downloaded. "
+        "null = random init.",
     )
 
     @model_validator(mode="after")
@@ -50,6 +65,8 @@ class ModelConfig(StrictModel):
             raise ValueError(f"n_heads={d['n_heads']} must divide d_model={d['d_model']}")
         if (d["d_model"] // d["n_heads"]) % 2 != 0:
             raise ValueError("d_model / n_heads must be even for rotary positions")
+        if self.pretrained_path is not None and self.backbone != "bart":
+            raise ValueError("model.pretrained_path is only used by backbone: bart")
         return self
 
     def dims(self) -> dict[str, int]:

@@ -1,0 +1,51 @@
+"""Model families (mdlm, ar, ...) behind one interface, plus their registry.
+
+Importing this package registers the built-in families. :func:`build_model` is the one
+call the trainer needs: spec sections + vocab in, a :class:`Family` out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difflm.families.base import Family, LossOutput
+from difflm.families.config import DiffusionConfig
+from difflm.families.registry import FamilySpec, family_names, get_family, register_family
+from difflm.models.config import ModelConfig
+
+# Imported for their register_family side effect (after the registry itself).
+from difflm.families import ar, diffusion_lm, mdlm  # noqa: E402,F401  isort: skip
+
+
+def build_model(
+    model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any
+) -> Family:
+    """Build family ``model_cfg.family`` for a tokenizer of ``vocab_size`` ids.
+
+    special_ids: the tokenizer's bos_id / eos_id / pad_id (ints), for families that use them
+    (ar starts its samples from bos_id). Raises KeyError for an unknown family and ValueError
+    for a schedule or backbone the family does not accept.
+    """
+    spec = get_family(model_cfg.family)
+    if spec.schedules and diffusion_cfg.schedule not in spec.schedules:
+        raise ValueError(
+            f"family {spec.name!r} does not accept schedule {diffusion_cfg.schedule!r}; "
+            f"choose one of {', '.join(spec.schedules)}"
+        )
+    if model_cfg.backbone not in spec.backbones:
+        raise ValueError(
+            f"family {spec.name!r} does not support backbone {model_cfg.backbone!r}; "
+            f"choose one of {', '.join(spec.backbones)}"
+        )
+    return spec.build(model_cfg, diffusion_cfg, vocab_size, **special_ids)
+
+
+__all__ = [
+    "Family",
+    "LossOutput",
+    "FamilySpec",
+    "get_family",
+    "family_names",
+    "register_family",
+    "build_model",
+]

@@ -1,0 +1,314 @@
+"""Diffusion-LM: Gaussian diffusion over learned word embeddings (Li et al., 2022), x0-parameterised.
+
+The path that worked in the project's journal, as the default:
+
+* Tokens w map to learned embeddings EMB(w) (``model.embed_dim`` wide, N(0, 1) init so the
+  signal has the prior's unit scale). ``x_start ~ q(x_start | w) = N(EMB(w), beta_0 I)``
+  (the original's ``get_x_start``), then the usual forward process over T integer steps,
+  ``x_t = sqrt(alpha_bar_t) x_start + sqrt(1 - alpha_bar_t) eps`` (tables in :mod:`difflm.gaussian`).
+* The network predicts the clean embeddings (x0-prediction) from ``x_t`` and t/T.
+* Training loss per real token, averaged over real tokens (never summed over the sequence):
+  ``mean_D (x0_hat - target)^2 + mean_D (sqrt(alpha_bar_{T-1}) x_start)^2 + w * CE(x_start @ EMB^T, w)``.
+  ``target`` is ``x_start`` for t > 0 and, at t = 0 *only*, the word embedding EMB(w) itself
+  (the original's ``t0_mask`` rule; the journal applied such an embedding-alignment term at
+  every t and every output collapsed to one generic sentence). The rounding (decoder) logits
+  come from the embedding matrix itself (tied weights), so the CE keeps the embeddings apart
+  while the MSE would happily shrink them; ``w`` is ``diffusion.likelihood_weight`` (default 1).
+
+``nll_sum`` (``val/nll``) is a variational upper bound on -log p(w) in nats per token, so a
+sweep can set it beside mdlm's NELBO. Per token:
+``T * L_t + CE(x_start @ EMB^T, w) + KL(q(x_{T-1} | x_start) || N(0, I))`` with one t ~ U{0..T-1}
+per sequence, where for t >= 1 ``L_t = KL(q(x_{t-1} | x_t, x_start) || p(x_{t-1} | x_t))`` with p's
+variance fixed to the true posterior's (then it is ``(SNR(t-1) - SNR(t)) / 2 * ||x_start - x0_hat||^2``),
+and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
+``p(x_start | x_0) = N(x0_hat, beta_0 I)``, i.e. ``||x_start - x0_hat||^2 / (2 beta_0) - D/2``
+(q's entropy is analytic). Approximations and what is (not) comparable with mdlm:
+
+* Unbiased but noisy: the sum over T steps is a single-t Monte Carlo draw times T, x_start and
+  eps are single draws. The low-t terms carry huge weights (SNR falls steeply there, above all
+  for ``sqrt``), so the estimate's variance is far higher than mdlm's; validation's fixed seed
+  makes evals of one run comparable with each other, and a large val set averages it down.
+* Not what is trained: the loss is the unweighted x0 MSE (+ prior + rounding), not the bound,
+  and the reverse variances are fixed (not learned). Both make the bound looser than the best
+  this model class could reach; mdlm trains its bound directly. Read the gap with that in mind.
+* The bound is on the joint of the whole block (every term factorises over positions), divided
+  by the number of real tokens: the same unit as mdlm's NELBO (nats per token, discrete data).
+  Both are bounds (discrete T here, continuous time there); neither is an exact likelihood, unlike ar.
+* Padding (``valid`` False) stays clean context: neither noised nor counted.
+
+Sampling (:meth:`DiffusionLM.sample`): ancestral sampling with x0-prediction from x_{T-1} ~ N(0, I),
+optionally strided to ``steps`` steps (exact posterior for any stride), optionally with the
+clamping trick (``diffusion.clamp_sampling``: snap x0_hat to the nearest word embedding at every
+step), ending with rounding: the argmax of the tied decoder logits. Validation diagnostics live
+in :mod:`difflm.families.diffusion_lm_eval`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflm.families.base import Diagnostics, Family, LossOutput
+from difflm.families.config import DiffusionConfig
+from difflm.families.registry import FamilySpec, register_family
+from difflm.gaussian import GAUSSIAN_SCHEDULES, GaussianSchedule, get_gaussian_schedule, posterior_coefs
+from difflm.models.config import ModelConfig
+from difflm.models.denoiser import DiTDenoiser
+
+
+@dataclass
+class Terms:
+    """Everything one noising of a batch produces: per-token losses (B, L) and the tensors behind them.
+
+    mse, prior, ce and bound are zero at positions that are not ``valid``."""
+
+    t: Tensor  # (B,) int64 steps
+    emb: Tensor  # (B, L, E) clean word embeddings EMB(w)
+    x_start: Tensor  # (B, L, E) ~ N(EMB(w), beta_0 I)
+    x_t: Tensor  # (B, L, E) noised input (pads: clean EMB)
+    x0_hat: Tensor  # (B, L, E) prediction
+    target: Tensor  # (B, L, E) x_start, or EMB at t == 0 rows
+    mse: Tensor  # (B, L) mean_D (x0_hat - target)^2
+    prior: Tensor  # (B, L) mean_D alpha_bar_{T-1} x_start^2
+    ce: Tensor  # (B, L) rounding NLL -log p(w | x_start)
+    bound: Tensor  # (B, L) per-token variational bound in nats
+
+
+class DiffusionLM(Family):
+    """Continuous embedding diffusion. ``denoiser(x_t (B,L,E), t/T (B,)) -> x0_hat (B,L,E)``."""
+
+    name = "diffusion_lm"
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        vocab_size: int,
+        embed_dim: int,
+        schedule: GaussianSchedule,
+        *,
+        likelihood_weight: float = 1.0,
+        antithetic: bool = True,
+        clamp_sampling: bool = False,
+    ) -> None:
+        super().__init__()
+        if getattr(denoiser, "embed_dim", embed_dim) != embed_dim:
+            raise ValueError(f"the denoiser works in {denoiser.embed_dim} dims, the embeddings have {embed_dim}")
+        self.denoiser = denoiser
+        self.embed = nn.Embedding(vocab_size, embed_dim)  # N(0, 1) init: unit scale, like the prior
+        self.vocab_size, self.embed_dim = vocab_size, embed_dim
+        self.schedule = schedule
+        self.T = schedule.T
+        self.likelihood_weight = likelihood_weight
+        self.antithetic = antithetic
+        self.clamp_sampling = clamp_sampling
+
+    # ---- shared pieces -------------------------------------------------------------------------
+
+    def float_dtype(self) -> torch.dtype:
+        """dtype of noise and losses: the parameters' float dtype, at least float32."""
+        return torch.promote_types(self.embed.weight.dtype, torch.float32)
+
+    def table(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """Schedule table ``name`` at integer steps t (B,) -> (B, 1, 1) in ``dtype`` (device copy cached)."""
+        return self.schedule.on(name, t.device)[t].to(dtype)[:, None, None]
+
+    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Integer steps t ~ U{0..T-1}, (n,) int64. Antithetic: a stratified grid (u + i/n) mod 1 from one u."""
+        if self.antithetic:
+            u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)  # (1,)
+            u = (u + torch.arange(n, device=device, dtype=torch.float64) / n) % 1  # (n,)
+            return (u * self.T).long().clamp(max=self.T - 1)  # (n,)
+        return torch.randint(0, self.T, (n,), generator=generator, device=device)  # (n,)
+
+    def predict_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x0_hat (B, L, E), at least float32, from x_t (B, L, E) at integer steps t (B,)."""
+        t_frac = t.to(self.float_dtype()) / self.T  # (B,)
+        return self.denoiser(x_t, t_frac).to(self.float_dtype())  # (B, L, E)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Rounding (decoder) logits (..., V) = x @ EMB^T: tied to the embeddings."""
+        weight = self.embed.weight.to(x.dtype)  # (V, E)
+        return x @ weight.T  # (..., V)
+
+    def round(self, x: Tensor) -> Tensor:
+        """Embeddings (..., E) -> token ids (...): the decoder's argmax."""
+        return self.logits(x).argmax(dim=-1)
+
+    def nearest_embedding(self, x: Tensor) -> Tensor:
+        """The clamping trick: each vector (..., E) replaced by its nearest word embedding in L2."""
+        weight = self.embed.weight.to(x.dtype)  # (V, E)
+        score = 2 * x @ weight.T - (weight**2).sum(-1)  # (..., V); argmax = argmin ||x - e_v||^2
+        return weight[score.argmax(dim=-1)]  # (..., E)
+
+    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(alpha_bar_t) x_start + sqrt(1 - alpha_bar_t) noise, (B, L, E)."""
+        dtype = x_start.dtype
+        return self.table("sqrt_alpha_bar", t, dtype) * x_start + self.table("sqrt_one_minus_alpha_bar", t, dtype) * noise
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def terms(self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Terms:
+        """Noise clean tokens (B, L) at given steps t (B,) and compute every per-token term (no host sync)."""
+        B, L = tokens.shape
+        dtype, device = self.float_dtype(), tokens.device
+        emb = self.embed(tokens).to(dtype)  # (B, L, E)
+        eps0 = torch.randn(emb.shape, generator=generator, device=device, dtype=dtype)  # (B, L, E)
+        eps = torch.randn(emb.shape, generator=generator, device=device, dtype=dtype)  # (B, L, E)
+        t0 = torch.zeros_like(t)
+        x_start = emb + self.table("sqrt_one_minus_alpha_bar", t0, dtype) * eps0  # (B, L, E)
+        x_t = self.q_sample(x_start, t, eps)  # (B, L, E)
+        x_t = torch.where(valid[..., None], x_t, emb)  # pads: clean context
+        x0_hat = self.predict_x0(x_t, t)  # (B, L, E)
+
+        is_t0 = (t == 0)[:, None, None]  # (B, 1, 1)
+        target = torch.where(is_t0, emb, x_start)  # (B, L, E): the t0 rule, t == 0 rows only
+        mse = ((x0_hat - target) ** 2).mean(-1)  # (B, L)
+        last = torch.full_like(t, self.T - 1)
+        ab_last = self.table("alpha_bar", last, dtype)  # (B, 1, 1)
+        prior = (ab_last * x_start**2).mean(-1)  # (B, L)
+        logits = self.logits(x_start)  # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, L)  # (B, L)
+
+        # Variational bound (see module docstring), nats per token.
+        err = ((x_start - x0_hat) ** 2).sum(-1)  # (B, L)
+        diffusion = self.table("bound_weight", t, dtype)[:, :, 0] * err  # (B, L)
+        diffusion = diffusion - 0.5 * self.embed_dim * is_t0[:, :, 0].to(dtype)  # q(x_start | w)'s entropy, t = 0
+        prior_kl = 0.5 * (ab_last * x_start**2 - ab_last - torch.log1p(-ab_last)).sum(-1)  # (B, L)
+        bound = self.T * diffusion + ce + prior_kl  # (B, L)
+
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return Terms(
+            t=t,
+            emb=emb,
+            x_start=x_start,
+            x_t=x_t,
+            x0_hat=x0_hat,
+            target=target,
+            mse=torch.where(valid, mse, zero),
+            prior=torch.where(valid, prior, zero),
+            ce=torch.where(valid, ce, zero),
+            bound=torch.where(valid, bound, zero),
+        )
+
+    def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        """Loss on clean tokens (B, L), every id in [0, vocab_size); only ``valid`` positions are noised
+        and counted. Draws t (B,), then x_start's and x_t's noise, all from ``generator``. No host sync."""
+        t = self.sample_t(tokens.shape[0], tokens.device, generator)  # (B,)
+        terms = self.terms(tokens, valid, t, generator)
+        num_tokens = valid.sum()  # int64 scalar
+        denom = num_tokens.clamp(min=1).to(terms.mse.dtype)
+        mse, prior, ce = terms.mse.sum() / denom, terms.prior.sum() / denom, terms.ce.sum() / denom
+        w = self.likelihood_weight
+        loss = mse + prior + (w * ce if w != 0.0 else 0.0)
+        return LossOutput(
+            loss=loss,
+            nll_sum=terms.bound.detach().sum(dtype=torch.float64),
+            num_tokens=num_tokens,
+            metrics={
+                "mse": mse.detach(),
+                "prior": prior.detach(),
+                "rounding_nll": ce.detach(),
+                "nelbo": terms.bound.detach().sum() / denom,
+            },
+        )
+
+    # ---- sampling ------------------------------------------------------------------------------
+
+    def sampling_steps(self, steps: int) -> list[int]:
+        """Descending steps from T-1 (to 0 when steps >= 2), ``min(steps, T)`` of them, evenly spaced."""
+        n = max(1, min(steps, self.T))
+        grid = torch.linspace(self.T - 1, 0, n, dtype=torch.float64).round().long()
+        return sorted(set(grid.tolist()), reverse=True)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int,
+        length: int,
+        steps: int,
+        generator: torch.Generator | None = None,
+        clamp: bool | None = None,
+    ) -> Tensor:
+        """Ancestral sampling with x0-prediction -> (num, length) int64 ids in [0, vocab_size).
+
+        From x_{T-1} ~ N(0, I), each step predicts x0_hat (snapped to the nearest word embedding
+        when clamping), then draws x_s from q(x_s | x_t, x0_hat) for the next step s < t; the
+        last step returns x0_hat itself, which is rounded. ``clamp`` None: ``clamp_sampling``."""
+        clamp = self.clamp_sampling if clamp is None else clamp
+        device, dtype = self.device, self.float_dtype()
+        ab = self.schedule.on("alpha_bar", device)  # (T,)
+        x = torch.randn(num, length, self.embed_dim, generator=generator, device=device, dtype=dtype)  # (N, L, E)
+        steps_list = self.sampling_steps(steps)
+        for i, t in enumerate(steps_list):
+            t_vec = torch.full((num,), t, dtype=torch.long, device=device)  # (N,)
+            x0_hat = self.predict_x0(x, t_vec)  # (N, L, E)
+            if clamp:
+                x0_hat = self.nearest_embedding(x0_hat)
+            if i + 1 == len(steps_list):
+                x = x0_hat
+                break
+            post = posterior_coefs(ab[t], ab[steps_list[i + 1]])
+            mean = post.coef_x0.to(dtype) * x0_hat + post.coef_xt.to(dtype) * x  # (N, L, E)
+            noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)  # (N, L, E)
+            x = mean + post.var.sqrt().to(dtype) * noise
+        return self.round(x)  # (N, L)
+
+    @torch.no_grad()
+    def diagnostics(
+        self, tokens: Tensor, generator: torch.Generator | None, decode: Callable[[list[int]], str]
+    ) -> Diagnostics:
+        """Per-noise-bucket x0 quality, a denoising demo and an input-dependence check (see diffusion_lm_eval)."""
+        from difflm.families.diffusion_lm_eval import diffusion_lm_diagnostics
+
+        return diffusion_lm_diagnostics(self, tokens, generator, decode)
+
+
+def build_diffusion_lm(
+    model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any
+) -> DiffusionLM:
+    """Registry builder: DiT (default) or BART denoiser, a Gaussian schedule over ``diffusion.timesteps``.
+
+    Time conditioning is always on (model.time_conditioning is ignored): the noise level of a
+    Gaussian-corrupted input is not something the network should have to guess. special_ids unused."""
+    d = model_cfg.dims()
+    denoiser: nn.Module
+    if model_cfg.backbone == "bart":
+        from difflm.models.bart import BartDenoiser
+
+        denoiser = BartDenoiser(
+            model_cfg.embed_dim,
+            d["d_model"],
+            d["n_layers"],
+            d["n_heads"],
+            d["cond_dim"],
+            dropout=model_cfg.dropout,
+            pretrained_path=model_cfg.pretrained_path,
+        )
+    else:
+        denoiser = DiTDenoiser(
+            model_cfg.embed_dim, d["d_model"], d["n_layers"], d["n_heads"], d["cond_dim"], dropout=model_cfg.dropout
+        )
+    return DiffusionLM(
+        denoiser,
+        vocab_size,
+        model_cfg.embed_dim,
+        get_gaussian_schedule(diffusion_cfg.schedule, diffusion_cfg.timesteps),
+        likelihood_weight=diffusion_cfg.likelihood_weight,
+        antithetic=diffusion_cfg.antithetic,
+        clamp_sampling=diffusion_cfg.clamp_sampling,
+    )
+
+
+register_family(
+    FamilySpec(
+        name="diffusion_lm",
+        build=build_diffusion_lm,
+        schedules=GAUSSIAN_SCHEDULES,
+        description="Diffusion-LM: Gaussian diffusion on learned word embeddings, x0-prediction, tied rounding.",
+        backbones=("transformer", "bart"),
+    )
+)

@@ -1,0 +1,199 @@
+"""MDLM: absorbing-state masked diffusion with the SUBS parameterization (Sahoo et al., 2024).
+
+Forward process: each token is independently replaced by the mask token (id
+``vocab_size``) with probability ``move_chance(t)``. The model predicts the clean
+token x0 at every position; SUBS substitutes two facts into that prediction:
+
+* zero masking probability: the mask logit is -inf, the model never predicts a mask;
+* carry-over unmasking: an unmasked position's distribution is a copy of its input,
+  so it contributes exactly 0 to the loss and gets no gradient.
+
+The continuous-time NELBO is then, per masked token, ``dsigma/expm1(sigma) * -log p(x0|xt)``
+(1/t for loglinear), normalised by the number of real tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from difflm.families.base import Family, LossOutput
+from difflm.families.config import DiffusionConfig
+from difflm.families.registry import FamilySpec, register_family
+from difflm.families.sampling import sample_categorical
+from difflm.models.backbone import Backbone
+from difflm.models.config import ModelConfig
+from difflm.schedules import MDLM_SCHEDULES, NoiseSchedule, get_schedule
+
+
+class MDLM(Family):
+    """Masked diffusion LM. The backbone must read and write ``vocab_size + 1`` ids (the extra one is the mask)."""
+
+    name = "mdlm"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab_size: int,
+        schedule: NoiseSchedule,
+        *,
+        sampling_eps: float = 1e-3,
+        antithetic: bool = True,
+        likelihood_weight: float = 1.0,
+        time_conditioning: bool = False,
+    ) -> None:
+        super().__init__()
+        if backbone.vocab_in != vocab_size + 1 or backbone.vocab_out != vocab_size + 1:
+            raise ValueError("the mdlm backbone needs vocab_in == vocab_out == vocab_size + 1 (mask token)")
+        self.backbone = backbone
+        self.vocab_size = vocab_size
+        self.mask_id = vocab_size
+        self.schedule = schedule
+        self.sampling_eps = sampling_eps
+        self.antithetic = antithetic
+        self.likelihood_weight = likelihood_weight
+        self.time_conditioning = time_conditioning
+
+    # ---- pieces shared by the loss and the samplers -------------------------------------------
+
+    def float_dtype(self) -> torch.dtype:
+        """dtype of times and noise: the parameters' float dtype, at least float32 (bf16 times are too coarse)."""
+        return torch.promote_types(self.backbone.embed.weight.dtype, torch.float32)
+
+    def sample_times(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U[sampling_eps, 1], (n,). Antithetic: t_i = (u + i/n) mod 1 from a single u, so the batch
+        covers [0, 1) evenly and the loss variance across steps drops."""
+        dtype = self.float_dtype()
+        if self.antithetic:
+            u = torch.rand(1, generator=generator, device=device, dtype=dtype)  # (1,)
+            u = (u + torch.arange(n, device=device, dtype=dtype) / n) % 1  # (n,)
+        else:
+            u = torch.rand(n, generator=generator, device=device, dtype=dtype)  # (n,)
+        return (1 - self.sampling_eps) * u + self.sampling_eps  # (n,)
+
+    def subs_logits(self, xt: Tensor, sigma: Tensor) -> Tensor:
+        """Backbone logits (B, L, V+1), at least float32, with the mask logit at -inf (zero masking prob).
+
+        sigma (B,) reaches the backbone only with time conditioning on."""
+        logits = self.backbone(xt, sigma if self.time_conditioning else None)  # (B, L, V+1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.pad(logits[..., : self.mask_id], (0, 1), value=float("-inf"))  # (B, L, V+1)
+
+    def log_probs(self, xt: Tensor, sigma: Tensor) -> Tensor:
+        """SUBS log p(x0 | xt), (B, L, V+1): the model's prediction at masked positions, a copy elsewhere."""
+        logp = self.subs_logits(xt, sigma).log_softmax(dim=-1)  # (B, L, V+1)
+        copy = torch.full_like(logp, float("-inf")).scatter_(-1, xt[..., None], 0.0)  # (B, L, V+1)
+        return torch.where((xt != self.mask_id)[..., None], copy, logp)  # (B, L, V+1)
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        """Loss on clean tokens (B, L) (every id in [0, vocab_size), pads included); only ``valid`` positions
+        are noised and counted. Pads stay visible as clean context. No host sync."""
+        B, L = tokens.shape
+        device = tokens.device
+        t = self.sample_times(B, device, generator)  # (B,)
+        sigma = self.schedule.sigma(t)  # (B,)
+        move = self.schedule.move_chance(t)  # (B,)
+        noise = torch.rand(B, L, generator=generator, device=device, dtype=t.dtype)  # (B, L)
+        masked = (noise < move[:, None]) & valid  # (B, L)
+        xt = torch.where(masked, self.mask_id, tokens)  # (B, L)
+
+        logits = self.subs_logits(xt, sigma)  # (B, L, V+1)
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, L)  # (B, L)
+        ce = ce.masked_fill(~masked, 0.0)  # SUBS carry-over: unmasked tokens cost exactly 0
+        # Weight zeroed off the masked set first: at t == 0 it is inf and inf * 0 would be nan (also in backward).
+        weight = torch.where(masked, self.schedule.nelbo_weight(t)[:, None], 0.0)  # (B, L)
+        nelbo_tok = weight * ce  # (B, L)
+
+        num_tokens = valid.sum()  # int64 scalar
+        denom = num_tokens.clamp(min=1).to(ce.dtype)
+        nelbo = nelbo_tok.sum() / denom
+        masked_ce = ce.sum() / denom
+        w = self.likelihood_weight
+        loss = nelbo if w == 1.0 else masked_ce if w == 0.0 else w * nelbo + (1 - w) * masked_ce
+        return LossOutput(
+            loss=loss,
+            nll_sum=nelbo_tok.detach().sum(dtype=torch.float64),
+            num_tokens=num_tokens,
+            metrics={
+                "nelbo": nelbo.detach(),
+                "masked_ce": masked_ce.detach(),
+                "mask_rate": masked.sum().to(ce.dtype) / denom,
+            },
+        )
+
+    # ---- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def denoise_step(self, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One ancestral step x_t (B, L) -> x_s (B, L), s < t, times (B,).
+
+        A masked token stays masked with probability move_chance(s)/move_chance(t), otherwise it
+        is unmasked to a draw from p(x0 | x_t); unmasked tokens are copied."""
+        move_t = self.schedule.move_chance(t)[:, None]  # (B, 1)
+        move_s = self.schedule.move_chance(s)[:, None]  # (B, 1)
+        logp = self.log_probs(x, self.schedule.sigma(t))  # (B, L, V+1)
+        x0 = sample_categorical(logp, generator)  # (B, L)
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=move_t.dtype)  # (B, L)
+        unmask = (x == self.mask_id) & (u < (move_t - move_s) / move_t)  # (B, L)
+        return torch.where(unmask, x0, x)  # (B, L)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int,
+        length: int,
+        steps: int,
+        generator: torch.Generator | None = None,
+        eps: float = 1e-5,
+    ) -> Tensor:
+        """MDLM's "ddpm" sampler: all-mask at t=1, ``steps`` equal steps down to t=eps, then any mask
+        left is replaced by the model's argmax. Returns (num, length) int64 ids < vocab_size."""
+        device, dtype = self.device, self.float_dtype()
+        x = torch.full((num, length), self.mask_id, dtype=torch.long, device=device)  # (N, L)
+        times = torch.linspace(1.0, eps, steps + 1, device=device, dtype=dtype)  # (steps+1,)
+        for i in range(steps):
+            x = self.denoise_step(x, times[i].expand(num), times[i + 1].expand(num), generator)
+        last = times[-1].expand(num)  # (N,)
+        final = self.log_probs(x, self.schedule.sigma(last)).argmax(dim=-1)  # (N, L); copies unmasked ids
+        return final
+
+
+def build_mdlm(
+    model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any
+) -> MDLM:
+    """Registry builder. special_ids (bos_id, ...) are not needed by mdlm and ignored."""
+    d = model_cfg.dims()
+    backbone = Backbone(
+        vocab_in=vocab_size + 1,
+        vocab_out=vocab_size + 1,
+        d_model=d["d_model"],
+        n_layers=d["n_layers"],
+        n_heads=d["n_heads"],
+        cond_dim=d["cond_dim"],
+        dropout=model_cfg.dropout,
+        causal=False,
+    )
+    return MDLM(
+        backbone,
+        vocab_size,
+        get_schedule(diffusion_cfg.schedule, diffusion_cfg.eps),
+        sampling_eps=diffusion_cfg.sampling_eps,
+        antithetic=diffusion_cfg.antithetic,
+        likelihood_weight=diffusion_cfg.likelihood_weight,
+        time_conditioning=model_cfg.time_conditioning,
+    )
+
+
+register_family(
+    FamilySpec(
+        name="mdlm",
+        build=build_mdlm,
+        schedules=MDLM_SCHEDULES,
+        description="Masked (absorbing-state) diffusion, SUBS parameterization, continuous-time NELBO (MDLM).",
+    )
+)

@@ -1,0 +1,174 @@
+"""DiT-style transformer backbone shared by the families (MDLM's ``DIT``, written nanoGPT-style).
+
+Pre-norm blocks whose LayerNorm outputs are shifted/scaled, and whose residual branches
+are gated, by a conditioning vector c (adaLN, Peebles & Xie 2023). The modulation
+layers start at zero, so every block starts as the identity and the network as a
+constant predictor: training begins from a stable point whatever the depth.
+Positions are rotary (no learned position table), so any length works.
+
+Families build it with explicit ints (no config object) so that a family with a
+different input (e.g. Diffusion-LM's continuous embeddings) can reuse the blocks
+through :meth:`Backbone.forward_embeddings`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift; ``1 +`` so zero-initialised modulation is the identity."""
+    return x * (1 + scale) + shift
+
+
+def rotary_cos_sin(length: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (L, head_dim/2), float32. Computed per call (cheap) so no buffer is ever cast to bf16."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(length, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)  # (L, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, L, hd) pairs (x[:hd/2], x[hd/2:]) by position-dependent angles (GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, L, hd/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, H, L, hd)
+    return out.to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise level (B,) -> conditioning (B, cond_dim): sinusoidal features then a 2-layer MLP (DiT)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def frequency_embedding(self, t: Tensor) -> Tensor:
+        """(B,) -> (B, freq_dim) cos/sin features over geometrically spaced frequencies."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(
+            -math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )  # (half,)
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, freq_dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = self.frequency_embedding(t).to(self.mlp[0].weight.dtype)  # (B, freq_dim)
+        return self.mlp(emb)  # (B, cond_dim)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + MLP, each branch modulated (shift, scale) and gated by c."""
+
+    def __init__(self, d_model: int, n_heads: int, cond_dim: int, dropout: float, causal: bool) -> None:
+        super().__init__()
+        assert d_model % n_heads == 0, "n_heads must divide d_model"
+        self.n_heads = n_heads
+        self.causal = causal
+        self.norm1 = nn.LayerNorm(d_model, bias=False)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.attn_out = nn.Linear(d_model, d_model, bias=False)
+        self.norm2 = nn.LayerNorm(d_model, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(approximate="tanh"), nn.Linear(4 * d_model, d_model)
+        )
+        self.dropout = nn.Dropout(dropout)
+        # 6 modulation vectors (shift/scale/gate for attention and MLP); zero => block == identity at init.
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * d_model)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, L, D = x.shape
+        mods = self.adaLN_modulation(c)[:, None, :]  # (B, 1, 6D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)  # (B, 1, D) each
+
+        h = modulate(self.norm1(x), shift_a, scale_a)  # (B, L, D)
+        qkv = self.qkv(h).view(B, L, 3, self.n_heads, D // self.n_heads)  # (B, L, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
+        y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        x = x + gate_a * self.dropout(self.attn_out(y))  # (B, L, D)
+
+        h = modulate(self.norm2(x), shift_m, scale_m)  # (B, L, D)
+        x = x + gate_m * self.dropout(self.mlp(h))  # (B, L, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm then the output projection; both zero-initialised, so initial logits are 0."""
+
+    def __init__(self, d_model: int, vocab_out: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, bias=False)
+        self.linear = nn.Linear(d_model, vocab_out)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * d_model)
+        for layer in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)  # (B, 1, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, L, V)
+
+
+class Backbone(nn.Module):
+    """Token ids (B, L) + noise level (B,) -> logits (B, L, vocab_out)."""
+
+    def __init__(
+        self,
+        vocab_in: int,
+        vocab_out: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        cond_dim: int,
+        dropout: float = 0.0,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0 or (d_model // n_heads) % 2 != 0:
+            raise ValueError(f"d_model={d_model} / n_heads={n_heads} must be an even integer (rotary)")
+        self.vocab_in, self.vocab_out = vocab_in, vocab_out
+        self.d_model, self.n_heads, self.cond_dim = d_model, n_heads, cond_dim
+        self.causal = causal
+        self.embed = nn.Embedding(vocab_in, d_model)
+        nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))  # MDLM's init: small, like a Linear's
+        self.sigma_map = TimestepEmbedder(cond_dim)
+        self.blocks = nn.ModuleList(
+            DiTBlock(d_model, n_heads, cond_dim, dropout, causal) for _ in range(n_layers)
+        )
+        self.final = FinalLayer(d_model, vocab_out, cond_dim)
+
+    def condition(self, sigma: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """Conditioning vector c (B, cond_dim). sigma None (time conditioning off) embeds sigma = 0, as MDLM,
+        so c is a learned constant rather than absent: the adaLN layers stay in use."""
+        if sigma is None:
+            sigma = torch.zeros(batch, device=device)
+        return F.silu(self.sigma_map(sigma))  # (B, cond_dim)
+
+    def hidden(self, x: Tensor, c: Tensor) -> Tensor:
+        """Run the blocks on input embeddings x (B, L, D) under conditioning c; returns (B, L, D)."""
+        cos, sin = rotary_cos_sin(x.shape[1], self.d_model // self.n_heads, x.device)  # (L, hd/2) each
+        for block in self.blocks:
+            x = block(x, c, cos, sin)  # (B, L, D)
+        return x
+
+    def forward_embeddings(self, x: Tensor, c: Tensor) -> Tensor:
+        """Embeddings (B, L, D) + conditioning (B, cond_dim) -> logits (B, L, vocab_out).
+
+        The entry point for families whose inputs are not token ids (continuous embeddings)."""
+        return self.final(self.hidden(x, c), c)  # (B, L, V)
+
+    def forward(self, ids: Tensor, sigma: Tensor | None = None) -> Tensor:
+        B = ids.shape[0]
+        x = self.embed(ids)  # (B, L, D)
+        c = self.condition(sigma, B, ids.device)  # (B, cond_dim)
+        return self.forward_embeddings(x, c)  # (B, L, V)

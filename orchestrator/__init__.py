@@ -1,0 +1,1 @@
+"""Ray Train, DeepSpeed, Tune, TensorBoard and CLI glue around the plain-PyTorch ``difflm`` library."""

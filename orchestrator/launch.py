@@ -1,0 +1,315 @@
+"""`difflm train` as a Ray Train job: resource checks, ``TorchTrainer`` launch and the per-worker function.
+
+Flow: the driver validates the spec, tokenizes (cached) so errors surface before
+Ray starts, checks resources, starts/joins Ray, then runs ``TorchTrainer`` with
+:func:`train_fn_per_worker` on ``scaling.num_workers`` workers. Each worker builds
+the family, wraps it in DeepSpeed (plain torch on MPS) and hands the loop to
+:class:`orchestrator.runner.Runner`. Rank 0 writes TensorBoard and sends progress
+events through a Ray queue to the driver's console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflm.data import load_prepared, prepare_data
+from difflm.families import build_model
+from orchestrator.console import TrainConsole
+from orchestrator.errors import SpecError
+from orchestrator.spec import RunSpec, spec_from_dict
+
+# The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default), which throttles ray.train.report; we report only at eval points, and
+# a shorter interval keeps short runs and ASHA decisions snappy.
+RAY_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_DEDUP_LOGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+# ---------------------------------------------------------------- resources
+def resolve_device(requested: str, cluster_gpus: float | None = None) -> str:
+    """auto -> cuda if GPUs exist (locally or in the cluster), else mps, else cpu."""
+    if requested != "auto":
+        return requested
+    if (cluster_gpus or 0) > 0 or torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_resources(spec: RunSpec, device: str, cpus: float, gpus: float, where: str) -> None:
+    """SpecError when the machine/cluster cannot give what the spec asks for."""
+    s = spec.scaling
+    need_cpus = s.num_workers * s.cpus_per_worker
+    if need_cpus > cpus + 1e-9:
+        raise SpecError(
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs = {need_cpus:g} CPUs, but {where} has "
+            f"{cpus:g}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    if device == "cuda":
+        if gpus <= 0:
+            raise SpecError(
+                f"scaling.device is cuda but {where} has no GPU (torch.cuda.is_available() is False); "
+                "use device: cpu or auto"
+            )
+        need = s.num_workers * s.gpus_per_worker
+        if need > gpus + 1e-9:
+            raise SpecError(
+                f"scaling: {s.num_workers} workers x {s.gpus_per_worker:g} GPUs = {need:g} GPUs, but {where} has "
+                f"{gpus:g}; lower scaling.num_workers"
+            )
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise SpecError("scaling.device is mps but this machine has no Apple MPS device; use cpu or auto")
+        if s.num_workers != 1:
+            raise SpecError("scaling.device mps supports one worker (one Apple GPU); set scaling.num_workers: 1")
+
+
+def local_resources() -> tuple[float, float]:
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+# ------------------------------------------------------------------ workers
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs inside each Ray Train worker: build model + engine, run the loop, report to Ray."""
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    from orchestrator.engine import build_engine
+    from orchestrator.metrics import NullLogger, TensorBoardLogger
+    from orchestrator.runner import Runner, WorkerContext
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    spec = spec_from_dict(config["spec"])
+    queue = config.get("queue")
+    ctx_ray = ray.train.get_context()
+    rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
+    device_kind = config["device"]
+    if device_kind == "cuda":
+        from ray.train.torch import get_device
+
+        device = get_device()
+    else:
+        device = torch.device(device_kind)
+
+    def emit(kind: str, payload: dict[str, Any]) -> None:
+        if queue is not None and rank == 0:
+            try:
+                queue.put_nowait((kind, payload))
+            except Exception:  # a full or gone queue must never stop training
+                pass
+
+    torch.manual_seed(spec.train.seed)
+    data = load_prepared(Path(config["data_dir"]))
+    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **_special_ids(data.tokenizer))
+    if rank == 0:
+        emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
+    engine = build_engine(model, spec, device)
+    if rank == 0:
+        if spec.scaling.deepspeed and engine.backend == "torch":
+            emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch"})
+        else:
+            emit("log", {"message": f"engine: {engine.backend} (ZeRO-{spec.scaling.zero_stage}) on {device}, {world} worker(s)"})
+    logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
+
+    resume = ray.train.get_checkpoint()
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
+    if resume is not None:
+        with resume.as_directory() as d:
+            runner.load(Path(d))
+        emit("log", {"message": f"resumed from step {runner.step}"})
+    summary = runner.run()
+    emit("done", summary)
+    return summary
+
+
+def _special_ids(tok: Any) -> dict[str, int]:
+    return {k: getattr(tok, k) for k in ("bos_id", "eos_id", "pad_id") if getattr(tok, k, None) is not None}
+
+
+# ------------------------------------------------------------------- driver
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    tensorboard_dir: Path
+
+
+def init_ray(address: str | None, *, extra_env: dict[str, str] | None = None) -> None:
+    """Start (or join) Ray quietly; dashboard on localhost (Tune needs its state API to free stopped trials)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {**RAY_ENV, **(extra_env or {})}
+    os.environ.update(env)
+    kwargs: dict[str, Any] = dict(
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": env},
+        include_dashboard=address is None,
+    )
+    if address is None:
+        kwargs["dashboard_host"] = "127.0.0.1"
+    ray.init(address=address, **kwargs)
+    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _link(target: Path | None, link: Path) -> None:
+    if target is None:
+        return
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainConsole | None = None) -> TrainResult:
+    """Prepare data, check resources, run the TorchTrainer, link best/last checkpoints, return the result."""
+    console = console or TrainConsole()
+    name = spec.run_name()
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": name})})
+    storage = Path(spec.output.dir).expanduser().resolve()
+    run_dir = storage / name
+
+    if address is None:
+        cpus, gpus = local_resources()
+        device = resolve_device(spec.scaling.device)
+        check_resources(spec, device, cpus, gpus, "this machine")
+    # Tokenize on the driver: data errors surface before Ray starts, workers read the cache.
+    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
+    console.info(
+        f"data: {len(prepared.train):,} train / {len(prepared.val):,} val blocks of {spec.data.seq_len} tokens, "
+        f"vocab {prepared.tokenizer.vocab_size:,}"
+    )
+    if address is None:
+        init_ray(None)
+    else:
+        import ray
+
+        init_ray(address)
+        res = ray.cluster_resources()
+        device = resolve_device(spec.scaling.device, res.get("GPU", 0.0))
+        check_resources(spec, device, res.get("CPU", 0.0), res.get("GPU", 0.0), f"the cluster at {address}")
+
+    s, t = spec.scaling, spec.train
+    global_batch = t.micro_batch_size * t.grad_accum * s.num_workers
+    console.info(
+        f"run: {run_dir}\nbatch: {t.micro_batch_size} micro x {s.num_workers} workers x {t.grad_accum} accum = "
+        f"{global_batch} sequences ({global_batch * spec.data.seq_len:,} tokens) per step, {t.max_steps} steps"
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(_dump_yaml(spec))
+    tb_dir = run_dir / "tensorboard"
+    result = _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console)
+    return result
+
+
+def _dump_yaml(spec: RunSpec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def build_trainer(
+    spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, queue: Any, *, storage: Path | None = None, name: str | None = None
+) -> Any:
+    """The TorchTrainer for one run (also used by each Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = spec.scaling
+    use_gpu = device == "cuda"
+    resources = {"CPU": s.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "device": device,
+            "data_dir": str(data_dir),
+            "tb_dir": str(tb_dir),
+            "queue": queue,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name or run_dir.name,
+            storage_path=str(storage or run_dir.parent),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val/nll", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, console: TrainConsole) -> TrainResult:
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised on the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="difflm-fit", daemon=True)
+    thread.start()
+    summary: dict[str, Any] = {}
+    try:
+        while thread.is_alive() or not queue.empty():
+            try:
+                kind, payload = queue.get(timeout=0.25)
+            except Empty:
+                continue
+            if kind == "done":
+                summary = payload
+            else:
+                console.handle(kind, payload)
+    finally:
+        console.close()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    if result.error is not None:
+        raise result.error
+    last = Path(result.checkpoint.path) if result.checkpoint else None
+    best = None
+    if result.best_checkpoints:
+        best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1].get("val/nll", float("inf")))
+        best = Path(best_ckpt.path)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    _link(best, ckpt_dir / "best")
+    _link(last, ckpt_dir / "last")
+    summary = summary or dict(result.metrics or {})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return TrainResult(run_dir, summary, best, last, tb_dir)

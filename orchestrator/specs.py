@@ -1,0 +1,37 @@
+"""Spec-file dispatch for `difflm validate` and `difflm schema`: run specs and sweep files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import SpecError
+from orchestrator.yamlio import apply_overrides, read_yaml, validate_as
+
+
+def validate_file(path: Path, overrides: list[str]) -> str:
+    """Validate one file; return its kind ("run" or "sweep"); SpecError on any problem."""
+    raw = read_yaml(path)
+    raw = apply_overrides(raw, overrides, source=str(path))
+    if "sweep" in raw:
+        from orchestrator.sweep_spec import SweepFile
+
+        validate_as(SweepFile, raw, source=str(path))
+        return "sweep"
+    from orchestrator.spec import RunSpec
+
+    validate_as(RunSpec, raw, source=str(path))
+    return "run"
+
+
+def json_schema(sweep: bool = False) -> dict[str, Any]:
+    if sweep:
+        from orchestrator.sweep_spec import SweepFile
+
+        return SweepFile.model_json_schema()
+    from orchestrator.spec import RunSpec
+
+    return RunSpec.model_json_schema()
+
+
+__all__ = ["validate_file", "json_schema", "SpecError"]

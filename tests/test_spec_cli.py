@@ -1,0 +1,139 @@
+"""Run-spec validation and the CLI's handling of bad input: one message, exit 2, no traceback, before Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.errors import SpecError
+from orchestrator.spec import RunSpec, load_run_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    res = CliRunner().invoke(main, args)
+    return res.exit_code, res.output
+
+
+def test_defaults_valid_and_dims_resolve() -> None:
+    spec = RunSpec()
+    assert spec.model.family == "mdlm" and spec.diffusion.schedule == "loglinear"
+    assert spec.model.dims()["d_model"] == 128
+    assert RunSpec.model_validate({"model": {"size": "base"}}).model.dims() == {
+        "d_model": 768, "n_layers": 12, "n_heads": 12, "cond_dim": 128,
+    }
+
+
+def test_overrides_are_typed_and_revalidated(tmp_path: Path) -> None:
+    p = _write(tmp_path, "train:\n  max_steps: 10\n")
+    spec = load_run_spec(p, ["train.lr=1e-3", "scaling.zero_stage=2", "model.time_conditioning=true"])
+    assert spec.train.lr == pytest.approx(1e-3) and spec.scaling.zero_stage == 2 and spec.model.time_conditioning
+    with pytest.raises(SpecError, match=r"train\.lr: Input should be greater than 0"):
+        load_run_spec(p, ["train.lr=-1"])
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("train:\n  lr: 1.0e-3\n   max_steps: 5\n", r"spec\.yaml: line 3, column \d+: YAML syntax error: mapping values"),
+        ("train:\n  max_stepz: 10\n", r"spec\.yaml:2: train\.max_stepz: unknown key 'max_stepz'; did you mean 'max_steps'\?"),
+        ("train:\n  max_steps: lots\n", r"train\.max_steps: Input should be a valid integer.*\(got 'lots'\)"),
+        ("diffusion:\n  likelihood_weight: 1.5\n", r"diffusion\.likelihood_weight: Input should be less than or equal to 1"),
+        ("model:\n  family: mdml\n", r"unknown family 'mdml'.*Did you mean 'mdlm'\?"),
+        ("diffusion:\n  schedule: cosinus\n", r"schedule 'cosinus' is not a mdlm schedule; choose one of loglinear, linear, cosine"),
+        ("scaling:\n  device: tpu\n", r"scaling\.device: Input should be 'auto', 'cuda', 'mps' or 'cpu'"),
+        ("train:\n  eval_every: 30\n  checkpoint_every: 100\n", r"must be a multiple of eval_every"),
+    ],
+)
+def test_bad_specs_exit_2_with_message(tmp_path: Path, text: str, expected: str) -> None:
+    p = _write(tmp_path, text)
+    for cmd in (["validate", str(p)], ["train", str(p)]):
+        code, out = _run(cmd)
+        assert code == 2, out
+        assert "Traceback" not in out
+        import re
+
+        assert re.search(expected, out), out
+
+
+def test_missing_file_exit_2(tmp_path: Path) -> None:
+    code, out = _run(["train", str(tmp_path / "nope.yaml")])
+    assert code == 2 and "nope.yaml: file not found" in out
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    p = _write(tmp_path, "train:\n  lr: 0.1\n")
+    code, out = _run(["train", str(p), "--set", "train.lr"])
+    assert code == 2 and "expected dotted.key=value" in out
+    code, out = _run(["train", str(p), "--set", "train.lr.x=1"])
+    assert code == 2 and "train.lr is a value, not a section" in out
+
+
+def test_resources_checked_before_ray(tmp_path: Path) -> None:
+    p = _write(tmp_path, "scaling:\n  num_workers: 512\n  device: cpu\n")
+    code, out = _run(["train", str(p)])
+    assert code == 2 and "512 workers x 1 CPUs = 512 CPUs, but this machine has" in out
+    import torch
+
+    if not torch.cuda.is_available():
+        p = _write(tmp_path, "scaling:\n  device: cuda\n")
+        code, out = _run(["train", str(p)])
+        assert code == 2 and "device is cuda but this machine has no GPU" in out
+
+
+def test_sweep_file_refused_by_train(tmp_path: Path) -> None:
+    p = _write(tmp_path, "sweep:\n  search: {}\n")
+    code, out = _run(["train", str(p)])
+    assert code == 2 and "difflm sweep" in out
+
+
+def test_schema_lists_sections_and_descriptions() -> None:
+    code, out = _run(["schema"])
+    assert code == 0
+    schema = json.loads(out)
+    assert set(schema["properties"]) == {"model", "diffusion", "data", "tokenizer", "train", "scaling", "output"}
+    train = schema["$defs"]["TrainConfig"]["properties"]
+    assert all("description" in f for f in train.values())
+
+
+def test_every_field_has_a_description() -> None:
+    from pydantic import BaseModel
+
+    def walk(cls: type[BaseModel]) -> None:
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann)
+
+    walk(RunSpec)
+
+
+def test_shipped_yaml_specs_validate() -> None:
+    files = sorted((REPO / "sweeps").rglob("*.yaml"))
+    assert files, "no specs shipped"
+    code, out = _run(["validate", *map(str, files)])
+    assert code == 0, out
+    assert out.count("ok:") == len(files)
+
+
+def test_console_entry_point_exit_code(tmp_path: Path) -> None:
+    """The installed `difflm` entry point (real process) exits 2 on bad input without a traceback."""
+    p = _write(tmp_path, "model:\n  size: huge\n")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(p)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "model.size: Input should be 'tiny', 'small' or 'base'" in proc.stderr
+    assert "Traceback" not in proc.stderr
