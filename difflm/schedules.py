@@ -106,12 +106,19 @@ class CosineSqr(NoiseSchedule):
 
 
 class Geometric(NoiseSchedule):
-    """sigma = sigma_min^(1-t) sigma_max^t (eps unused). Endpoints: sigma(0) = 1e-3, move_chance(1) = 1 - 1/e."""
+    """sigma = sigma_min^(1-t) sigma_max^t. Endpoints: sigma(0) = 1e-3, move_chance(1) = 1 - eps.
+
+    MDLM's default sigma_max = 1 masks only 1 - 1/e = 63% of tokens at t = 1: the all-mask
+    prior then does not match q(x_1 | x_0), the NELBO misses an (infinite) prior term and
+    looks far better than it is, so a sweep would crown it unfairly. Here sigma_max defaults
+    to -log(eps), the same terminal masking as loglinear/cosine/sqrt.
+    """
 
     name = "geometric"
 
-    def __init__(self, eps: float = 1e-3, sigma_min: float = 1e-3, sigma_max: float = 1.0) -> None:
+    def __init__(self, eps: float = 1e-3, sigma_min: float = 1e-3, sigma_max: float | None = None) -> None:
         super().__init__(eps)
+        sigma_max = -math.log(eps) if sigma_max is None else sigma_max
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_min, self._log_max = math.log(self.sigma_min), math.log(self.sigma_max)
 

@@ -156,5 +156,14 @@ def tensorboard(directory: Path, port: int, host: str) -> None:
         pass
 
 
+# ---- commands defined in other modules (kept out of this file to keep it small) ----
+# (sampling/eval commands and sweep commands register here)
+from orchestrator import sweep_cli  # noqa: E402
+
+for _cmd in (sweep_cli.sweep, sweep_cli.resume, sweep_cli.results):
+    _cmd.callback = _user_errors(_cmd.callback)
+    main.add_command(_cmd)
+
+
 if __name__ == "__main__":
     main()

@@ -35,6 +35,8 @@ RAY_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
+    # Tune's own progress box and tables: `difflm sweep` draws its own.
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
@@ -174,8 +176,31 @@ def init_ray(address: str | None, *, extra_env: dict[str, str] | None = None) ->
     if address is None:
         kwargs["dashboard_host"] = "127.0.0.1"
     ray.init(address=address, **kwargs)
+    _quiet_worker_startup_warning()
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _quiet_worker_startup_warning() -> None:
+    """Drop the raylet's "N worker processes have been started" warning from the console.
+
+    Tune trials hold a 0.01-CPU actor each (see sweep.py), which the raylet reads as
+    "too many workers for the CPU count" and announces on every sweep; it is expected
+    here and hides the sweep table. Every other raylet message still prints.
+    """
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_difflm_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and any("worker processes have been started" in ln for ln in data.get("lines", [])):
+            return
+        original(data, ignore_prefix)
+
+    filtered._difflm_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
 
 
 def _link(target: Path | None, link: Path) -> None:
@@ -234,9 +259,9 @@ def _dump_yaml(spec: RunSpec) -> str:
 
 
 def build_trainer(
-    spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, queue: Any, *, storage: Path | None = None, name: str | None = None
+    spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, queue: Any, callbacks: list[Any] | None = None
 ) -> Any:
-    """The TorchTrainer for one run (also used by each Tune trial)."""
+    """The TorchTrainer for one run; Ray stores its checkpoints under ``run_dir`` (also used by each Tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -257,14 +282,29 @@ def build_trainer(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name or run_dir.name,
-            storage_path=str(storage or run_dir.parent),
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            callbacks=callbacks or [],
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val/nll", checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=0),
         ),
     )
+
+
+def link_checkpoints(result: Any, run_dir: Path) -> tuple[Path | None, Path | None]:
+    """Point RUN_DIR/checkpoints/{best,last} at Ray's checkpoint folders; return (best, last)."""
+    last = Path(result.checkpoint.path) if result.checkpoint else None
+    best = None
+    if result.best_checkpoints:
+        best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1].get("val/nll", float("inf")))
+        best = Path(best_ckpt.path)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    _link(best, ckpt_dir / "best")
+    _link(last, ckpt_dir / "last")
+    return best, last
 
 
 def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, console: TrainConsole) -> TrainResult:
@@ -301,15 +341,7 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
     result = box["result"]
     if result.error is not None:
         raise result.error
-    last = Path(result.checkpoint.path) if result.checkpoint else None
-    best = None
-    if result.best_checkpoints:
-        best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1].get("val/nll", float("inf")))
-        best = Path(best_ckpt.path)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    _link(best, ckpt_dir / "best")
-    _link(last, ckpt_dir / "last")
+    best, last = link_checkpoints(result, run_dir)
     summary = summary or dict(result.metrics or {})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return TrainResult(run_dir, summary, best, last, tb_dir)

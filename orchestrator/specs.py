@@ -12,12 +12,12 @@ from orchestrator.yamlio import apply_overrides, read_yaml, validate_as
 def validate_file(path: Path, overrides: list[str]) -> str:
     """Validate one file; return its kind ("run" or "sweep"); SpecError on any problem."""
     raw = read_yaml(path)
-    raw = apply_overrides(raw, overrides, source=str(path))
     if "sweep" in raw:
-        from orchestrator.sweep_spec import SweepFile
+        from orchestrator.sweep_spec import load_sweep_file
 
-        validate_as(SweepFile, raw, source=str(path))
+        load_sweep_file(str(path), overrides)
         return "sweep"
+    raw = apply_overrides(raw, overrides, source=str(path))
     from orchestrator.spec import RunSpec
 
     validate_as(RunSpec, raw, source=str(path))

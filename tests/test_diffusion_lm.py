@@ -150,14 +150,21 @@ def test_t0_rule_applies_at_t0_only() -> None:
     assert std == pytest.approx(math.sqrt(1 - m.schedule.alpha_bar[0].item()), rel=0.1)
 
 
-def test_loss_and_bound_equal_manual_computation() -> None:
+@pytest.mark.parametrize("training", [True, False])
+def test_loss_and_bound_equal_manual_computation(training: bool) -> None:
+    """Training: uniform t, step term x T. Eval (validation): importance-sampled t, step term / q(t)."""
     m = make(likelihood_weight=0.5)
+    m.train(training)
     tokens, valid = data()
     valid[1, 10:] = False
     out = m(tokens, valid, gen(3))
     g = gen(3)
-    t = m.sample_t(4, tokens.device, g)
-    terms = m.terms(tokens, valid, t, g)  # replays forward's draws
+    t, t_weight = m.sample_t(4, tokens.device, g, importance=not training)
+    terms = m.terms(tokens, valid, t, g, t_weight)  # replays forward's draws
+    if training:
+        assert torch.all(t_weight == m.T)
+    else:
+        torch.testing.assert_close(t_weight, 1 / m.schedule.bound_proposal[t])
     n = valid.sum()
     emb, xs, x0h = terms.emb, terms.x_start, terms.x0_hat
     ab = m.schedule.alpha_bar
@@ -173,7 +180,7 @@ def test_loss_and_bound_equal_manual_computation() -> None:
     err = ((xs - x0h) ** 2).sum(-1).double()
     diff = w[:, None] * err - torch.where(t == 0, E / 2, 0.0)[:, None]
     kl_prior = 0.5 * (ab[-1] * xs.double() ** 2 - ab[-1] - math.log1p(-ab[-1].item())).sum(-1)
-    bound = m.T * diff + ce.view(4, L).double() + kl_prior
+    bound = t_weight[:, None] * diff + ce.view(4, L).double() + kl_prior
     torch.testing.assert_close(out.nll_sum, bound[valid].sum(), rtol=1e-5, atol=0)
     assert out.nll_sum.dtype == torch.float64 and out.num_tokens.item() == n.item()
     torch.testing.assert_close(out.metrics["nelbo"].double(), out.nll_sum / n, rtol=1e-5, atol=0)
@@ -212,12 +219,26 @@ def test_per_token_normalisation_and_padding() -> None:
 
 def test_time_sampling() -> None:
     m = make()
-    t = m.sample_t(8, torch.device("cpu"), gen(0))
-    assert t.dtype == torch.int64 and torch.all((t >= 0) & (t < 2000))
+    cpu = torch.device("cpu")
+    t, w = m.sample_t(8, cpu, gen(0))
+    assert t.dtype == torch.int64 and torch.all((t >= 0) & (t < 2000)) and torch.all(w == 2000)
     gaps = t.sort().values.diff()
     assert torch.all((gaps >= 249) & (gaps <= 251))  # stratified: one draw per 1/8 of T
-    iid = make(antithetic=False).sample_t(4000, torch.device("cpu"), gen(0))
-    assert 900 < iid.float().mean().item() < 1100 and iid.min() == 0 and iid.max() == 1999
+    iid, _ = make(antithetic=False).sample_t(4000, cpu, gen(0))
+    assert 900 < iid.float().mean().item() < 1100 and iid.min() == 0 and iid.max() >= 1990
+
+
+def test_importance_sampled_steps_are_unbiased() -> None:
+    """Eval-mode t ~ q (mass on the first steps) with weight 1/q(t): E[w g(t)] = sum_t g(t) for any g."""
+    m = make()
+    q = m.schedule.bound_proposal
+    torch.testing.assert_close(q.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert q[:100].sum() > 0.6  # sqrt, T=2000: measured 0.72 of the draws in the first 5% of steps
+    t, w = m.sample_t(20000, torch.device("cpu"), gen(0), importance=True)
+    assert (t < 100).float().mean().item() == pytest.approx(q[:100].sum().item(), abs=0.01)
+    g = m.schedule.bound_weight  # the step weights themselves: the quantity that matters
+    assert (w * g[t]).mean().item() == pytest.approx(g.sum().item(), rel=0.02)
+    assert w.mean().item() == pytest.approx(2000, rel=0.05)  # g = 1
 
 
 def test_determinism_dtypes_gradients() -> None:

@@ -18,7 +18,7 @@ ENDPOINTS: dict[str, tuple[float, float]] = {
     "cosinesqr": (0.0, 1 - EPS),
     "sqrt": (0.0, 1 - EPS),
     "linear": (0.0, 1 - math.exp(-10.0)),  # sigma_max = 10
-    "geometric": (1e-3, 1 - math.exp(-1.0)),  # sigma_min = 1e-3, sigma_max = 1
+    "geometric": (1e-3, 1 - EPS),  # sigma_min = 1e-3, sigma_max = -log(eps)
 }
 
 
@@ -91,3 +91,10 @@ def test_sqrt_formula() -> None:
     t = torch.tensor([0.04, 0.25, 0.81], dtype=torch.float64)
     torch.testing.assert_close(sched.move_chance(t), (1 - EPS) * t.sqrt(), rtol=1e-12, atol=0)
     torch.testing.assert_close(sched.nelbo_weight(t), 1 / (2 * t), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", MDLM_SCHEDULES)
+def test_every_schedule_masks_almost_everything_at_t1(name: str) -> None:
+    """The NELBO is only a bound (and only comparable across schedules) when x_1 is ~all mask."""
+    sched = get_schedule(name, EPS)
+    assert float(sched.move_chance(torch.tensor(1.0, dtype=torch.float64))) >= 1 - EPS - 1e-9

@@ -79,7 +79,7 @@ def test_train_two_workers_zero2(tmp_path: Path, family: str) -> None:
 
     scalars = read_scalars(run_dir / "tensorboard")
     assert TRAIN_TAGS | VAL_TAGS <= set(scalars)
-    assert "samples/text" in read_tags(run_dir / "tensorboard")
+    assert "samples/text/text_summary" in read_tags(run_dir / "tensorboard")
     val = dict(scalars["val/nll"])
     assert sorted(val) == [0, 20, 40]
     assert val[40] < val[0] - 0.3, val  # learned something real in 40 steps

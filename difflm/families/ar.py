@@ -8,24 +8,27 @@ with the diffusion families' per-token NELBO knowing that.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.families.base import Family, LossOutput
+from difflm.families.base import DenoiseResult, Family, LossOutput
 from difflm.families.config import DiffusionConfig
 from difflm.families.registry import FamilySpec, register_family
-from difflm.families.sampling import sample_categorical
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
+from difflm.sampling import ar_samplers
+from difflm.sampling.core import SampleOptions, Sampler
 
 
 class AR(Family):
     """Next-token prediction. ``bos_id`` is the token that starts unconditional samples (see :meth:`sample`)."""
 
     name = "ar"
+    exact_likelihood = True
 
     def __init__(self, backbone: Backbone, vocab_size: int, bos_id: int | None = None) -> None:
         super().__init__()
@@ -73,18 +76,44 @@ class AR(Family):
         Starts from ``prefix`` (num, P) when given, else from ``bos_id``; with neither, the first
         token is drawn uniformly from the vocab, since the model has no distribution for position 0.
         No KV cache: each step re-runs the growing prefix (fine at eval-sample sizes)."""
-        device = self.device
-        if prefix is not None:
-            x = prefix.to(device=device, dtype=torch.long)  # (N, P)
-        elif self.bos_id is not None:
-            x = torch.full((num, 1), self.bos_id, dtype=torch.long, device=device)  # (N, 1)
-        else:
-            x = torch.randint(0, self.vocab_size, (num, 1), generator=generator, device=device)  # (N, 1)
-        while x.shape[1] < length:
-            logits = self.backbone(x)[:, -1]  # (N, V)
-            nxt = sample_categorical(logits.float().log_softmax(dim=-1), generator)  # (N,)
-            x = torch.cat([x, nxt[:, None]], dim=1)  # (N, P+1)
-        return x[:, :length]
+        if prefix is None:
+            return ar_samplers.ancestral(self, SampleOptions(num=num, length=length, steps=steps), generator).tokens
+        prefix = prefix.to(device=self.device, dtype=torch.long)  # (N, P)
+        p = prefix.shape[1]
+        if p >= length:
+            return prefix[:, :length]
+        template = torch.zeros(num, length, dtype=torch.long, device=self.device)  # (N, L)
+        template[:, :p] = prefix
+        fixed = torch.zeros(num, length, dtype=torch.bool, device=self.device)  # (N, L)
+        fixed[:, :p] = True
+        opts = SampleOptions(num=num, length=length, steps=steps, template=template, fixed=fixed)
+        return ar_samplers.ancestral(self, opts, generator).tokens
+
+    def samplers(self) -> dict[str, Sampler]:
+        """``ancestral``: left to right, prefix prompts, temperature and top-p."""
+        return {"ancestral": functools.partial(ar_samplers.ancestral, self)}
+
+    def denoise(
+        self, tokens: Tensor, valid: Tensor, t: float, generator: torch.Generator | None = None,
+        steps: int | None = None,
+    ) -> DenoiseResult:
+        """ar has no noise process, so there is nothing to corrupt or reconstruct."""
+        raise NotImplementedError(
+            "the ar family has no noise process: there is nothing to corrupt and reconstruct; "
+            "denoise works with diffusion families (e.g. mdlm). Use `difflm eval` for ar's exact NLL"
+        )
+
+    @torch.no_grad()
+    def nll_samples(
+        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
+    ) -> tuple[Tensor, Tensor]:
+        """The exact per-sequence NLL (B,) repeated K times (no noise: every draw is the same) and counts (B,)."""
+        logits = self.backbone(tokens)[:, :-1]  # (B, L-1, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        B, L1 = tokens.shape[0], tokens.shape[1] - 1
+        nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(B, L1)
+        nll = nll.masked_fill(~valid[:, 1:], 0.0).sum(dim=-1, dtype=torch.float64)  # (B,)
+        return nll[:, None].repeat(1, samples), valid[:, 1:].sum(dim=-1).to(torch.float64)
 
 
 def build_ar(

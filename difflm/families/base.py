@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from difflm.sampling.core import SampleOptions, SampleOutput, Sampler
 
 
 @dataclass
@@ -47,11 +50,33 @@ class Diagnostics:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class DenoiseResult:
+    """What :meth:`Family.denoise` returns for clean tokens (B, L) corrupted at one noise level.
+
+    corrupted:     (B, L) ids of the corrupted input (mask id at noised positions), or None when the
+                   corruption is not a token sequence (continuous noise).
+    noised:        (B, L) bool, the positions the corruption touched (None: every position).
+    reconstructed: (B, L) ids the model recovers from the corruption.
+    metrics:       floats over the batch: ``accuracy`` (reconstructed == clean over real tokens) at
+                   least; families add their own (``masked_accuracy``, ``cosine``, ...).
+    method:        one line saying how the reconstruction was made (printed by ``difflm denoise``).
+    """
+
+    corrupted: Tensor | None
+    noised: Tensor | None
+    reconstructed: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    method: str = ""
+
+
 class Family(nn.Module, ABC):
     """Base class of model families (mdlm, ar, ...)."""
 
     #: registry name, set by subclasses
     name: str = ""
+    #: True when ``forward``'s ``nll_sum`` is an exact NLL (ar), False for a bound (diffusion families)
+    exact_likelihood: bool = False
 
     @abstractmethod
     def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
@@ -76,6 +101,59 @@ class Family(nn.Module, ABC):
         Called on every rank (collectives under ZeRO-3 must match); only rank 0 logs the result.
         """
         return Diagnostics()
+
+    # ---- sampling / evaluation API used by `difflm sample|eval|denoise` ---------------------------
+
+    def samplers(self) -> dict[str, Sampler]:
+        """This family's samplers by name, the default first; each is ``sampler(options, generator)``.
+
+        The base version offers ``default``: :meth:`sample` without prompts, temperature or top-p.
+        Families override it to expose their own (and to support those options)."""
+        return {"default": self._default_sampler}
+
+    @property
+    def default_sampler(self) -> str:
+        """The name ``difflm sample`` uses when none is given: the first of :meth:`samplers`."""
+        return next(iter(self.samplers()))
+
+    def _default_sampler(self, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+        from difflm.sampling.core import SampleOutput, reject_unsupported
+
+        options.validate()
+        reject_unsupported(options, "default", prompt=False, temperature=False)
+        tokens = self.sample(options.num, options.length, options.steps, generator)  # (N, L)
+        return SampleOutput(tokens=tokens, fixed=torch.zeros_like(tokens, dtype=torch.bool), nfe=options.steps)
+
+    @torch.no_grad()
+    def denoise(
+        self, tokens: Tensor, valid: Tensor, t: float, generator: torch.Generator | None = None,
+        steps: int | None = None,
+    ) -> DenoiseResult:
+        """Corrupt clean tokens (B, L) (only ``valid`` positions) at noise level t in [0, 1] and reconstruct.
+
+        ``steps``: reconstruct with that many sampler steps from t; None: the family's one-shot estimate."""
+        raise NotImplementedError(
+            f"family {self.name!r} does not implement denoise (corrupt at a noise level and reconstruct)"
+        )
+
+    @torch.no_grad()
+    def nll_samples(
+        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
+    ) -> tuple[Tensor, Tensor]:
+        """``samples`` independent noise draws of the NLL (bound) per sequence, for Monte Carlo error bars.
+
+        Returns per-sequence NLL sums (B, K) float64 in nats and real-token counts (B,) float64, in the
+        units of ``forward``'s ``nll_sum`` / ``num_tokens``. This generic version runs ``forward`` once
+        per row and draw (slow; families override it with a batched, stratified version)."""
+        B = tokens.shape[0]
+        out = torch.zeros(B, samples, dtype=torch.float64, device=tokens.device)
+        counts = torch.zeros(B, dtype=torch.float64, device=tokens.device)
+        for b in range(B):
+            for k in range(samples):
+                res = self.forward(tokens[b:b + 1], valid[b:b + 1], generator)
+                out[b, k] = res.nll_sum.to(torch.float64)
+                counts[b] = res.num_tokens.to(torch.float64)
+        return out, counts
 
     def num_parameters(self) -> int:
         """Trainable parameters (printed at start)."""

@@ -17,20 +17,27 @@ The path that worked in the project's journal, as the default:
 
 ``nll_sum`` (``val/nll``) is a variational upper bound on -log p(w) in nats per token, so a
 sweep can set it beside mdlm's NELBO. Per token:
-``T * L_t + CE(x_start @ EMB^T, w) + KL(q(x_{T-1} | x_start) || N(0, I))`` with one t ~ U{0..T-1}
-per sequence, where for t >= 1 ``L_t = KL(q(x_{t-1} | x_t, x_start) || p(x_{t-1} | x_t))`` with p's
+``L_t / P(t) + CE(x_start @ EMB^T, w) + KL(q(x_{T-1} | x_start) || N(0, I))`` with one t ~ P per
+sequence (uniform, P = 1/T, in training; in eval mode an importance distribution, see below), where for t >= 1 ``L_t = KL(q(x_{t-1} | x_t, x_start) || p(x_{t-1} | x_t))`` with p's
 variance fixed to the true posterior's (then it is ``(SNR(t-1) - SNR(t)) / 2 * ||x_start - x0_hat||^2``),
 and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
 ``p(x_start | x_0) = N(x0_hat, beta_0 I)``, i.e. ``||x_start - x0_hat||^2 / (2 beta_0) - D/2``
 (q's entropy is analytic). Approximations and what is (not) comparable with mdlm:
 
-* Unbiased but noisy: the sum over T steps is a single-t Monte Carlo draw times T, x_start and
-  eps are single draws. The low-t terms carry huge weights (SNR falls steeply there, above all
-  for ``sqrt``), so the estimate's variance is far higher than mdlm's; validation's fixed seed
-  makes evals of one run comparable with each other, and a large val set averages it down.
+* Unbiased but noisy: the sum over T steps is a single-t Monte Carlo draw divided by P(t); x_start
+  and eps are single draws. The low-t terms carry huge weights (SNR falls steeply there, above all
+  for ``sqrt``): with uniform t, a handful of rows at t ~ 0 dominate an eval. So validation (the
+  module in eval mode) draws t from ``GaussianSchedule.bound_proposal`` (each step's share of the
+  bound for unit-Gaussian data, most mass on the first steps) and weights by 1 / q(t): still
+  unbiased, measured std per sequence 20 vs 213 nats with uniform t on a trained tiny model.
+  Still noisier than mdlm's; the fixed val seed makes evals of one run comparable.
 * Not what is trained: the loss is the unweighted x0 MSE (+ prior + rounding), not the bound,
   and the reverse variances are fixed (not learned). Both make the bound looser than the best
-  this model class could reach; mdlm trains its bound directly. Read the gap with that in mind.
+  this model class could reach; mdlm trains its bound directly. With fixed variances a squared
+  x0 error costs linearly, at weights up to ~1e4-1e5 per unit (x T) for the first steps, so an
+  undertrained model's bound is huge: measured thousands of nats/token in the first tens of
+  steps (7720 -> 1790 over 30 steps of a tiny run), falling only as low-t predictions become
+  precise. Read the gap to mdlm with that in mind; learned variances would tighten it.
 * The bound is on the joint of the whole block (every term factorises over positions), divided
   by the number of real tokens: the same unit as mdlm's NELBO (nats per token, discrete data).
   Both are bounds (discrete T here, continuous time there); neither is an exact likelihood, unlike ar.
@@ -58,6 +65,31 @@ from difflm.families.registry import FamilySpec, register_family
 from difflm.gaussian import GAUSSIAN_SCHEDULES, GaussianSchedule, get_gaussian_schedule, posterior_coefs
 from difflm.models.config import ModelConfig
 from difflm.models.denoiser import DiTDenoiser
+
+
+class TiedEmbedding(nn.Module):
+    """The word-embedding table (V, E), N(0, 1) init, used three ways: lookup, tied rounding logits, and
+    the clamping trick's nearest neighbour.
+
+    Every use goes through ``__call__`` (``mode``), never through ``.weight`` from outside, so that
+    DeepSpeed ZeRO-3, which gathers a module's partitioned parameters in its forward hooks, sees each use."""
+
+    def __init__(self, vocab_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab_size, embed_dim))  # unit scale, like the prior
+
+    def forward(self, x: Tensor, mode: str = "embed") -> Tensor:
+        """embed: ids (...) -> (..., E). logits: vectors (..., E) -> x @ W^T (..., V).
+        nearest: vectors (..., E) -> the nearest rows of W in L2 (..., E)."""
+        if mode == "embed":
+            return F.embedding(x, self.weight)
+        weight = self.weight.to(x.dtype)  # (V, E)
+        if mode == "logits":
+            return x @ weight.T  # (..., V)
+        if mode == "nearest":
+            score = 2 * x @ weight.T - (weight**2).sum(-1)  # (..., V); argmax = argmin ||x - e_v||^2
+            return weight[score.argmax(dim=-1)]  # (..., E)
+        raise ValueError(f"unknown mode {mode!r}")
 
 
 @dataclass
@@ -98,7 +130,7 @@ class DiffusionLM(Family):
         if getattr(denoiser, "embed_dim", embed_dim) != embed_dim:
             raise ValueError(f"the denoiser works in {denoiser.embed_dim} dims, the embeddings have {embed_dim}")
         self.denoiser = denoiser
-        self.embed = nn.Embedding(vocab_size, embed_dim)  # N(0, 1) init: unit scale, like the prior
+        self.embed = TiedEmbedding(vocab_size, embed_dim)
         self.vocab_size, self.embed_dim = vocab_size, embed_dim
         self.schedule = schedule
         self.T = schedule.T
@@ -116,13 +148,26 @@ class DiffusionLM(Family):
         """Schedule table ``name`` at integer steps t (B,) -> (B, 1, 1) in ``dtype`` (device copy cached)."""
         return self.schedule.on(name, t.device)[t].to(dtype)[:, None, None]
 
-    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """Integer steps t ~ U{0..T-1}, (n,) int64. Antithetic: a stratified grid (u + i/n) mod 1 from one u."""
+    def sample_t(
+        self, n: int, device: torch.device, generator: torch.Generator | None = None, importance: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Steps t (n,) int64 and their bound weights 1 / P(t) (n,) float64.
+
+        Uniform on {0..T-1} (weight T), or with ``importance`` from the schedule's
+        ``bound_proposal`` (weight 1 / q(t)): both make ``weight * L_t`` an unbiased estimate of
+        the sum over steps. Antithetic: one u, stratified as (u + i/n) mod 1, through the inverse CDF."""
+        fdt = torch.float32 if device.type == "mps" else torch.float64
         if self.antithetic:
-            u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)  # (1,)
-            u = (u + torch.arange(n, device=device, dtype=torch.float64) / n) % 1  # (n,)
-            return (u * self.T).long().clamp(max=self.T - 1)  # (n,)
-        return torch.randint(0, self.T, (n,), generator=generator, device=device)  # (n,)
+            u = torch.rand(1, generator=generator, device=device, dtype=fdt)  # (1,)
+            u = (u + torch.arange(n, device=device, dtype=fdt) / n) % 1  # (n,)
+        else:
+            u = torch.rand(n, generator=generator, device=device, dtype=fdt)  # (n,)
+        if not importance:
+            t = (u * self.T).long().clamp(max=self.T - 1)  # (n,)
+            return t, torch.full((n,), float(self.T), device=device, dtype=fdt)
+        cdf = self.schedule.on("bound_proposal_cdf", device)  # (T,)
+        t = torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp(max=self.T - 1)  # (n,)
+        return t, 1.0 / self.schedule.on("bound_proposal", device)[t]
 
     def predict_x0(self, x_t: Tensor, t: Tensor) -> Tensor:
         """x0_hat (B, L, E), at least float32, from x_t (B, L, E) at integer steps t (B,)."""
@@ -131,8 +176,7 @@ class DiffusionLM(Family):
 
     def logits(self, x: Tensor) -> Tensor:
         """Rounding (decoder) logits (..., V) = x @ EMB^T: tied to the embeddings."""
-        weight = self.embed.weight.to(x.dtype)  # (V, E)
-        return x @ weight.T  # (..., V)
+        return self.embed(x, mode="logits")  # (..., V)
 
     def round(self, x: Tensor) -> Tensor:
         """Embeddings (..., E) -> token ids (...): the decoder's argmax."""
@@ -140,9 +184,7 @@ class DiffusionLM(Family):
 
     def nearest_embedding(self, x: Tensor) -> Tensor:
         """The clamping trick: each vector (..., E) replaced by its nearest word embedding in L2."""
-        weight = self.embed.weight.to(x.dtype)  # (V, E)
-        score = 2 * x @ weight.T - (weight**2).sum(-1)  # (..., V); argmax = argmin ||x - e_v||^2
-        return weight[score.argmax(dim=-1)]  # (..., E)
+        return self.embed(x, mode="nearest")  # (..., E)
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(alpha_bar_t) x_start + sqrt(1 - alpha_bar_t) noise, (B, L, E)."""
@@ -151,8 +193,17 @@ class DiffusionLM(Family):
 
     # ---- training ------------------------------------------------------------------------------
 
-    def terms(self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Terms:
-        """Noise clean tokens (B, L) at given steps t (B,) and compute every per-token term (no host sync)."""
+    def terms(
+        self,
+        tokens: Tensor,
+        valid: Tensor,
+        t: Tensor,
+        generator: torch.Generator | None = None,
+        t_weight: Tensor | None = None,
+    ) -> Terms:
+        """Noise clean tokens (B, L) at given steps t (B,) and compute every per-token term (no host sync).
+
+        t_weight (B,): 1 / P(t), the Monte Carlo weight of the step term in the bound; None: T (uniform t)."""
         B, L = tokens.shape
         dtype, device = self.float_dtype(), tokens.device
         emb = self.embed(tokens).to(dtype)  # (B, L, E)
@@ -178,7 +229,8 @@ class DiffusionLM(Family):
         diffusion = self.table("bound_weight", t, dtype)[:, :, 0] * err  # (B, L)
         diffusion = diffusion - 0.5 * self.embed_dim * is_t0[:, :, 0].to(dtype)  # q(x_start | w)'s entropy, t = 0
         prior_kl = 0.5 * (ab_last * x_start**2 - ab_last - torch.log1p(-ab_last)).sum(-1)  # (B, L)
-        bound = self.T * diffusion + ce + prior_kl  # (B, L)
+        scale = float(self.T) if t_weight is None else t_weight.to(dtype)[:, None]  # (B, 1)
+        bound = scale * diffusion + ce + prior_kl  # (B, L)
 
         zero = torch.zeros((), dtype=dtype, device=device)
         return Terms(
@@ -196,9 +248,13 @@ class DiffusionLM(Family):
 
     def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
         """Loss on clean tokens (B, L), every id in [0, vocab_size); only ``valid`` positions are noised
-        and counted. Draws t (B,), then x_start's and x_t's noise, all from ``generator``. No host sync."""
-        t = self.sample_t(tokens.shape[0], tokens.device, generator)  # (B,)
-        terms = self.terms(tokens, valid, t, generator)
+        and counted. Draws t (B,), then x_start's and x_t's noise, all from ``generator``. No host sync.
+
+        Training mode draws t uniformly (the x0 loss is the original's, unweighted). Eval mode
+        (validation) draws t from the importance distribution for a lower-variance ``nll_sum``;
+        its ``loss`` is then the loss at those steps, which the trainer does not use."""
+        t, t_weight = self.sample_t(tokens.shape[0], tokens.device, generator, importance=not self.training)
+        terms = self.terms(tokens, valid, t, generator, t_weight)
         num_tokens = valid.sum()  # int64 scalar
         denom = num_tokens.clamp(min=1).to(terms.mse.dtype)
         mse, prior, ce = terms.mse.sum() / denom, terms.prior.sum() / denom, terms.ce.sum() / denom

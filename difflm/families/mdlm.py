@@ -14,18 +14,20 @@ The continuous-time NELBO is then, per masked token, ``dsigma/expm1(sigma) * -lo
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.families.base import Family, LossOutput
+from difflm.families.base import DenoiseResult, Family, LossOutput
 from difflm.families.config import DiffusionConfig
 from difflm.families.registry import FamilySpec, register_family
-from difflm.families.sampling import sample_categorical
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
+from difflm.sampling import mdlm_samplers as ms
+from difflm.sampling.core import SampleOptions, Sampler
 from difflm.schedules import MDLM_SCHEDULES, NoiseSchedule, get_schedule
 
 
@@ -90,15 +92,15 @@ class MDLM(Family):
 
     # ---- training ------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        """Loss on clean tokens (B, L) (every id in [0, vocab_size), pads included); only ``valid`` positions
-        are noised and counted. Pads stay visible as clean context. No host sync."""
+    def nelbo_terms(
+        self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Noise clean tokens (B, L) at times t (B,) and score them: per-token NELBO (B, L), masked-token
+        cross-entropy (B, L) and the mask (B, L) bool. Draws the mask noise (B, L) from ``generator``."""
         B, L = tokens.shape
-        device = tokens.device
-        t = self.sample_times(B, device, generator)  # (B,)
         sigma = self.schedule.sigma(t)  # (B,)
         move = self.schedule.move_chance(t)  # (B,)
-        noise = torch.rand(B, L, generator=generator, device=device, dtype=t.dtype)  # (B, L)
+        noise = torch.rand(B, L, generator=generator, device=tokens.device, dtype=t.dtype)  # (B, L)
         masked = (noise < move[:, None]) & valid  # (B, L)
         xt = torch.where(masked, self.mask_id, tokens)  # (B, L)
 
@@ -107,7 +109,13 @@ class MDLM(Family):
         ce = ce.masked_fill(~masked, 0.0)  # SUBS carry-over: unmasked tokens cost exactly 0
         # Weight zeroed off the masked set first: at t == 0 it is inf and inf * 0 would be nan (also in backward).
         weight = torch.where(masked, self.schedule.nelbo_weight(t)[:, None], 0.0)  # (B, L)
-        nelbo_tok = weight * ce  # (B, L)
+        return weight * ce, ce, masked
+
+    def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        """Loss on clean tokens (B, L) (every id in [0, vocab_size), pads included); only ``valid`` positions
+        are noised and counted. Pads stay visible as clean context. No host sync."""
+        t = self.sample_times(tokens.shape[0], tokens.device, generator)  # (B,)
+        nelbo_tok, ce, masked = self.nelbo_terms(tokens, valid, t, generator)  # (B, L) each
 
         num_tokens = valid.sum()  # int64 scalar
         denom = num_tokens.clamp(min=1).to(ce.dtype)
@@ -126,6 +134,22 @@ class MDLM(Family):
             },
         )
 
+    @torch.no_grad()
+    def nll_samples(
+        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
+    ) -> tuple[Tensor, Tensor]:
+        """K = ``samples`` NELBO draws per sequence: per-sequence sums (B, K) float64 and token counts (B,).
+
+        The batch is tiled K times (row k*B + b is sequence b) and the K*B times come from
+        :meth:`sample_times`; with antithetic sampling t = (u + i/(KB)) mod 1, so sequence b gets
+        t = (u + b/(KB) + k/K) mod 1: K times stratified over [0, 1) for every sequence. With K = 1
+        this is exactly ``forward``'s draw."""
+        B = tokens.shape[0]
+        t = self.sample_times(samples * B, tokens.device, generator)  # (K*B,)
+        nelbo_tok, _, _ = self.nelbo_terms(tokens.repeat(samples, 1), valid.repeat(samples, 1), t, generator)
+        per = nelbo_tok.sum(dim=-1, dtype=torch.float64).view(samples, B).T  # (B, K)
+        return per.contiguous(), valid.sum(dim=-1).to(torch.float64)
+
     # ---- sampling ------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -137,10 +161,7 @@ class MDLM(Family):
         move_t = self.schedule.move_chance(t)[:, None]  # (B, 1)
         move_s = self.schedule.move_chance(s)[:, None]  # (B, 1)
         logp = self.log_probs(x, self.schedule.sigma(t))  # (B, L, V+1)
-        x0 = sample_categorical(logp, generator)  # (B, L)
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=move_t.dtype)  # (B, L)
-        unmask = (x == self.mask_id) & (u < (move_t - move_s) / move_t)  # (B, L)
-        return torch.where(unmask, x0, x)  # (B, L)
+        return ms.ddpm_step(x, logp, move_t, move_s, self.mask_id, 1.0, generator)[0]
 
     @torch.no_grad()
     def sample(
@@ -152,15 +173,57 @@ class MDLM(Family):
         eps: float = 1e-5,
     ) -> Tensor:
         """MDLM's "ddpm" sampler: all-mask at t=1, ``steps`` equal steps down to t=eps, then any mask
-        left is replaced by the model's argmax. Returns (num, length) int64 ids < vocab_size."""
-        device, dtype = self.device, self.float_dtype()
-        x = torch.full((num, length), self.mask_id, dtype=torch.long, device=device)  # (N, L)
-        times = torch.linspace(1.0, eps, steps + 1, device=device, dtype=dtype)  # (steps+1,)
-        for i in range(steps):
-            x = self.denoise_step(x, times[i].expand(num), times[i + 1].expand(num), generator)
-        last = times[-1].expand(num)  # (N,)
-        final = self.log_probs(x, self.schedule.sigma(last)).argmax(dim=-1)  # (N, L); copies unmasked ids
-        return final
+        left is replaced by the model's argmax. Returns (num, length) int64 ids < vocab_size.
+
+        Runs the cached variant when it is valid (no time conditioning): the same tokens, fewer calls."""
+        run = ms.ddpm if self.time_conditioning else ms.ddpm_cache
+        return run(self, SampleOptions(num=num, length=length, steps=steps, eps=eps), generator).tokens
+
+    def samplers(self) -> dict[str, Sampler]:
+        """ddpm_cache (default; plain ddpm first when time-conditioned, where caching is invalid), ddpm, analytic."""
+        table: dict[str, Sampler] = {
+            "ddpm_cache": functools.partial(ms.ddpm_cache, self),
+            "ddpm": functools.partial(ms.ddpm, self),
+            "analytic": functools.partial(ms.analytic, self),
+        }
+        if self.time_conditioning:
+            table = {"ddpm": table["ddpm"], "ddpm_cache": table["ddpm_cache"], "analytic": table["analytic"]}
+        return table
+
+    @torch.no_grad()
+    def denoise(
+        self, tokens: Tensor, valid: Tensor, t: float, generator: torch.Generator | None = None,
+        steps: int | None = None,
+    ) -> DenoiseResult:
+        """Mask each ``valid`` token of (B, L) with probability move_chance(t) and reconstruct.
+
+        steps None (or 0): one forward pass, the argmax of p(x0 | x_t) at every mask: the model's
+        best single guess, what the training loss scores. steps > 0: the ddpm sampler from t down to
+        eps (cached when valid), i.e. a *sample* consistent with the unmasked tokens."""
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"noise level t must be in [0, 1], got {t}")
+        B, L = tokens.shape
+        dtype = self.float_dtype()
+        tt = torch.full((B,), float(t), device=tokens.device, dtype=dtype)  # (B,)
+        noise = torch.rand(B, L, generator=generator, device=tokens.device, dtype=dtype)  # (B, L)
+        noised = (noise < self.schedule.move_chance(tt)[:, None]) & valid  # (B, L)
+        xt = torch.where(noised, self.mask_id, tokens)  # (B, L)
+        if not steps:
+            recon = self.log_probs(xt, self.schedule.sigma(tt)).argmax(dim=-1)  # (B, L); copies unmasked ids
+            method = "one-shot: argmax of p(x0 | x_t) at every mask (one forward pass)"
+        else:
+            opts = SampleOptions(num=B, length=L, steps=steps)
+            recon, _ = ms.run_ddpm(self, xt, opts, generator, cache=not self.time_conditioning, t_start=float(t))
+            method = f"ddpm sampler from t={t:g} to 1e-5 in {steps} steps (a sample, not the argmax)"
+        n_valid = valid.sum().clamp(min=1)
+        n_noised = noised.sum()
+        correct = (recon == tokens)
+        metrics = {
+            "mask_rate": float(n_noised / n_valid),
+            "accuracy": float((correct & valid).sum() / n_valid),
+            "masked_accuracy": float((correct & noised).sum() / n_noised) if int(n_noised) else float("nan"),
+        }
+        return DenoiseResult(corrupted=xt, noised=noised, reconstructed=recon, metrics=metrics, method=method)
 
 
 def build_mdlm(

@@ -1,0 +1,201 @@
+"""What every sampler shares: the request (:class:`SampleOptions`), the result (:class:`SampleOutput`),
+the per-family registry lookup (:func:`get_sampler`) and the categorical draw with temperature / top-p.
+
+A family exposes its samplers as ``Family.samplers() -> {name: callable}``; each callable takes
+``(options, generator)`` and returns a :class:`SampleOutput`. There is no central switch on
+sampler names: the CLI asks the family for its dict, so a new family (or a new sampler of an
+old one) plugs into ``difflm sample`` by returning one more entry.
+
+This module imports nothing from :mod:`difflm.families` (the families import it), so it has
+no import cycle with them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from difflm.families.base import Family
+
+Remasking = Literal["random", "low_confidence"]
+REMASKING: tuple[str, ...] = ("random", "low_confidence")
+
+
+class SamplingError(ValueError):
+    """A sampling request the user can fix (unknown sampler, bad option, prompt the family cannot do)."""
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """One sampling request; every family reads what it supports and rejects what it cannot honour.
+
+    num, length, steps: samples, tokens per sample, denoising steps (per semi-AR window for mdlm).
+    temperature:        divides the log-probabilities of every categorical draw; 0 = greedy (argmax).
+    top_p:              nucleus sampling: draw only from the smallest set of ids holding ``top_p`` mass.
+    template, fixed:    prompting: ids (length,) or (num, length) and a bool mask of the same shape;
+                        ``fixed`` positions are copied from ``template`` and never change, the others
+                        are generated (their template ids are ignored). None: unconditional.
+    remasking:          mdlm: which masked positions a step reveals. ``random`` is the ancestral
+                        sampler (each mask unmasks with the posterior probability); ``low_confidence``
+                        (LLaDA) reveals the scheduled number of positions whose drawn token has the
+                        highest probability, so confident tokens come first.
+    window:             the length the model was trained on. mdlm samples longer than this are made
+                        semi-autoregressively, ``window`` tokens at a time (None: no limit).
+    stride:             semi-AR: new tokens per window after the first (None: window // 2).
+    eps:                mdlm: the last time of the grid 1 -> eps.
+    """
+
+    num: int = 1
+    length: int = 128
+    steps: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    template: Tensor | None = None
+    fixed: Tensor | None = None
+    remasking: Remasking = "random"
+    window: int | None = None
+    stride: int | None = None
+    eps: float = 1e-5
+
+    def validate(self) -> None:
+        """Raise :class:`SamplingError` naming the bad value and its allowed range."""
+        if self.num < 1:
+            raise SamplingError(f"num must be at least 1, got {self.num}")
+        if self.length < 1:
+            raise SamplingError(f"length must be at least 1, got {self.length}")
+        if self.steps < 1:
+            raise SamplingError(f"steps must be at least 1, got {self.steps}")
+        if not (self.temperature >= 0.0 and self.temperature < float("inf")):
+            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.remasking not in REMASKING:
+            raise SamplingError(f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
+        if self.window is not None and self.window < 2:
+            raise SamplingError(f"window must be at least 2, got {self.window}")
+        if self.stride is not None and (self.stride < 1 or (self.window is not None and self.stride > self.window)):
+            raise SamplingError(f"stride (new tokens per window) must be in [1, window={self.window}], got {self.stride}")
+        if (self.template is None) != (self.fixed is None):
+            raise SamplingError("template and fixed go together: give both or neither")
+        if self.template is not None and self.fixed is not None:
+            if self.template.shape != self.fixed.shape:
+                raise SamplingError(f"template {tuple(self.template.shape)} and fixed {tuple(self.fixed.shape)} differ in shape")
+            if self.template.shape[-1] != self.length or self.template.dim() not in (1, 2):
+                raise SamplingError(
+                    f"template must be (length,) or (num, length) with length={self.length}, got {tuple(self.template.shape)}"
+                )
+            if self.template.dim() == 2 and self.template.shape[0] != self.num:
+                raise SamplingError(f"template has {self.template.shape[0]} rows but num={self.num}")
+
+    @property
+    def prompted(self) -> bool:
+        """True when some positions are fixed by a prompt."""
+        return self.fixed is not None and bool(self.fixed.any())
+
+
+@dataclass
+class SampleOutput:
+    """What a sampler returns.
+
+    tokens: (num, length) int64 ids in [0, vocab_size) (no mask ids).
+    fixed:  (num, length) bool, the positions copied from the prompt template.
+    nfe:    network function evaluations (forward passes of the whole batch): the cost that caching cuts.
+    notes:  plain-language remarks for the user (e.g. "ddpm_cache fell back to ddpm because ...").
+    """
+
+    tokens: Tensor
+    fixed: Tensor
+    nfe: int
+    notes: list[str] = field(default_factory=list)
+
+
+class Sampler(Protocol):
+    """A family's sampler, bound to the model: ``sampler(options, generator) -> SampleOutput``."""
+
+    def __call__(self, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput: ...
+
+
+def get_sampler(family: Family, name: str) -> Sampler:
+    """The sampler ``name`` of ``family``; a :class:`SamplingError` listing the family's samplers otherwise."""
+    table = family.samplers()
+    try:
+        return table[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise SamplingError(
+            f"unknown sampler {name!r} for family {family.name!r}; choose one of {', '.join(table)}.{hint}"
+        ) from None
+
+
+# ---- categorical draws -------------------------------------------------------------------------
+
+
+def sample_categorical(log_probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of (..., V) log-probabilities -> (...) int64, by Gumbel-max.
+
+    The Gumbel noise is float64 (float32 on MPS, which has no float64): in float32 its
+    tail is truncated, which silently lowers the sampling temperature and the sample
+    diversity of masked diffusion models (Zheng et al., 2024). -inf entries are never drawn.
+    """
+    dtype = torch.float32 if log_probs.device.type == "mps" else torch.float64
+    u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=dtype)  # (..., V)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))  # (..., V)
+    return (log_probs.to(dtype) + gumbel).argmax(dim=-1)  # (...)
+
+
+def adjust_log_probs(log_probs: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """Temperature and nucleus (top-p) filtering of (..., V) log-probabilities, renormalised.
+
+    temperature 0 leaves the values as they are (the draw is then an argmax, see :func:`draw`).
+    top-p keeps, per row, the most likely ids until their mass reaches ``top_p`` (always at least
+    the most likely one) and sets the rest to -inf. Identity (no copy) for temperature 1, top_p 1.
+    """
+    out = log_probs
+    if temperature not in (0.0, 1.0):
+        out = (out / temperature).log_softmax(dim=-1)  # (..., V)
+    if top_p < 1.0:
+        sorted_lp, order = out.sort(dim=-1, descending=True)  # (..., V) each
+        probs = sorted_lp.exp()
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely ids
+        sorted_lp = sorted_lp.masked_fill(before >= top_p, float("-inf"))
+        out = torch.full_like(out, float("-inf")).scatter(-1, order, sorted_lp).log_softmax(dim=-1)
+    return out
+
+
+def draw(log_probs: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+    """(..., V) adjusted log-probabilities -> (...) ids: argmax at temperature 0 (no random draw), else Gumbel-max."""
+    if temperature == 0.0:
+        return log_probs.argmax(dim=-1)
+    return sample_categorical(log_probs, generator)
+
+
+# ---- templates ----------------------------------------------------------------------------------
+
+
+def start_tokens(options: SampleOptions, fill_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The starting (num, length) ids and (num, length) fixed mask: template ids where fixed, ``fill_id`` elsewhere."""
+    n, length = options.num, options.length
+    if options.template is None or options.fixed is None:
+        fixed = torch.zeros(n, length, dtype=torch.bool, device=device)
+        return torch.full((n, length), fill_id, dtype=torch.long, device=device), fixed
+    template = options.template.to(device=device, dtype=torch.long).expand(n, length)  # (N, L)
+    fixed = options.fixed.to(device=device, dtype=torch.bool).expand(n, length)  # (N, L)
+    x = torch.where(fixed, template, torch.full_like(template, fill_id))  # (N, L)
+    return x.clone(), fixed.clone()
+
+
+def reject_unsupported(options: SampleOptions, sampler: str, *, prompt: bool = True, temperature: bool = True,
+                       remasking: bool = False) -> None:
+    """SamplingError when ``options`` asks for something sampler ``sampler`` does not do."""
+    if not prompt and options.prompted:
+        raise SamplingError(f"sampler {sampler!r} does not support prompts")
+    if not temperature and (options.temperature != 1.0 or options.top_p != 1.0):
+        raise SamplingError(f"sampler {sampler!r} does not support temperature / top-p (leave them at 1)")
+    if not remasking and options.remasking != "random":
+        raise SamplingError(f"sampler {sampler!r} does not support remasking={options.remasking!r}")

@@ -1,0 +1,249 @@
+"""`difflm sweep`: Ray Tune over a sweep file, each trial a distributed Ray Train run.
+
+Layout of a sweep folder (``output.dir/output.name``)::
+
+    sweep.yaml                      the validated sweep file
+    experiment_state-*.json ...     Tune's state (what --resume reads)
+    <trial_id>-<params>/            one folder per trial, named from its params
+        tensorboard/                the trial's TensorBoard run (+ HParams)
+        train/                      the inner Ray Train run: checkpoints (resumable)
+        result.json ...             Tune's per-trial results
+    results.csv, results.json       ranked table (also `difflm results DIR`)
+    val_nll_vs_step.png, params_vs_objective.png
+
+Each trial is a Tune *function* trainable holding a tiny CPU share; inside it a
+``TorchTrainer`` runs the trial's workers and forwards rank-0 metrics to Tune
+with ``TuneReportCallback`` (Ray 2.60: ``Tuner(TorchTrainer(...))`` no longer
+works). The inner run's name is derived from the trial id, so a resumed trial
+finds its own checkpoints and continues from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from difflm.data import prepare_data
+from orchestrator.errors import SpecError
+from orchestrator.launch import build_trainer, check_resources, init_ray, local_resources, resolve_device
+from orchestrator.spec import RunSpec
+from orchestrator.sweep_spec import SweepFile, trial_raw
+from orchestrator.yamlio import validate_as
+
+STATE_FILE = "difflm_sweep.json"
+
+
+def _short(path: str) -> str:
+    return path.split(".")[-1]
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def trial_dirname(trial_id: str, params: dict[str, Any]) -> str:
+    """Deterministic, readable folder name: ``<trial_id>-schedule=cosine-likelihood_weight=0.1``."""
+    parts = [f"{_short(k)}={_fmt_value(v)}" for k, v in sorted(params.items())]
+    name = "-".join([trial_id, *parts])
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]
+
+
+def flat_params(config: dict[str, Any]) -> dict[str, Any]:
+    """Tune nests dotted keys? No: our param_space keys are the dotted paths themselves."""
+    return {k: v for k, v in config.items()}
+
+
+# ------------------------------------------------------------------- trial
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str, Any], sweep_dir: str, device: str) -> None:
+    """One Tune trial: validate the sampled spec, prepare data (cached), run the inner TorchTrainer."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    ctx = tune.get_context()
+    params = flat_params(config)
+    trial_dir = Path(sweep_dir) / trial_dirname(ctx.get_trial_id(), params)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with open(trial_dir / "starts.log", "a") as f:  # one line per (re)start: resume tests read it
+        f.write(f"{os.getpid()}\n")
+    try:
+        spec = validate_as(RunSpec, trial_raw(base, params, linked), source=f"trial {trial_dir.name}")
+    except SpecError as exc:
+        raise ValueError(f"sampled spec rejected: {exc}") from None
+    (trial_dir / "params.json").write_text(json.dumps(params, indent=2, default=str))
+    prepared = prepare_data(spec.data, spec.tokenizer, log=lambda _msg: None)
+    trainer = build_trainer(
+        spec,
+        device,
+        prepared.cache_dir,
+        trial_dir / "train",
+        trial_dir / "tensorboard",
+        queue=None,
+        callbacks=[TuneReportCallback()],
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+# ------------------------------------------------------------------ driver
+def fit_count(sweep: SweepFile, device: str, cpus: float, gpus: float) -> int:
+    """How many trials fit at once on the machine or cluster."""
+    s = sweep.base_raw()["scaling"]
+    per_trial_cpu = round(s["num_workers"] * s["cpus_per_worker"] + sweep.sweep.resources.trial_cpus, 6)
+    n = int(round(cpus, 6) // per_trial_cpu) if per_trial_cpu > 0 else 1
+    if device == "cuda":
+        per_trial_gpu = s["num_workers"] * s["gpus_per_worker"]
+        if per_trial_gpu > 0:
+            n = min(n, int(gpus // per_trial_gpu))
+    return max(1, n)
+
+
+def _param_space(sweep: SweepFile) -> dict[str, Any]:
+    return {path: dom.to_tune() for path, dom in sweep.sweep.search.items()}
+
+
+def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    cfg = sweep.sweep
+    if cfg.scheduler.kind == "asha":
+        scheduler: Any = ASHAScheduler(
+            time_attr="step",  # the optimizer step: training_iteration restarts when a trial resumes
+            max_t=sweep.trial_max_steps(),
+            grace_period=cfg.scheduler.grace_period,
+            reduction_factor=cfg.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    if cfg.algorithm == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg: Any = OptunaSearch(sampler=TPESampler(seed=cfg.seed))
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        # A SearchGenerator ignores TuneConfig.max_concurrent_trials: the limit goes here.
+        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent)
+    return tune.TuneConfig(
+        metric=cfg.metric,
+        mode=cfg.mode,
+        num_samples=cfg.num_samples,
+        search_alg=search_alg,
+        scheduler=scheduler,
+        max_concurrent_trials=max_concurrent,
+        trial_dirname_creator=lambda t: trial_dirname(t.trial_id, flat_params(t.config)),
+        trial_name_creator=lambda t: trial_dirname(t.trial_id, flat_params(t.config)),
+        time_budget_s=cfg.budget.time_limit_s,
+    )
+
+
+def _trainable(sweep: SweepFile, sweep_dir: Path, device: str) -> Any:
+    from ray import tune
+
+    fn = tune.with_parameters(
+        run_trial, base=sweep.base_raw(), linked=sweep.sweep.linked, sweep_dir=str(sweep_dir), device=device
+    )
+    return tune.with_resources(fn, {"CPU": sweep.sweep.resources.trial_cpus})
+
+
+def sweep_dir_for(sweep: SweepFile, spec_path: str) -> Path:
+    name = sweep.output.name or Path(spec_path).stem
+    return Path(sweep.output.dir).expanduser().resolve() / name
+
+
+def run_sweep(
+    sweep: SweepFile,
+    spec_path: str,
+    *,
+    resume: bool,
+    address: str | None,
+    console: Any,
+    overrides: tuple[str, ...] = (),
+) -> Path:
+    """Validate resources, start/join Ray, run (or restore) the Tuner, write results. Returns the sweep dir."""
+    from ray import tune
+
+    sweep_dir = sweep_dir_for(sweep, spec_path)
+    state = sweep_dir / STATE_FILE
+    if resume and not state.exists():
+        raise SpecError(f"nothing to resume: {sweep_dir} has no sweep state (start it without --resume)")
+    if not resume and state.exists():
+        raise SpecError(
+            f"{sweep_dir} already holds a sweep; resume it with `difflm sweep {spec_path} --resume` "
+            f"or choose another folder with --set output.name=..."
+        )
+    base_spec = validate_as(RunSpec, sweep.base_raw(), source=spec_path)
+    if address is None:
+        cpus, gpus = local_resources()
+        device = resolve_device(base_spec.scaling.device)
+        check_resources(base_spec, device, cpus, gpus, "this machine")
+    # Tokenize once on the driver (trials hit the cache); data errors stop here, before Ray.
+    prepare_data(base_spec.data, base_spec.tokenizer, log=console.info)
+    init_ray(address)
+    if address is not None:
+        import ray
+
+        res = ray.cluster_resources()
+        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+        device = resolve_device(base_spec.scaling.device, gpus)
+        check_resources(base_spec, device, cpus, gpus, f"the cluster at {address}")
+    fits = fit_count(sweep, device, cpus, gpus)
+    max_concurrent = min(sweep.sweep.resources.max_concurrent_trials or fits, fits)
+    # Trial errors are shown in our table; keep Tune's tracebacks off the console.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.yaml").write_text(
+        __import__("yaml").safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+    )
+    if not resume:
+        state.write_text(
+            json.dumps({"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides)}, indent=2)
+        )
+    from orchestrator import sweep_console
+
+    sweep_console.ACTIVE["console"] = console
+    table = sweep_console.SweepTable(sweep)
+    run_config = tune.RunConfig(
+        name=sweep_dir.name,
+        storage_path=str(sweep_dir.parent),
+        callbacks=[table],
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+    )
+    trainable = _trainable(sweep, sweep_dir, device)
+    console.info(
+        f"sweep: {sweep_dir}\n{_describe(sweep)}; up to {max_concurrent} trial(s) at once, "
+        f"{base_spec.scaling.num_workers} worker(s) per trial, device {device}"
+    )
+    if resume:
+        tuner = tune.Tuner.restore(
+            str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
+        # The restored run config carries the unpickled table of the first session; draw with ours.
+        tuner._local_tuner.get_run_config().callbacks = [table]
+        console.info("resuming: finished trials are kept; unfinished ones continue from their last checkpoint")
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent), run_config=run_config
+        )
+    try:
+        tuner.fit()
+    finally:
+        table.close()
+    return sweep_dir
+
+
+def _describe(sweep: SweepFile) -> str:
+    cfg = sweep.sweep
+    space = ", ".join(f"{p} {d.kind}{list(d.value)}" for p, d in cfg.search.items())
+    sched = "ASHA" if cfg.scheduler.kind == "asha" else "no early stopping"
+    return f"search {space}; {cfg.algorithm}, {cfg.num_samples} sample(s), {sched}, {sweep.trial_max_steps()} steps/trial"

@@ -1,0 +1,81 @@
+"""CLI commands for sweeps: `difflm sweep`, `difflm resume`, `difflm results`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from orchestrator.errors import SpecError
+
+
+def _finish(sweep_dir: Path, console: object) -> None:
+    from orchestrator.results import report
+
+    table, trials = report(sweep_dir)
+    best = next((t for t in trials if t.is_best), None)
+    lines = ["", table, ""]
+    if best is not None:
+        lines.append(f"best trial {best.trial_id}: {best.params} -> {best.best_metric:.4f}")
+    lines += [
+        f"results   {sweep_dir / 'results.csv'}  {sweep_dir / 'results.json'}",
+        f"plots     {sweep_dir / 'val_nll_vs_step.png'}  {sweep_dir / 'params_vs_objective.png'}",
+        f"TensorBoard  difflm tensorboard {sweep_dir}",
+    ]
+    console.info("\n".join(lines))  # type: ignore[attr-defined]
+
+
+def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
+    from orchestrator.sweep_spec import load_sweep_file
+
+    sweep = load_sweep_file(str(spec_file), overrides)
+    from orchestrator.console import TrainConsole
+    from orchestrator.sweep import run_sweep, sweep_dir_for
+
+    console = TrainConsole()
+    sweep_dir = sweep_dir_for(sweep, str(spec_file))
+    resume_cmd = f"difflm sweep {spec_file}{''.join(f' --set {o}' for o in overrides)} --resume"
+    try:
+        run_sweep(sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: trials stopped, state saved in {sweep_dir}\nresume with: {resume_cmd}", err=True)
+        sys.exit(130)
+    _finish(sweep_dir, console)
+
+
+@click.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field of the sweep file.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted or killed sweep in its folder.")
+@click.option("--address", help="Join an existing Ray cluster instead of starting one.")
+def sweep(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
+    """Run a Ray Tune sweep described by SPEC_FILE (a run spec plus a `sweep:` section)."""
+    _run(spec_file, overrides, resume, address)
+
+
+@click.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--address", help="Join an existing Ray cluster instead of starting one.")
+def resume(sweep_dir: Path, address: str | None) -> None:
+    """Continue the sweep in SWEEP_DIR (same as `difflm sweep SPEC --resume`)."""
+    state = sweep_dir / "difflm_sweep.json"
+    if not state.exists():
+        raise SpecError(f"{sweep_dir}: no sweep state here (difflm_sweep.json); give the folder `difflm sweep` printed")
+    saved = json.loads(state.read_text())
+    overrides = (
+        *saved.get("overrides", []),
+        f"output.dir={sweep_dir.resolve().parent}",
+        f"output.name={sweep_dir.resolve().name}",
+    )
+    _run(Path(saved["spec_path"]), overrides, True, address)
+
+
+@click.command()
+@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def results(sweep_dir: Path) -> None:
+    """Print the ranked results table of SWEEP_DIR and rewrite its CSV/JSON/plots."""
+    from orchestrator.console import TrainConsole
+
+    _finish(sweep_dir.resolve(), TrainConsole())

@@ -1,0 +1,213 @@
+"""The sweep file: a run spec plus a ``sweep:`` section, validated before Ray starts.
+
+``sweep.search`` maps dotted run-spec paths to a domain written as a one-key
+mapping, e.g. ``diffusion.schedule: {grid: [loglinear, cosine]}`` or
+``diffusion.likelihood_weight: {loguniform: [0.01, 1.0]}``. Every path must name
+a run-spec field (typos get the closest valid path); grid/choice values and range
+endpoints are applied to the base spec and validated, so a bad value exits 2
+before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from difflm._config import StrictModel
+from orchestrator.errors import SpecError
+from orchestrator.spec import RunSpec
+from orchestrator.yamlio import apply_overrides, read_yaml, set_path, suggest, valid_paths, validate_as
+
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform", "qloguniform", "qrandint")
+
+
+class Domain(StrictModel):
+    """One searched value: exactly one of the keys below."""
+
+    grid: list[Any] | None = Field(None, min_length=1, description="Try every value (combined across grid paths).")
+    choice: list[Any] | None = Field(None, min_length=1, description="Sample one value uniformly per trial.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly in log space.")
+    randint: tuple[int, int] | None = Field(None, description="[low, high) integer.")
+    quniform: tuple[float, float, float] | None = Field(None, description="[low, high, q] uniform rounded to q.")
+    qloguniform: tuple[float, float, float] | None = Field(None, description="[low, high, q] log-uniform rounded to q.")
+    qrandint: tuple[int, int, int] | None = Field(None, description="[low, high, q] integer rounded to q (inclusive).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Domain":
+        set_kinds = [k for k in DOMAIN_KINDS if getattr(self, k) is not None]
+        if len(set_kinds) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DOMAIN_KINDS)} (got {set_kinds or 'none'})")
+        kind = set_kinds[0]
+        value = getattr(self, kind)
+        if kind not in ("grid", "choice"):
+            lo, hi = value[0], value[1]
+            if not lo < hi:
+                raise ValueError(f"{kind}: low ({lo}) must be below high ({hi})")
+            if "log" in kind and lo <= 0:
+                raise ValueError(f"{kind}: low must be > 0 for a log scale (got {lo})")
+            if kind.startswith("q") and value[2] <= 0:
+                raise ValueError(f"{kind}: q must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DOMAIN_KINDS if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, self.kind)
+
+    def probe_values(self) -> list[Any]:
+        """Values that must each pass run-spec validation: every grid/choice value, range endpoints."""
+        v = self.value
+        if self.kind in ("grid", "choice"):
+            return list(v)
+        if self.kind in ("randint",):
+            return [v[0], v[1] - 1]
+        return [v[0], v[1]]
+
+    def to_tune(self) -> Any:
+        from ray import tune
+
+        v = self.value
+        return {
+            "grid": lambda: tune.grid_search(list(v)),
+            "choice": lambda: tune.choice(list(v)),
+            "uniform": lambda: tune.uniform(*v),
+            "loguniform": lambda: tune.loguniform(*v),
+            "randint": lambda: tune.randint(*v),
+            "quniform": lambda: tune.quniform(*v),
+            "qloguniform": lambda: tune.qloguniform(*v),
+            "qrandint": lambda: tune.qrandint(*v),
+        }[self.kind]()
+
+
+class SchedulerConfig(StrictModel):
+    """Early stopping of weak trials."""
+
+    kind: Literal["asha", "none"] = Field("asha", description="asha: async successive halving; none: run all to budget.")
+    grace_period: int = Field(20, ge=1, description="ASHA: optimizer steps every trial runs before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA: keep 1/reduction_factor of trials at each rung.")
+
+
+class SweepResources(StrictModel):
+    """What each trial gets; unset values come from the spec's `scaling` section."""
+
+    workers_per_trial: int | None = Field(None, ge=1, description="Ray Train workers per trial (default scaling.num_workers).")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per worker (default scaling.cpus_per_worker).")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker on CUDA (default scaling.gpus_per_worker).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as fit.")
+    trial_cpus: float = Field(
+        0.01, gt=0, le=1, description="CPU share of each Tune trial actor (tiny, so it never starves its own workers)."
+    )
+
+
+class SweepBudget(StrictModel):
+    """Limits."""
+
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (overrides train.max_steps).")
+    time_limit_s: float | None = Field(None, gt=0, description="Wall-clock limit for the whole sweep, seconds.")
+
+
+class SweepConfig(StrictModel):
+    """The `sweep:` section."""
+
+    search: dict[str, Domain] = Field(..., min_length=1, description="Dotted run-spec path -> domain.")
+    linked: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="Values set together with a searched value: {searched path: {value: {path: value}}}, "
+        "e.g. bigger model sizes get more workers.",
+    )
+    metric: str = Field("val/nll", description="Objective reported at every eval (val/nll: nats/token NELBO).")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
+    num_samples: int = Field(1, ge=1, description="Trials per grid point (random/optuna: number of trials).")
+    algorithm: Literal["basic", "optuna"] = Field(
+        "basic", description="basic: grid/random variant generator; optuna: TPE (no grid domains)."
+    )
+    seed: int = Field(0, description="Seed of the search algorithm.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Early stopping.")
+    resources: SweepResources = Field(default_factory=SweepResources, description="Per-trial resources.")
+    budget: SweepBudget = Field(default_factory=SweepBudget, description="Step and time limits.")
+
+
+class SweepFile(RunSpec):
+    """A run spec (the base of every trial) plus the sweep section."""
+
+    sweep: SweepConfig = Field(..., description="What to search and how.")
+
+    @model_validator(mode="after")
+    def _paths_and_values(self) -> "SweepFile":
+        paths = valid_paths(RunSpec)
+        cfg = self.sweep
+        for path in [*cfg.search, *(p for m in cfg.linked.values() for v in m.values() for p in v)]:
+            if path not in paths:
+                raise ValueError(f"sweep: {path!r} is not a run-spec field{suggest(path, paths)}")
+        for path in cfg.linked:
+            if path not in cfg.search:
+                raise ValueError(f"sweep.linked: {path!r} is not a searched path; add it to sweep.search")
+        if cfg.algorithm == "optuna":
+            grids = [p for p, d in cfg.search.items() if d.kind == "grid"]
+            if grids:
+                raise ValueError(f"sweep: optuna cannot search grid domains ({', '.join(grids)}); use choice")
+        if cfg.scheduler.kind == "asha" and cfg.scheduler.grace_period > self.trial_max_steps():
+            raise ValueError(
+                f"sweep.scheduler.grace_period ({cfg.scheduler.grace_period}) exceeds the steps per trial "
+                f"({self.trial_max_steps()})"
+            )
+        if not (cfg.metric.startswith("val/") or cfg.metric.startswith("train/")):
+            raise ValueError(f"sweep.metric {cfg.metric!r}: use a reported metric such as val/nll, val/ppl, val/bpt")
+        return self
+
+    def trial_max_steps(self) -> int:
+        return self.sweep.budget.max_steps or self.train.max_steps
+
+    def base_raw(self) -> dict[str, Any]:
+        """The run spec every trial starts from (sweep section dropped, budget and resources applied)."""
+        raw = self.model_dump(mode="json", exclude={"sweep"})
+        r = self.sweep.resources
+        raw["train"]["max_steps"] = self.trial_max_steps()
+        for key, val in (
+            ("num_workers", r.workers_per_trial),
+            ("cpus_per_worker", r.cpus_per_worker),
+            ("gpus_per_worker", r.gpus_per_worker),
+        ):
+            if val is not None:
+                raw["scaling"][key] = val
+        # The trial actor's CPU share is carved out of its workers' reservation, so N trials of
+        # 1-CPU workers fit on N CPUs (a reservation is a scheduling unit; nobody computes on it).
+        sc = raw["scaling"]
+        sc["cpus_per_worker"] = max(sc["cpus_per_worker"] - r.trial_cpus / sc["num_workers"], 0.01)
+        return raw
+
+
+def trial_raw(base: dict[str, Any], params: dict[str, Any], linked: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Base spec + sampled params + linked values, as a plain dict (validated by the caller)."""
+    raw = copy.deepcopy(base)
+    for path, value in params.items():
+        set_path(raw, path.split("."), value, label=f"sweep.search.{path}")
+    for path, by_value in linked.items():
+        extra = by_value.get(str(params.get(path)))
+        for sub_path, sub_value in (extra or {}).items():
+            set_path(raw, sub_path.split("."), sub_value, label=f"sweep.linked.{path}")
+    return raw
+
+
+def load_sweep_file(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepFile:
+    """Read + validate a sweep file, then probe every grid/choice value and range endpoint against RunSpec."""
+    raw = read_yaml(path)
+    if "sweep" not in raw:
+        raise SpecError(f"{path}: no `sweep:` section; a plain run spec runs with `difflm train {path}`")
+    raw = apply_overrides(raw, overrides, source=str(path))
+    sweep = validate_as(SweepFile, raw, source=str(path))
+    base = sweep.base_raw()
+    for search_path, domain in sweep.sweep.search.items():
+        for value in domain.probe_values():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpecError(f"{path}: sweep.search.{search_path}: {value} is not finite")
+            probe = trial_raw(base, {search_path: value}, sweep.sweep.linked)
+            validate_as(RunSpec, probe, source=f"{path}: sweep.search.{search_path}={value!r}")
+    return sweep
