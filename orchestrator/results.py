@@ -124,6 +124,15 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
     return meta, out
 
 
+def expected_trials(meta: dict[str, Any]) -> int:
+    """Trials a complete sweep has: num_samples x the product of grid sizes."""
+    n = int(meta["sweep"]["num_samples"])
+    for domain in meta["sweep"]["search"].values():
+        if domain.get("grid") is not None:
+            n *= len(domain["grid"])
+    return n
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"

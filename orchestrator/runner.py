@@ -30,6 +30,7 @@ from torch import Tensor
 
 from difflm.data import PreparedData, eval_batches_per_rank, iterate_eval_batches, iterate_train_batches
 from difflm.families.base import Diagnostics
+from difflm.sampling.diagnostics import sample_diagnostics
 from orchestrator.engine import Engine
 from orchestrator.metrics import MetricsLogger, NullLogger
 from orchestrator.spec import RunSpec
@@ -247,6 +248,11 @@ class Runner:
             if texts:
                 body = "\n\n".join(f"**{i}.** {t!r}" for i, t in enumerate(texts))
                 self.logger.log_text("samples/text", body, self.step)
+                # distinct-n, repetition, duplicates: repetition and collapse show up here first
+                sdiag = sample_diagnostics(texts)
+                self.logger.log_scalars({f"samples/{k}": v for k, v in sdiag.scalars().items()}, self.step)
+                for warning in sdiag.warnings:
+                    self.emit("log", {"message": f"warning (step {self.step}): samples: {warning}"})
             self.logger.flush()
             self.emit("eval", {**metrics, "samples": texts[:2]})
         if self.report is not None:

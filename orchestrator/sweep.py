@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,8 @@ def run_sweep(
     address: str | None,
     console: Any,
     overrides: tuple[str, ...] = (),
-) -> Path:
-    """Validate resources, start/join Ray, run (or restore) the Tuner, write results. Returns the sweep dir."""
+) -> float:
+    """Validate resources, start/join Ray, run (or restore) the Tuner. Returns the seconds Tune ran."""
     from ray import tune
 
     sweep_dir = sweep_dir_for(sweep, spec_path)
@@ -212,10 +213,15 @@ def run_sweep(
 
     sweep_console.ACTIVE["console"] = console
     table = sweep_console.SweepTable(sweep)
+    # Only Tune's JSON results (what `difflm results` reads): its CSV and TensorBoard loggers
+    # would put a second, differently-tagged TensorBoard run next to each trial's own.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    from ray.tune.logger import JsonLoggerCallback
+
     run_config = tune.RunConfig(
         name=sweep_dir.name,
         storage_path=str(sweep_dir.parent),
-        callbacks=[table],
+        callbacks=[table, JsonLoggerCallback()],
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
     )
@@ -229,17 +235,18 @@ def run_sweep(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
         # The restored run config carries the unpickled table of the first session; draw with ours.
-        tuner._local_tuner.get_run_config().callbacks = [table]
+        tuner._local_tuner.get_run_config().callbacks = [table, JsonLoggerCallback()]
         console.info("resuming: finished trials are kept; unfinished ones continue from their last checkpoint")
     else:
         tuner = tune.Tuner(
             trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent), run_config=run_config
         )
+    start = time.monotonic()
     try:
         tuner.fit()
     finally:
         table.close()
-    return sweep_dir
+    return time.monotonic() - start
 
 
 def _describe(sweep: SweepFile) -> str:

@@ -11,10 +11,14 @@ import click
 from orchestrator.errors import SpecError
 
 
-def _finish(sweep_dir: Path, console: object) -> None:
-    from orchestrator.results import report
+def _finish(sweep_dir: Path, console: object) -> bool:
+    """Print the ranked table and paths; return True when every expected trial has finished."""
+    from orchestrator.results import expected_trials, load_sweep_meta, report
 
     table, trials = report(sweep_dir)
+    meta = load_sweep_meta(sweep_dir)
+    finished = [t for t in trials if t.status in ("TERMINATED", "FAILED")]
+    complete = len(finished) >= expected_trials(meta)
     best = next((t for t in trials if t.is_best), None)
     lines = ["", table, ""]
     if best is not None:
@@ -25,6 +29,7 @@ def _finish(sweep_dir: Path, console: object) -> None:
         f"TensorBoard  difflm tensorboard {sweep_dir}",
     ]
     console.info("\n".join(lines))  # type: ignore[attr-defined]
+    return complete
 
 
 def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
@@ -37,12 +42,20 @@ def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str
     console = TrainConsole()
     sweep_dir = sweep_dir_for(sweep, str(spec_file))
     resume_cmd = f"difflm sweep {spec_file}{''.join(f' --set {o}' for o in overrides)} --resume"
+    interrupted = "\ninterrupted: trials stopped, state saved in {}\nresume with: {}"
     try:
-        run_sweep(sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides)
+        elapsed = run_sweep(sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: trials stopped, state saved in {sweep_dir}\nresume with: {resume_cmd}", err=True)
+        click.echo(interrupted.format(sweep_dir, resume_cmd), err=True)
         sys.exit(130)
-    _finish(sweep_dir, console)
+    if not _finish(sweep_dir, console):
+        limit = sweep.sweep.budget.time_limit_s
+        if limit is not None and elapsed >= limit:
+            click.echo(f"\nstopped at the sweep's time limit ({limit:g} s); unfinished trials can go on with: {resume_cmd}", err=True)
+        else:
+            # Tune catches Ctrl-C itself, stops the trials and saves its state, then returns.
+            click.echo(interrupted.format(sweep_dir, resume_cmd), err=True)
+            sys.exit(130)
 
 
 @click.command()

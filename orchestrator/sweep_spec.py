@@ -119,8 +119,9 @@ class SweepConfig(StrictModel):
     search: dict[str, Domain] = Field(..., min_length=1, description="Dotted run-spec path -> domain.")
     linked: dict[str, dict[str, dict[str, Any]]] = Field(
         default_factory=dict,
-        description="Values set together with a searched value: {searched path: {value: {path: value}}}, "
-        "e.g. bigger model sizes get more workers.",
+        description="Values set together with a searched value: {searched key: {value: {path: value}}}, "
+        "e.g. bigger model sizes get more workers. A searched key without a dot is a label whose values "
+        "are defined entirely here (e.g. a family + schedule pair).",
     )
     metric: str = Field("val/nll", description="Objective reported at every eval (val/nll: nats/token NELBO).")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
@@ -143,8 +144,15 @@ class SweepFile(RunSpec):
     def _paths_and_values(self) -> "SweepFile":
         paths = valid_paths(RunSpec)
         cfg = self.sweep
+        for label in self.labels():
+            missing = [str(v) for v in cfg.search[label].probe_values() if str(v) not in cfg.linked[label]]
+            if cfg.search[label].kind not in ("grid", "choice") or missing:
+                raise ValueError(
+                    f"sweep: label {label!r} needs grid/choice values that each have an entry in sweep.linked.{label}"
+                    + (f" (missing: {', '.join(missing)})" if missing else "")
+                )
         for path in [*cfg.search, *(p for m in cfg.linked.values() for v in m.values() for p in v)]:
-            if path not in paths:
+            if path not in paths and path not in self.labels():
                 raise ValueError(f"sweep: {path!r} is not a run-spec field{suggest(path, paths)}")
         for path in cfg.linked:
             if path not in cfg.search:
@@ -161,6 +169,11 @@ class SweepFile(RunSpec):
         if not (cfg.metric.startswith("val/") or cfg.metric.startswith("train/")):
             raise ValueError(f"sweep.metric {cfg.metric!r}: use a reported metric such as val/nll, val/ppl, val/bpt")
         return self
+
+    def labels(self) -> list[str]:
+        """Search keys that are names, not spec paths: plain words whose values are defined in `linked`
+        (e.g. `variant: {grid: [mdlm-cosine, dlm-cosine]}` with each value's settings under linked.variant)."""
+        return [k for k in self.sweep.search if "." not in k and k in self.sweep.linked]
 
     def trial_max_steps(self) -> int:
         return self.sweep.budget.max_steps or self.train.max_steps
@@ -188,7 +201,8 @@ def trial_raw(base: dict[str, Any], params: dict[str, Any], linked: dict[str, di
     """Base spec + sampled params + linked values, as a plain dict (validated by the caller)."""
     raw = copy.deepcopy(base)
     for path, value in params.items():
-        set_path(raw, path.split("."), value, label=f"sweep.search.{path}")
+        if "." in path or path in raw:  # labels (plain words defined in `linked`) set nothing themselves
+            set_path(raw, path.split("."), value, label=f"sweep.search.{path}")
     for path, by_value in linked.items():
         extra = by_value.get(str(params.get(path)))
         for sub_path, sub_value in (extra or {}).items():

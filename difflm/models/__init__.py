@@ -2,5 +2,15 @@
 
 from difflm.models.backbone import Backbone, DiTBlock, FinalLayer, TimestepEmbedder
 from difflm.models.config import SIZE_PRESETS, ModelConfig
+from difflm.models.denoiser import DiTDenoiser, TimeConditioner
 
-__all__ = ["Backbone", "DiTBlock", "FinalLayer", "TimestepEmbedder", "ModelConfig", "SIZE_PRESETS"]
+__all__ = [
+    "Backbone",
+    "DiTBlock",
+    "FinalLayer",
+    "TimestepEmbedder",
+    "DiTDenoiser",
+    "TimeConditioner",
+    "ModelConfig",
+    "SIZE_PRESETS",
+]

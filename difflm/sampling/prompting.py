@@ -83,11 +83,14 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
     return parts
 
 
-def build_template(tokenizer: Tokenizer, prompt: str, length: int | None, *, bos: bool = True) -> Template:
+def build_template(
+    tokenizer: Tokenizer, prompt: str, length: int | None = None, *, default_length: int | None = None,
+    bos: bool = True,
+) -> Template:
     """The template of ``prompt`` for samples of ``length`` tokens.
 
     Prefix prompt (no mask span): BOS + prompt tokens fixed, then free positions up to ``length``
-    (required). Infill prompt: BOS + text tokens fixed, ``n`` free positions per ``[MASK:n]``;
+    (``default_length`` when None; one of them is required). Infill prompt: BOS + text tokens fixed, ``n`` free positions per ``[MASK:n]``;
     its length is its own unless ``length`` asks for more, in which case free positions are
     appended (infill + continuation). SamplingError when the prompt does not fit in ``length``."""
     parts = parse_prompt(prompt)
@@ -103,6 +106,7 @@ def build_template(tokenizer: Tokenizer, prompt: str, length: int | None, *, bos
             ids += enc
             fixed += [True] * len(enc)
     if not infill:
+        length = length or default_length
         if length is None:
             raise SamplingError("a prefix prompt needs a sample length")
         if len(ids) >= length:

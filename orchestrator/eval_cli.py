@@ -1,0 +1,461 @@
+"""`difflm sample`, `difflm eval` and `difflm denoise`: use a trained checkpoint in-process (no Ray).
+
+    difflm sample runs/q --num 4 --steps 1000 --sampler ddpm_cache
+    difflm sample runs/q --prompt "The capital of India is [MASK:5]."
+    difflm sample runs/q --length 512 --block 64             # semi-autoregressive, longer than trained
+    difflm eval runs/q --samples 8                           # the run's val split, 8 time draws / sequence
+    difflm eval runs/q/last --data notes.txt --split all
+    difflm denoise runs/q --text "The capital of India is New Delhi." --t 0.1,0.5,0.9
+
+Every command takes a run dir, RUN_DIR/best or RUN_DIR/last, or a checkpoint folder
+(:mod:`orchestrator.checkpoints`). Bad input exits 2 with one line. Samplers, the NLL
+bound and the denoising all come from the family (``Family.samplers``, ``forward`` /
+``nll_samples``, ``denoise``): nothing here branches on the family's name.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import click
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from difflm.data import Tokenizer
+    from orchestrator.checkpoints import LoadedCheckpoint
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """orchestrator.cli's ``_user_errors`` (one line, exit 2), imported late so this module and cli import each other freely."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from orchestrator.cli import _user_errors as user_errors
+
+        return user_errors(_as_spec_errors(fn))(*args, **kwargs)
+
+    return wrapper
+
+
+def _as_spec_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Sampling requests a family cannot honour are user errors too (SpecError -> exit 2)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from difflm.sampling import SamplingError
+        from orchestrator.errors import SpecError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SamplingError, NotImplementedError) as exc:
+            raise SpecError(str(exc)) from None
+
+    return wrapper
+
+
+def _load(checkpoint: str, device: str) -> LoadedCheckpoint:
+    from orchestrator.checkpoints import load_checkpoint
+
+    return load_checkpoint(checkpoint, device)
+
+
+def _sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _indent(text: str) -> str:
+    return text.replace("\n", "\n    ")
+
+
+# ================================================================================ sample
+
+
+@click.command()
+@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+@click.option("--num", "-n", default=4, show_default=True, type=click.IntRange(1, 4096), help="Samples to draw (one batch).")
+@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps (default: the run's diffusion.sample_steps); per window when semi-autoregressive. ar ignores it.")
+@click.option("--sampler", help="Sampler name (default: the family's first; mdlm: ddpm_cache). A wrong name lists the valid ones.")
+@click.option("--length", type=click.IntRange(min=1), help="Tokens per sample (default: the trained length; for an infill prompt, the template's).")
+@click.option("--block", type=click.IntRange(min=1), help="mdlm, longer than trained: new tokens per semi-autoregressive window (default: half the trained length).")
+@click.option("--remasking", type=click.Choice(["random", "low_confidence"]), default="random", show_default=True, help="mdlm ddpm/ddpm_cache: reveal random masks (ancestral) or the most confident ones (LLaDA).")
+@click.option("--prompt", help="Prefix to continue, or text with [MASK:n] spans to infill, e.g. 'The capital of India is [MASK:5].'")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler's generator: same seed, same samples (on one device).")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0), help="Divides log-probabilities of every draw; 0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the samples and settings as JSONL.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@_user_errors
+def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, length: int | None, block: int | None,
+           remasking: str, prompt: str | None, seed: int, temperature: float, top_p: float, out: Path | None,
+           device: str) -> None:
+    """Draw samples from RUN_OR_CHECKPOINT; print them, the throughput and sample diagnostics."""
+    import torch
+
+    from difflm.sampling import SampleOptions, build_template, get_sampler, sample_diagnostics
+
+    ckpt = _load(checkpoint, device)
+    model, tok, spec = ckpt.model, ckpt.tokenizer, ckpt.spec
+    trained = spec.data.seq_len
+    template = build_template(tok, prompt, length, default_length=trained) if prompt else None
+    total = template.length if template is not None else (length or trained)
+    name = sampler or model.default_sampler
+    fn = get_sampler(model, name)
+    options = SampleOptions(
+        num=num,
+        length=total,
+        steps=steps or spec.diffusion.sample_steps,
+        temperature=temperature,
+        top_p=top_p,
+        template=None if template is None else template.ids,
+        fixed=None if template is None else template.fixed,
+        remasking=remasking,  # type: ignore[arg-type]
+        window=trained,
+        stride=block,
+    )
+    options.validate()
+    gen = torch.Generator(device=ckpt.device).manual_seed(seed)
+
+    click.echo(f"checkpoint  {ckpt.describe()}")
+    click.echo(
+        f"sampler     {name}: {num} x {total} tokens, {options.steps} steps, temperature {temperature:g}, "
+        f"top-p {top_p:g}, remasking {remasking}, seed {seed}"
+    )
+    if template is not None:
+        click.echo(f"prompt      {prompt!r} ({template.kind}: {template.num_free} of {total} tokens generated)")
+    _sync(ckpt.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = fn(options, gen)
+    _sync(ckpt.device)
+    elapsed = time.perf_counter() - start
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+    rows = result.tokens.cpu()
+    free = ~result.fixed.cpu()
+    texts = [tok.decode(r.tolist()) for r in rows]
+    generated = [tok.decode(r[f].tolist()) for r, f in zip(rows, free)]
+    click.echo("")
+    for i, text in enumerate(texts):
+        click.echo(f"[{i}] {_indent(text)}")
+    click.echo("")
+    new_tokens = int(free.sum())
+    rate = new_tokens / max(elapsed, 1e-9)
+    click.echo(f"throughput  {new_tokens} new tokens in {elapsed:.2f} s = {rate:,.0f} tokens/s "
+               f"({result.nfe} network calls)")
+    diag = sample_diagnostics(generated)
+    what = "generated text" if template is not None else "samples"
+    click.echo(f"diagnostics ({what}): {diag.summary()}")
+    for warning in diag.warnings:
+        click.echo(f"warning: {warning}")
+    if out is not None:
+        settings = {
+            "checkpoint": str(ckpt.path), "family": spec.model.family, "step": ckpt.step, "sampler": name,
+            "num": num, "length": total, "steps": options.steps, "temperature": temperature, "top_p": top_p,
+            "remasking": remasking, "block": block, "prompt": prompt, "seed": seed, "device": ckpt.device.type,
+            "seconds": elapsed, "tokens_per_s": rate, "network_calls": result.nfe,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as fh:
+            for i, (text, gen_text, row) in enumerate(zip(texts, generated, rows)):
+                line = {"index": i, "text": text, "generated": gen_text, "token_ids": row.tolist(), **settings,
+                        "diagnostics": diag.scalars(), "warnings": diag.warnings}
+                fh.write(json.dumps(line) + "\n")
+        click.echo(f"wrote {len(texts)} samples to {out}")
+
+
+# ================================================================================== eval
+
+
+def _source_for(ref: str) -> tuple[str, str | None]:
+    """data.source and data.path for ``--data``: builtin, a local file/folder (by extension), else a hub name."""
+    if ref == "builtin":
+        return "builtin", None
+    p = Path(ref).expanduser()
+    if p.is_file():
+        suffix = p.suffix.lower()
+        return {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "hf"), ref
+    if p.is_dir():
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return "hf", ref
+        for ext, source in (("jsonl", "jsonl"), ("parquet", "parquet"), ("txt", "text")):
+            if any(p.rglob(f"*.{ext}")):
+                return source, ref
+        return "hf", ref
+    return "hf", ref
+
+
+def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_config: str | None,
+                 hf_split: str, text_field: str, max_documents: int | None) -> tuple[np.ndarray, str, bool]:
+    """(blocks (N, seq_len) int, description, own) with the checkpoint's tokenizer and seq_len.
+
+    own: the run's own data config, where the val split comes from the same cache entry as in
+    training (when it exists; otherwise the same blocks are rebuilt with the saved tokenizer, so a
+    BPE tokenizer is never retrained)."""
+    from pydantic import ValidationError
+
+    from difflm.data import DataConfig, DataError, load_documents, prepare_data
+    from difflm.data.pipeline import META_FILE, cache_key, pack_blocks, split_documents, token_stream
+    from orchestrator.errors import SpecError
+
+    spec, tok = ckpt.spec, ckpt.tokenizer
+    own = data_ref is None
+    if own:
+        cfg = spec.data
+        where = "the run's data"
+    else:
+        source, path = _source_for(data_ref)  # type: ignore[arg-type]
+        try:
+            cfg = DataConfig(
+                source=source, path=path, hf_config=hf_config, hf_split=hf_split, text_field=text_field,  # type: ignore[arg-type]
+                seq_len=spec.data.seq_len, val_fraction=spec.data.val_fraction, split_seed=spec.data.split_seed,
+                max_documents=max_documents, cache_dir=spec.data.cache_dir,
+            )
+        except ValidationError as exc:
+            raise SpecError(f"--data {data_ref!r}: {exc.errors()[0]['msg']}") from None
+        where = "the built-in corpus" if source == "builtin" else f"{source} {path}"
+    entry = Path(cfg.cache_dir).expanduser().resolve() / cache_key(cfg, spec.tokenizer)
+    if own and split != "all" and (entry / META_FILE).is_file():
+        prepared = prepare_data(cfg, spec.tokenizer, log=lambda _m: None)
+        if prepared.tokenizer.vocab_size != tok.vocab_size:
+            raise SpecError(f"the cached data at {entry} has a tokenizer of {prepared.tokenizer.vocab_size} ids but "
+                            f"the checkpoint's has {tok.vocab_size}; delete the cache entry and retry")
+        blocks = prepared.val if split == "val" else prepared.train
+        return blocks, f"{where}, {split} split (cache {entry.name})", own
+    docs = load_documents(cfg)
+    if split != "all":
+        train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.split_seed)
+        docs = val_docs if split == "val" else train_docs
+    blocks = pack_blocks(token_stream(docs, tok), cfg.seq_len, tok.bos_id, tok.eos_id)
+    if len(blocks) == 0:
+        raise DataError(f"{where} ({split}: {len(docs)} documents) does not fill one block of {cfg.seq_len} tokens; "
+                        "use more text or --split all")
+    return blocks, f"{where}, {split} split ({len(docs)} documents)", own
+
+
+@click.command("eval")
+@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+@click.option("--data", "data_ref", metavar="PATH|builtin|HF_NAME", help="Text to score (default: the run's own data). A .txt/.jsonl/.parquet file or folder, 'builtin', or a Hugging Face dataset name; tokenized with the run's tokenizer into blocks of its seq_len.")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True, help="Document split (the run's val_fraction and split_seed) or all documents.")
+@click.option("--samples", "-k", default=1, show_default=True, type=click.IntRange(1, 4096), help="Noise draws per sequence (stratified times); K >= 2 gives the Monte Carlo standard error.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward (default: the run's micro_batch_size, as in training's validation). The K draws multiply it.")
+@click.option("--max-batches", type=click.IntRange(min=1), help="Score at most this many batches per (emulated) worker (default: the run's train.eval_batches on its own val split, else all).")
+@click.option("--seed", type=int, help="Noise seed (default: the run's train.eval_seed, as training's validation).")
+@click.option("--hf-config", help="Hugging Face dataset config (with an HF_NAME).")
+@click.option("--hf-split", default="train", show_default=True, help="Hugging Face split to read.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet/hf records.")
+@click.option("--max-documents", type=click.IntRange(min=2), help="Read at most this many documents of --data.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Also print the result as one JSON line.")
+@_user_errors
+def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, batch_size: int | None,
+             max_batches: int | None, seed: int | None, hf_config: str | None, hf_split: str, text_field: str,
+             max_documents: int | None, device: str, as_json: bool) -> None:
+    """NLL (bound), bits/token and perplexity of RUN_OR_CHECKPOINT on a dataset, float64 sums.
+
+    On the run's own val split with the defaults it repeats training's validation exactly (same
+    blocks, batches, noise seed and, for multi-worker runs, the same per-worker shards), so it
+    reproduces the checkpoint's val/nll."""
+    import numpy as np
+    import torch
+
+    from difflm.data import iterate_eval_batches
+    from orchestrator.errors import SpecError
+
+    ckpt = _load(checkpoint, device)
+    model, spec = ckpt.model, ckpt.spec
+    blocks, described, own = _eval_blocks(ckpt, data_ref, split, hf_config, hf_split, text_field, max_documents)
+    bs = batch_size or spec.train.micro_batch_size
+    training_protocol = own and split == "val"
+    world = spec.scaling.num_workers if training_protocol else 1
+    cap = max_batches if max_batches is not None else (spec.train.eval_batches if training_protocol else None)
+    base_seed = spec.train.eval_seed if seed is None else seed
+
+    click.echo(f"checkpoint  {ckpt.describe()}")
+    click.echo(f"data        {described}: {len(blocks)} blocks x {blocks.shape[1]} tokens")
+    shards = f"{world} worker shards as in training, " if world > 1 else ""
+    click.echo(f"protocol    {shards}batch {bs}, noise seed {base_seed}"
+               + (f", at most {cap} batches per worker" if cap else "")
+               + f", {samples} draw(s) per sequence" + (" (stratified times)" if samples > 1 else ""))
+
+    start = time.perf_counter()
+    nll = 0.0
+    tokens_total = 0.0
+    per_seq: list[np.ndarray] = []  # (B, K) per batch
+    with torch.no_grad():
+        for rank in range(world):
+            gen = torch.Generator(device=ckpt.device).manual_seed(base_seed + rank)
+            for i, batch in enumerate(iterate_eval_batches(blocks, bs, rank=rank, world_size=world)):
+                if cap is not None and i >= cap:
+                    break
+                x = torch.from_numpy(batch).to(ckpt.device)  # (B, L) int64
+                valid = torch.ones_like(x, dtype=torch.bool)
+                if samples == 1:  # exactly training's validate(): forward's own batch-antithetic draw
+                    out = model(x, valid, gen)
+                    nll += float(out.nll_sum.to(torch.float64))
+                    tokens_total += float(out.num_tokens)
+                else:
+                    sums, counts = model.nll_samples(x, valid, gen, samples)  # (B, K), (B,)
+                    per_seq.append(sums.cpu().numpy())
+                    tokens_total += float(counts.sum())
+    elapsed = time.perf_counter() - start
+    if tokens_total == 0:
+        raise SpecError("no tokens were scored: the data produced no blocks")
+    se = se_single = math.nan
+    if samples > 1:
+        allk = np.concatenate(per_seq, axis=0)  # (N, K) float64
+        nll = float(allk.mean(axis=1).sum())
+        var_seq = allk.var(axis=1, ddof=1)  # (N,) per-sequence MC variance of one draw
+        se = math.sqrt(float(var_seq.sum()) / samples) / tokens_total
+        se_single = math.sqrt(float(var_seq.sum())) / tokens_total
+    mean = nll / tokens_total
+    ln2 = math.log(2)
+    kind = "NLL (exact)" if model.exact_likelihood else "NLL bound"
+    pm = f" ± {se:.4f}" if math.isfinite(se) else ""
+    pm_bits = f" ± {se / ln2:.4f}" if math.isfinite(se) else ""
+    click.echo(f"{kind:<11} {mean:.4f}{pm} nats/token over {tokens_total:,.0f} tokens ({elapsed:.1f} s)")
+    click.echo(f"bits/token  {mean / ln2:.4f}{pm_bits}")
+    click.echo(f"perplexity  {'' if model.exact_likelihood else '<= '}{math.exp(min(mean, 700.0)):.3f}")
+    if samples == 1:
+        click.echo("MC error    not estimated with one draw per sequence; use --samples K (K >= 2)")
+    elif model.exact_likelihood:
+        click.echo("MC error    none: the NLL is exact, every draw is the same")
+    else:
+        click.echo(f"MC error    ± {se:.4f} nats/token (standard error of this {samples}-draw estimate; "
+                   f"a one-draw estimate like training's val/nll has ± {se_single:.4f})")
+    result: dict[str, Any] = {
+        "checkpoint": str(ckpt.path), "data": described, "blocks": int(len(blocks)), "tokens": tokens_total,
+        "samples": samples, "nll": mean, "nll_se": se if math.isfinite(se) else None,
+        "bits_per_token": mean / ln2, "perplexity": math.exp(min(mean, 700.0)),
+    }
+    train_val = ckpt.val_nll
+    if training_protocol and train_val is not None and bs == spec.train.micro_batch_size:
+        diff = mean - train_val
+        if samples == 1:
+            same = abs(diff) <= 1e-9 * max(1.0, abs(train_val))
+            verdict = "reproduced" if same else (
+                "not reproduced: the device, precision or noise stream differ from training's validation"
+            )
+            click.echo(f"training    val/nll {train_val:.10f} at step {ckpt.step}; difference {diff:+.3e} ({verdict})")
+        else:
+            combined = math.sqrt(se**2 + se_single**2)
+            z = diff / combined if combined > 0 else 0.0
+            click.echo(f"training    val/nll {train_val:.4f} at step {ckpt.step} (one draw, ± {se_single:.4f}); "
+                       f"difference {diff:+.4f} = {z:+.2f} combined standard errors")
+        result["training_val_nll"] = train_val
+        result["difference"] = diff
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+# =============================================================================== denoise
+
+
+def _render_corrupted(tok: Tokenizer, ids: list[int], noised: list[bool], mark: str = "_") -> str:
+    """Decode runs of kept tokens; each noised token shows as ``mark``."""
+    out: list[str] = []
+    run: list[int] = []
+    for i, hidden in zip(ids, noised):
+        if hidden:
+            if run:
+                out.append(tok.decode(run))
+                run = []
+            out.append(mark)
+        else:
+            run.append(i)
+    if run:
+        out.append(tok.decode(run))
+    return "".join(out)
+
+
+def _parse_levels(levels: str) -> list[float]:
+    from orchestrator.errors import SpecError
+
+    try:
+        values = [float(v) for v in levels.split(",") if v.strip()]
+    except ValueError:
+        raise SpecError(f"--t {levels!r}: give comma-separated noise levels in [0, 1], e.g. 0.1,0.5,0.9") from None
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if not values or bad:
+        raise SpecError(f"--t {levels!r}: every noise level must be in [0, 1], e.g. 0.1,0.5,0.9")
+    return values
+
+
+def _fmt_metric(v: float) -> str:
+    return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+
+
+@click.command()
+@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+@click.option("--text", required=True, help="Clean text to corrupt and reconstruct.")
+@click.option("--t", "levels", default="0.1,0.5,0.9", show_default=True, help="Comma-separated noise levels in [0, 1].")
+@click.option("--steps", default=0, show_default=True, type=click.IntRange(min=0), help="0: one-shot reconstruction (mdlm: argmax of p(x0|x_t)); N: the family's sampler from t in N steps.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the corruption (the same seed nests the corruptions: what t=0.1 hides, t=0.5 hides too).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@_user_errors
+def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, device: str) -> None:
+    """Corrupt --text at each noise level and show corruption and reconstruction with token accuracy."""
+    import torch
+
+    from orchestrator.errors import SpecError
+
+    values = _parse_levels(levels)
+    ckpt = _load(checkpoint, device)
+    tok, model = ckpt.tokenizer, ckpt.model
+    body = tok.encode(text)
+    if not body:
+        raise SpecError("--text is empty after tokenization; give some text")
+    limit = ckpt.spec.data.seq_len - 2
+    note = ""
+    if len(body) > limit:
+        note = f" (cut to the first {limit}: the trained length is {limit + 2} with BOS and EOS)"
+        body = body[:limit]
+    ids = torch.tensor([[tok.bos_id, *body, tok.eos_id]], device=ckpt.device)  # (1, L)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[:, 0] = valid[:, -1] = False  # corrupt only the text, not BOS/EOS
+    click.echo(f"checkpoint     {ckpt.describe()}")
+    click.echo(f"text           {len(body)} tokens{note}")
+    original = tok.decode(body)
+    for t in values:
+        gen = torch.Generator(device=ckpt.device).manual_seed(seed)
+        with torch.no_grad():
+            res = model.denoise(ids, valid, t, gen, steps or None)
+        m = dict(res.metrics)
+        acc = m.pop("accuracy", math.nan)
+        masked_acc = m.pop("masked_accuracy", None)
+        rate = m.pop("mask_rate", None)
+        head = f"t={t:g}"
+        if rate is not None and res.noised is not None:
+            n_noised = int(res.noised.sum())
+            head += f"  corrupted {n_noised}/{len(body)} tokens ({rate:.0%})"
+        head += f"  token accuracy {_fmt_metric(acc)}"
+        if masked_acc is not None:
+            head += f" (on corrupted tokens {_fmt_metric(masked_acc)})"
+        head += "".join(f"  {k} {_fmt_metric(v)}" for k, v in m.items())
+        if t == values[0]:
+            click.echo(f"reconstruction {res.method}" + ("; _ marks a corrupted token" if res.noised is not None else ""))
+        click.echo("")
+        click.echo(head)
+        click.echo(f"  original      {_indent(original)}")
+        if res.corrupted is not None and res.noised is not None:
+            shown = _render_corrupted(tok, res.corrupted[0, 1:-1].tolist(), res.noised[0, 1:-1].tolist())
+            click.echo(f"  corrupted     {_indent(shown)}")
+        else:
+            click.echo("  corrupted     (continuous noise: no token view)")
+        click.echo(f"  reconstructed {_indent(tok.decode(res.reconstructed[0, 1:-1].tolist()))}")
+    sys.stdout.flush()

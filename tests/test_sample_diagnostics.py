@@ -1,0 +1,75 @@
+"""Sample diagnostics (difflm.sampling.diagnostics): exact numbers on hand-made texts, and when warnings fire."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from difflm.sampling.diagnostics import (
+    distinct_n,
+    duplicate_fraction,
+    longest_run,
+    repeated_ngram_rate,
+    sample_diagnostics,
+)
+
+DIVERSE = [
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "A function definition binds the function name in the current local namespace.",
+    "Exceptions are raised when an error is detected and can be handled by try statements.",
+    "Each module has its own private namespace used as the global namespace by functions.",
+]
+
+
+def test_distinct_n_numbers() -> None:
+    assert distinct_n([["a", "a", "a", "a"]], 1) == 0.25
+    assert distinct_n([["a", "a", "a", "a"]], 2) == pytest.approx(1 / 3)  # (a,a) x3
+    assert distinct_n([["a", "b"], ["a", "c"]], 1) == 0.75  # pooled over samples: a, b, c of 4
+    assert distinct_n([["a", "b", "c"]], 3) == 1.0
+    assert math.isnan(distinct_n([["a", "b"]], 3))  # no trigram: undefined, not 0
+
+
+def test_repetition_duplicates_and_runs() -> None:
+    # "x y z x y z": trigrams xyz, yzx, zxy, xyz -> 1 of 4 repeats
+    assert repeated_ngram_rate([["x", "y", "z", "x", "y", "z"]], 3) == 0.25
+    assert repeated_ngram_rate([["a", "b", "c"], ["a", "b", "c"]], 3) == 0.0  # across samples is not repetition
+    assert duplicate_fraction(["a b", "a  b", "c"]) == pytest.approx(1 / 3)  # whitespace-normalised
+    assert duplicate_fraction([]) == 0.0
+    assert longest_run(["a", "b", "b", "b", "c"]) == 3 and longest_run([]) == 0
+
+
+def test_diverse_text_has_no_warning() -> None:
+    d = sample_diagnostics(DIVERSE)
+    assert d.warnings == []
+    assert d.num_samples == 4 and d.duplicate_fraction == 0.0 and d.repeated_ngram_rate == 0.0
+    assert d.distinct_2 > 0.95 and d.mean_length == pytest.approx((14 + 12 + 15 + 14) / 4)
+    assert set(d.scalars()) == {"distinct_1", "distinct_2", "distinct_3", "repeated_ngram_rate",
+                                "duplicate_fraction", "mean_length", "longest_run"}
+
+
+def test_repetition_warns() -> None:
+    texts = ["the model is leading leading leading leading leading the way", *DIVERSE[1:]]
+    d = sample_diagnostics(texts)
+    assert d.longest_run == 5
+    assert any("repeats 'leading' 5 times in a row" in w for w in d.warnings), d.warnings
+    loop = sample_diagnostics(["one two three one two three one two three one two three"])
+    assert loop.repeated_ngram_rate == pytest.approx(7 / 10)  # 10 trigrams, 3 distinct
+    assert any("70% of word trigrams recur" in w for w in loop.warnings), loop.warnings
+
+
+def test_collapse_warns() -> None:
+    generic = "it is a good thing to have a good thing"
+    d = sample_diagnostics([generic, generic, generic, DIVERSE[0]])
+    assert d.duplicate_fraction == 0.5
+    assert any("collapse: 2 of 4 samples are exact copies" in w for w in d.warnings), d.warnings
+    few = sample_diagnostics(["a b a b a b a b a b a b", "b a b a b a b a b a b a"])  # 22 bigrams, 2 distinct
+    assert few.distinct_2 == pytest.approx(2 / 22)
+    assert any("only 9% of word bigrams are distinct" in w for w in few.warnings), few.warnings
+
+
+def test_empty_samples_warn_and_stats_stay_finite() -> None:
+    d = sample_diagnostics(["", "   ", "hello there"])
+    assert any("2 of 3 samples are empty" in w for w in d.warnings)
+    assert math.isnan(d.distinct_3) and "distinct_3" not in d.scalars()  # NaN never reaches TensorBoard
+    assert "n/a" in d.summary()
