@@ -78,7 +78,7 @@ def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name
     except Exception as exc:  # worker failures arrive wrapped by Ray
         click.echo(f"error: training failed: {_root_cause(exc)}", err=True)
         sys.exit(1)
-    _print_summary(result, console)
+    _print_summary(result)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -90,7 +90,7 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(seen).__name__}: {tail[0]}" if not tail[0].startswith(type(seen).__name__) else tail[0]
 
 
-def _print_summary(result: Any, console: Any) -> None:
+def _print_summary(result: Any) -> None:
     import math
 
     s = result.summary
@@ -111,7 +111,7 @@ def _print_summary(result: Any, console: Any) -> None:
         f"  run dir         {result.run_dir}",
         f"  TensorBoard     difflm tensorboard {result.run_dir}",
     ]
-    console.info("\n".join(lines))
+    click.echo("\n".join(lines))  # the result goes to stdout; progress went to stderr
 
 
 @main.command()

@@ -261,7 +261,7 @@ def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_co
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet/hf records.")
 @click.option("--max-documents", type=click.IntRange(min=2), help="Read at most this many documents of --data.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Also print the result as one JSON line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line on stdout (the readable report moves to stderr).")
 @_user_errors
 def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, batch_size: int | None,
              max_batches: int | None, seed: int | None, hf_config: str | None, hf_split: str, text_field: str,
@@ -277,6 +277,9 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
     from difflm.data import iterate_eval_batches
     from orchestrator.errors import SpecError
 
+    def say(line: str) -> None:  # with --json, stdout carries only the JSON line (pipe it to jq)
+        click.echo(line, err=as_json)
+
     ckpt = _load(checkpoint, device)
     model, spec = ckpt.model, ckpt.spec
     blocks, described, own = _eval_blocks(ckpt, data_ref, split, hf_config, hf_split, text_field, max_documents)
@@ -286,10 +289,10 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
     cap = max_batches if max_batches is not None else (spec.train.eval_batches if training_protocol else None)
     base_seed = spec.train.eval_seed if seed is None else seed
 
-    click.echo(f"checkpoint  {ckpt.describe()}")
-    click.echo(f"data        {described}: {len(blocks)} blocks x {blocks.shape[1]} tokens")
+    say(f"checkpoint  {ckpt.describe()}")
+    say(f"data        {described}: {len(blocks)} blocks x {blocks.shape[1]} tokens")
     shards = f"{world} worker shards as in training, " if world > 1 else ""
-    click.echo(f"protocol    {shards}batch {bs}, noise seed {base_seed}"
+    say(f"protocol    {shards}batch {bs}, noise seed {base_seed}"
                + (f", at most {cap} batches per worker" if cap else "")
                + f", {samples} draw(s) per sequence" + (" (stratified times)" if samples > 1 else ""))
 
@@ -328,19 +331,20 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
     kind = "NLL (exact)" if model.exact_likelihood else "NLL bound"
     pm = f" ± {se:.4f}" if math.isfinite(se) else ""
     pm_bits = f" ± {se / ln2:.4f}" if math.isfinite(se) else ""
-    click.echo(f"{kind:<11} {mean:.4f}{pm} nats/token over {tokens_total:,.0f} tokens ({elapsed:.1f} s)")
-    click.echo(f"bits/token  {mean / ln2:.4f}{pm_bits}")
-    click.echo(f"perplexity  {'' if model.exact_likelihood else '<= '}{math.exp(min(mean, 700.0)):.3f}")
+    say(f"{kind:<11} {mean:.4f}{pm} nats/token over {tokens_total:,.0f} tokens ({elapsed:.1f} s)")
+    say(f"bits/token  {mean / ln2:.4f}{pm_bits}")
+    say(f"perplexity  {'' if model.exact_likelihood else '<= '}{math.exp(min(mean, 700.0)):.3f}")
     if samples == 1:
-        click.echo("MC error    not estimated with one draw per sequence; use --samples K (K >= 2)")
+        say("MC error    not estimated with one draw per sequence; use --samples K (K >= 2)")
     elif model.exact_likelihood:
-        click.echo("MC error    none: the NLL is exact, every draw is the same")
+        say("MC error    none: the NLL is exact, every draw is the same")
     else:
-        click.echo(f"MC error    ± {se:.4f} nats/token (standard error of this {samples}-draw estimate; "
+        say(f"MC error    ± {se:.4f} nats/token (standard error of this {samples}-draw estimate; "
                    f"a one-draw estimate like training's val/nll has ± {se_single:.4f})")
     result: dict[str, Any] = {
         "checkpoint": str(ckpt.path), "data": described, "blocks": int(len(blocks)), "tokens": tokens_total,
         "samples": samples, "nll": mean, "nll_se": se if math.isfinite(se) else None,
+        "nll_se_one_draw": se_single if math.isfinite(se_single) else None,
         "bits_per_token": mean / ln2, "perplexity": math.exp(min(mean, 700.0)),
     }
     train_val = ckpt.val_nll
@@ -351,11 +355,11 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
             verdict = "reproduced" if same else (
                 "not reproduced: the device, precision or noise stream differ from training's validation"
             )
-            click.echo(f"training    val/nll {train_val:.10f} at step {ckpt.step}; difference {diff:+.3e} ({verdict})")
+            say(f"training    val/nll {train_val:.10f} at step {ckpt.step}; difference {diff:+.3e} ({verdict})")
         else:
             combined = math.sqrt(se**2 + se_single**2)
             z = diff / combined if combined > 0 else 0.0
-            click.echo(f"training    val/nll {train_val:.4f} at step {ckpt.step} (one draw, ± {se_single:.4f}); "
+            say(f"training    val/nll {train_val:.4f} at step {ckpt.step} (one draw, ± {se_single:.4f}); "
                        f"difference {diff:+.4f} = {z:+.2f} combined standard errors")
         result["training_val_nll"] = train_val
         result["difference"] = diff

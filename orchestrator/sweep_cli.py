@@ -11,7 +11,7 @@ import click
 from orchestrator.errors import SpecError
 
 
-def _finish(sweep_dir: Path, console: object) -> bool:
+def _finish(sweep_dir: Path) -> bool:
     """Print the ranked table and paths; return True when every expected trial has finished."""
     from orchestrator.results import expected_trials, load_sweep_meta, report
 
@@ -28,7 +28,7 @@ def _finish(sweep_dir: Path, console: object) -> bool:
         f"plots     {sweep_dir / 'val_nll_vs_step.png'}  {sweep_dir / 'params_vs_objective.png'}",
         f"TensorBoard  difflm tensorboard {sweep_dir}",
     ]
-    console.info("\n".join(lines))  # type: ignore[attr-defined]
+    click.echo("\n".join(lines))  # the result goes to stdout; progress went to stderr
     return complete
 
 
@@ -48,7 +48,7 @@ def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str
     except KeyboardInterrupt:
         click.echo(interrupted.format(sweep_dir, resume_cmd), err=True)
         sys.exit(130)
-    if not _finish(sweep_dir, console):
+    if not _finish(sweep_dir):
         limit = sweep.sweep.budget.time_limit_s
         if limit is not None and elapsed >= limit:
             click.echo(f"\nstopped at the sweep's time limit ({limit:g} s); unfinished trials can go on with: {resume_cmd}", err=True)
@@ -89,6 +89,4 @@ def resume(sweep_dir: Path, address: str | None) -> None:
 @click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def results(sweep_dir: Path) -> None:
     """Print the ranked results table of SWEEP_DIR and rewrite its CSV/JSON/plots."""
-    from orchestrator.console import TrainConsole
-
-    _finish(sweep_dir.resolve(), TrainConsole())
+    _finish(sweep_dir.resolve())

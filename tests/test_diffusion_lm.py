@@ -4,6 +4,7 @@ sampler, diagnostics (incl. the collapse warning), backbone validation and the B
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,19 @@ def decode(ids: list[int]) -> str:
     return bytes(i % 256 for i in ids).decode("latin1")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are tiny: one intra-op thread is ~2x faster than two and immune to oversubscription
+    when the (shared) cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained() -> tuple[DiffusionLM, Tensor, list[float]]:
-    """A tiny model trained 200 steps on 4 byte sentences (~4 s on 2 idle cores); with its eval-loss curve."""
+    """A tiny model trained 200 steps on 4 byte sentences (~4 s on one core); with its eval-loss curve."""
     torch.manual_seed(0)
     tokens = torch.tensor([list(s) for s in SENTENCES])  # (4, 32)
     valid = torch.ones_like(tokens, dtype=torch.bool)
@@ -259,14 +270,14 @@ def test_determinism_dtypes_gradients() -> None:
 
 def test_x0_loss_falls_and_rounding_recovers_tokens(trained: tuple[DiffusionLM, Tensor, list[float]]) -> None:
     m, tokens, curve = trained
-    # measured: 0.93 -> 0.42 -> 0.35 -> 0.32
+    # measured every 50 steps: 0.93 -> 0.48 -> 0.42 -> 0.38 -> 0.35
     assert curve[-1] < 0.5 * curve[0], curve
-    assert curve[1] < curve[0] and curve[3] < curve[1]
+    assert all(b < a for a, b in zip(curve, curve[1:])), curve
     with torch.no_grad():
         assert torch.equal(m.round(m.embed(tokens)), tokens)  # clean embeddings round to their tokens
         terms = m.terms(tokens, torch.ones_like(tokens, dtype=torch.bool), torch.tensor([0, 5, 20, 50]), gen(0))
         assert (m.round(terms.x_start) == tokens).float().mean() == 1.0  # noisy x_start too
-        assert (m.round(terms.x0_hat) == tokens).float().mean() >= 0.97  # one-step denoising at low t
+        assert (m.round(terms.x0_hat) == tokens).float().mean() >= 0.97  # one-step denoising at low t; measured 1.0
 
 
 def test_diagnostics_after_training(trained: tuple[DiffusionLM, Tensor, list[float]]) -> None:
@@ -278,7 +289,7 @@ def test_diagnostics_after_training(trained: tuple[DiffusionLM, Tensor, list[flo
         for key in ("x0_cos", "x0_norm_ratio", "x0_acc", "input_dependence"):
             assert math.isfinite(d.scalars[f"{key}/{n}"])
     s = d.scalars
-    # measured: cos 0.987 / 0.889 / 0.655 / 0.521, acc 1.0 / 0.83 / 0.44 / 0.31, norm ratio 0.95 at t=0
+    # measured: cos 0.984 / 0.902 / 0.628 / 0.475, acc 1.0 / 0.84 / 0.39 / 0.27, norm ratio 0.99 / 0.93 / 0.63 / 0.55
     assert s["x0_cos/t000"] > 0.95 and s["x0_acc/t000"] > 0.95 and s["x0_norm_ratio/t000"] > 0.8
     assert s["x0_cos/t000"] > s["x0_cos/t025"] > s["x0_cos/t085"]
     assert s["x0_acc/t000"] >= s["x0_acc/t025"] >= s["x0_acc/t085"]

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,16 @@ class RecordingLogger:
         pass
 
 
-def test_runner_logs_diagnostics(tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """A tiny model: one intra-op thread is faster than two and immune to oversubscribed shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_runner_logs_diagnostics(tmp_path: Path, one_thread: None) -> None:
     """In process, no Ray: 20 steps; val/nll falls and every diagnostic reaches the logger."""
     spec = RunSpec.model_validate({
         "model": {"family": "diffusion_lm", "size": None, "d_model": 32, "n_layers": 2, "n_heads": 2,

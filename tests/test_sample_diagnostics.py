@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
+from difflm.data import prepare_data
+from difflm.families import build_model
 from difflm.sampling.diagnostics import (
     distinct_n,
     duplicate_fraction,
@@ -13,6 +17,9 @@ from difflm.sampling.diagnostics import (
     repeated_ngram_rate,
     sample_diagnostics,
 )
+from orchestrator.engine import TorchEngine
+from orchestrator.runner import Runner, WorkerContext
+from orchestrator.spec import RunSpec
 
 DIVERSE = [
     "The quick brown fox jumps over the lazy dog near the river bank today.",
@@ -44,7 +51,8 @@ def test_diverse_text_has_no_warning() -> None:
     assert d.warnings == []
     assert d.num_samples == 4 and d.duplicate_fraction == 0.0 and d.repeated_ngram_rate == 0.0
     assert d.distinct_2 > 0.95 and d.mean_length == pytest.approx((14 + 12 + 15 + 14) / 4)
-    assert set(d.scalars()) == {"distinct_1", "distinct_2", "distinct_3", "repeated_ngram_rate",
+    assert d.within_distinct_1 == pytest.approx((13 / 14 + 10 / 12 + 15 / 15 + 13 / 14) / 4)  # the, function, namespace
+    assert set(d.scalars()) == {"distinct_1", "distinct_2", "distinct_3", "within_distinct_1", "repeated_ngram_rate",
                                 "duplicate_fraction", "mean_length", "longest_run"}
 
 
@@ -56,6 +64,9 @@ def test_repetition_warns() -> None:
     loop = sample_diagnostics(["one two three one two three one two three one two three"])
     assert loop.repeated_ngram_rate == pytest.approx(7 / 10)  # 10 trigrams, 3 distinct
     assert any("70% of word trigrams recur" in w for w in loop.warnings), loop.warnings
+    few_words = sample_diagnostics(["te the te th the te te th e te the th"])  # 12 words, 4 distinct
+    assert few_words.within_distinct_1 == pytest.approx(4 / 12) and few_words.longest_run == 2
+    assert any("on average 33% of its words are distinct" in w for w in few_words.warnings), few_words.warnings
 
 
 def test_collapse_warns() -> None:
@@ -73,3 +84,41 @@ def test_empty_samples_warn_and_stats_stay_finite() -> None:
     assert any("2 of 3 samples are empty" in w for w in d.warnings)
     assert math.isnan(d.distinct_3) and "distinct_3" not in d.scalars()  # NaN never reaches TensorBoard
     assert "n/a" in d.summary()
+
+
+def test_runner_logs_sample_diagnostics_and_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's eval point logs samples/* scalars next to the text and emits the warnings."""
+    spec = RunSpec.model_validate({
+        "model": {"family": "mdlm", "size": None, "d_model": 16, "n_layers": 1, "n_heads": 2, "cond_dim": 8},
+        "data": {"source": "builtin", "seq_len": 32, "max_documents": 100, "cache_dir": str(tmp_path / "cache")},
+        "train": {"eval_every": 10, "checkpoint_every": 10},
+        "scaling": {"deepspeed": False, "device": "cpu"},
+    })
+    data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
+    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size)
+    scalars: dict[str, float] = {}
+    texts: list[str] = []
+    messages: list[str] = []
+
+    class Logger:
+        def log_scalars(self, metrics: dict[str, float], step: int) -> None:
+            scalars.update(metrics)
+
+        def log_text(self, tag: str, text: str, step: int) -> None:
+            texts.append(tag)
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    cpu = torch.device("cpu")
+    runner = Runner(spec, data, TorchEngine(model, spec.train, cpu), WorkerContext(0, 1, cpu), logger=Logger(),
+                    emit=lambda kind, payload: messages.append(payload.get("message", "")))
+    monkeypatch.setattr(runner, "validate", lambda: {"val/nll": 1.0, "val/bpt": 1.4, "val/ppl": 2.7, "val/tokens": 1.0})
+    monkeypatch.setattr(runner, "sample_texts", lambda: ["leading leading leading leading leading"] * 4)
+    runner._eval_point(checkpoint=False)
+    assert "samples/text" in texts
+    assert scalars["samples/duplicate_fraction"] == 0.75 and scalars["samples/distinct_1"] == 0.05
+    assert scalars["samples/longest_run"] == 5.0
+    assert any(m.startswith("warning (step 0): samples: repetition") for m in messages), messages
+    assert any("collapse: 3 of 4 samples" in m for m in messages), messages

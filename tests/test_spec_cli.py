@@ -137,3 +137,19 @@ def test_console_entry_point_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "model.size: Input should be 'tiny', 'small' or 'base'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cluster_configs_pass_rays_own_validator() -> None:
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    files = sorted((REPO / "clusters").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = yaml.safe_load(f.read_text())
+        validate_config(prepare_config(cfg))
+        assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+    bad = yaml.safe_load(files[0].read_text())
+    bad["max_worker"] = 3  # a typo must not pass
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(bad))

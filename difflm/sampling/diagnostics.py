@@ -7,6 +7,8 @@ for byte-level and BPE models:
 
 distinct_n             unique n-grams / all n-grams, pooled over the sample set (Li et al., 2016).
                        Low: the set reuses the same words/phrases.
+within_distinct_1      mean over samples of each sample's own distinct-1 (samples of >= 10 words).
+                       Low: every sample cycles through a handful of words ("te the te th the").
 repeated_ngram_rate    share of each sample's word trigrams that already occurred earlier in the
                        same sample, pooled (seq-rep-3, Welleck et al., 2019). High: loops.
 duplicate_fraction     share of samples that are an exact copy of an earlier one (whitespace
@@ -35,12 +37,15 @@ __all__ = [
     "RUN_WARN",
     "DUPLICATE_WARN",
     "DISTINCT_2_WARN",
+    "WITHIN_DISTINCT_1_WARN",
 ]
 
 REPEAT_RATE_WARN = 0.2  # trigram repeats within a sample; natural short text is near 0
 RUN_WARN = 4  # the same word this many times in a row
 DUPLICATE_WARN = 0.25  # share of samples copying an earlier one
 DISTINCT_2_WARN = 0.3  # pooled distinct bigrams; diverse text is above 0.8
+WITHIN_DISTINCT_1_WARN = 0.4  # a 20-40 word English sample has 0.7-0.9 of its words distinct
+MIN_WORDS_FOR_WITHIN = 10
 MIN_NGRAMS_FOR_DISTINCT = 20  # below this many bigrams distinct-2 says little
 
 
@@ -91,6 +96,7 @@ class SampleDiagnostics:
     distinct_1: float
     distinct_2: float
     distinct_3: float
+    within_distinct_1: float
     repeated_ngram_rate: float
     duplicate_fraction: float
     mean_length: float
@@ -103,6 +109,7 @@ class SampleDiagnostics:
             "distinct_1": self.distinct_1,
             "distinct_2": self.distinct_2,
             "distinct_3": self.distinct_3,
+            "within_distinct_1": self.within_distinct_1,
             "repeated_ngram_rate": self.repeated_ngram_rate,
             "duplicate_fraction": self.duplicate_fraction,
             "mean_length": self.mean_length,
@@ -117,7 +124,8 @@ class SampleDiagnostics:
             return "n/a" if not math.isfinite(v) else f"{v:.3f}"
 
         return (
-            f"distinct-1/2/3 {f(self.distinct_1)}/{f(self.distinct_2)}/{f(self.distinct_3)}  "
+            f"distinct-1/2/3 {f(self.distinct_1)}/{f(self.distinct_2)}/{f(self.distinct_3)} "
+            f"(within a sample {f(self.within_distinct_1)})  "
             f"repeated 3-grams {f(self.repeated_ngram_rate)}  duplicates {f(self.duplicate_fraction)}  "
             f"mean length {self.mean_length:.1f} words  longest word run {self.longest_run}"
         )
@@ -127,11 +135,13 @@ def sample_diagnostics(texts: Sequence[str]) -> SampleDiagnostics:
     """Diagnostics of decoded sample ``texts`` (see the module docstring) with warnings."""
     words = [t.split() for t in texts]
     runs = [longest_run(w) for w in words]
+    own = [len(set(w)) / len(w) for w in words if len(w) >= MIN_WORDS_FOR_WITHIN]
     d = SampleDiagnostics(
         num_samples=len(texts),
         distinct_1=distinct_n(words, 1),
         distinct_2=distinct_n(words, 2),
         distinct_3=distinct_n(words, 3),
+        within_distinct_1=sum(own) / len(own) if own else math.nan,
         repeated_ngram_rate=repeated_ngram_rate(words, 3),
         duplicate_fraction=duplicate_fraction(texts),
         mean_length=sum(len(w) for w in words) / len(words) if words else 0.0,
@@ -163,6 +173,11 @@ def _warnings(d: SampleDiagnostics, texts: Sequence[str], words: list[list[str]]
         out.append(
             f"collapse: {copies} of {len(texts)} samples are exact copies of another sample "
             "(the model produces one generic text; check the loss weighting and the sampler)"
+        )
+    if math.isfinite(d.within_distinct_1) and d.within_distinct_1 < WITHIN_DISTINCT_1_WARN:
+        out.append(
+            f"repetition: a sample uses few different words (on average {d.within_distinct_1:.0%} of its words "
+            "are distinct; natural text of this length: 70-90%)"
         )
     bigrams = sum(max(0, len(w) - 1) for w in words)
     if bigrams >= MIN_NGRAMS_FOR_DISTINCT and d.distinct_2 < DISTINCT_2_WARN:

@@ -1,0 +1,215 @@
+"""`difflm sample|eval|denoise` through click on checkpoints made in-process (no Ray, tiny models)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from difflm.data import prepare_data
+from difflm.families import build_model
+from orchestrator.checkpoints import resolve_checkpoint, special_ids
+from orchestrator.cli import main
+from orchestrator.engine import TorchEngine
+from orchestrator.errors import SpecError
+from orchestrator.runner import Runner, WorkerContext
+from orchestrator.spec import RunSpec
+
+CPU = torch.device("cpu")
+CKPT_NAME = "checkpoint_2026-01-01_00-00-00.000000"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Run dirs laid out like `difflm train` leaves them (checkpoints/{best,last} -> checkpoint_*), mdlm and ar."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: avoid oversubscribing shared CPUs (speed only)
+    root = tmp_path_factory.mktemp("evalcli")
+    out: dict[str, Path] = {}
+    for family in ("mdlm", "ar"):
+        spec = RunSpec.model_validate({
+            "model": {"family": family, "size": None, "d_model": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
+            "diffusion": {"sample_steps": 8},
+            "data": {"source": "builtin", "seq_len": 32, "max_documents": 200, "cache_dir": str(root / "cache")},
+            "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 8,
+                      "checkpoint_every": 8, "num_samples": 0},
+            "scaling": {"deepspeed": False, "device": "cpu"},
+        })
+        data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
+        torch.manual_seed(0)
+        model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
+        runner = Runner(spec, data, TorchEngine(model, spec.train, CPU), WorkerContext(0, 1, CPU))
+        for _ in range(8):
+            runner.train_step()
+        runner.last_val = runner.validate()
+        runner.best_val_nll = runner.last_val["val/nll"]
+        run_dir = root / family
+        runner.save(run_dir / CKPT_NAME)
+        (run_dir / "checkpoints").mkdir()
+        for name in ("best", "last"):
+            (run_dir / "checkpoints" / name).symlink_to(f"../{CKPT_NAME}")
+        out[family] = run_dir
+    yield out
+    torch.set_num_threads(before)
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, [*args], catch_exceptions=False)
+
+
+def trained_val_nll(run_dir: Path) -> float:
+    return json.loads((run_dir / CKPT_NAME / "trainer_state.json").read_text())["val"]["val/nll"]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def test_checkpoint_references(runs: dict[str, Path]) -> None:
+    run, ckpt = runs["mdlm"], (runs["mdlm"] / CKPT_NAME).resolve()
+    for ref in (run, run / "best", run / "last", run / "checkpoints" / "last", run / CKPT_NAME):
+        assert resolve_checkpoint(ref) == ckpt, ref
+    with pytest.raises(SpecError) as err:
+        resolve_checkpoint(run / "nope")
+    assert "does not exist" in str(err.value) and "tried:" in str(err.value)
+
+
+def test_bad_checkpoint_path_exits_2(runs: dict[str, Path], tmp_path: Path) -> None:
+    for cmd in (["sample"], ["eval"], ["denoise", "--text", "hi"]):
+        res = cli(cmd[0], str(tmp_path / "missing"), *cmd[1:])
+        assert res.exit_code == 2, res.output
+        assert "error: no checkpoint found" in res.output and "tried:" in res.output
+        assert "Traceback" not in res.output
+
+
+# ---- sample --------------------------------------------------------------------------------------
+
+
+def test_sample_prints_samples_throughput_and_writes_jsonl(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "s.jsonl"
+    res = cli("sample", str(runs["mdlm"]), "--num", "3", "--steps", "20", "--seed", "1", "--out", str(out),
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "sampler     ddpm_cache: 3 x 32 tokens, 20 steps" in res.output
+    assert all(f"[{i}] " in res.output for i in range(3))
+    rate = re.search(r"96 new tokens in [\d.]+ s = ([\d,]+) tokens/s \((\d+) network calls\)", res.output)
+    assert rate and float(rate.group(1).replace(",", "")) > 0 and 1 <= int(rate.group(2)) <= 21, res.output
+    assert "diagnostics (samples): distinct-1/2/3" in res.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and [r["index"] for r in lines] == [0, 1, 2]
+    first = lines[0]
+    assert (first["sampler"], first["steps"], first["seed"], first["num"], first["length"]) == ("ddpm_cache", 20, 1, 3, 32)
+    assert len(first["token_ids"]) == 32 and first["tokens_per_s"] > 0 and "distinct_1" in first["diagnostics"]
+    # same seed, same samples; the uncached sampler gives the same tokens too
+    again = tmp_path / "again.jsonl"
+    cli("sample", str(runs["mdlm"]), "--num", "3", "--steps", "20", "--seed", "1", "--out", str(again),
+        "--sampler", "ddpm")
+    assert [r["token_ids"] for r in map(json.loads, again.read_text().splitlines())] == [r["token_ids"] for r in lines]
+    other = tmp_path / "other.jsonl"
+    cli("sample", str(runs["mdlm"]), "--num", "3", "--steps", "20", "--seed", "2", "--out", str(other))
+    assert [r["token_ids"] for r in map(json.loads, other.read_text().splitlines())] != [r["token_ids"] for r in lines]
+
+
+def test_sample_infill_prefix_and_semi_ar(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "infill.jsonl"
+    res = cli("sample", str(runs["mdlm"]), "--prompt", "The [MASK:4] is", "--num", "2", "--steps", "8",
+              "--out", str(out), "--temperature", "0.8", "--top-p", "0.9")
+    assert res.exit_code == 0, res.output
+    assert "(infill: 4 of 12 tokens generated)" in res.output  # BOS + "The " + 4 + " is"
+    for row in map(json.loads, out.read_text().splitlines()):
+        ids = row["token_ids"]
+        assert len(ids) == 12 and bytes(ids[1:5]) == b"The " and bytes(ids[9:]) == b" is"
+    res = cli("sample", str(runs["mdlm"]), "--prompt", "The", "--num", "1", "--steps", "4", "--remasking",
+              "low_confidence")
+    assert res.exit_code == 0 and "(prefix: 28 of 32 tokens generated)" in res.output, res.output
+    res = cli("sample", str(runs["mdlm"]), "--length", "80", "--block", "16", "--num", "1", "--steps", "4",
+              "--out", str(tmp_path / "long.jsonl"))
+    assert res.exit_code == 0, res.output
+    assert "note: semi-autoregressive: 80 tokens in 4 windows of 32 (stride 16)" in res.output
+    assert len(json.loads((tmp_path / "long.jsonl").read_text())["token_ids"]) == 80
+    res = cli("sample", str(runs["ar"]), "--prompt", "The", "--num", "2", "--sampler", "ancestral")
+    assert res.exit_code == 0 and "[1] The" in res.output, res.output
+
+
+def test_sample_bad_input_exits_2(runs: dict[str, Path]) -> None:
+    cases = [
+        (["sample", str(runs["mdlm"]), "--sampler", "nope"], "choose one of ddpm_cache, ddpm, analytic"),
+        (["sample", str(runs["ar"]), "--prompt", "a [MASK:2] b"], "only continue a prefix prompt"),
+        (["sample", str(runs["mdlm"]), "--prompt", "a [MASK:two]"], "malformed mask span"),
+        (["sample", str(runs["mdlm"]), "--sampler", "analytic", "--remasking", "low_confidence"], "not analytic"),
+    ]
+    for args, message in cases:
+        res = cli(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.output and "Traceback" not in res.output, res.output
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+
+
+def test_eval_reproduces_training_val_nll(runs: dict[str, Path]) -> None:
+    for family in ("mdlm", "ar"):
+        res = cli("eval", str(runs[family]), "--json")
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.stdout)
+        assert abs(got["nll"] - trained_val_nll(runs[family])) <= 1e-9, (family, got)
+        assert "(reproduced)" in res.output
+        assert got["bits_per_token"] == pytest.approx(got["nll"] / math.log(2))
+    assert "NLL bound" in cli("eval", str(runs["mdlm"])).output
+    assert "NLL (exact)" in cli("eval", str(runs["ar"])).output
+
+
+def test_eval_k_draws_within_standard_error(runs: dict[str, Path]) -> None:
+    res = cli("eval", str(runs["mdlm"] / "last"), "--samples", "4", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    se, se1 = got["nll_se"], got["nll_se_one_draw"]
+    assert 0 < se < se1 and se1 == pytest.approx(2 * se)  # K = 4 draws: half the one-draw error
+    # training's val/nll is one draw per sequence: compare with both errors combined
+    assert abs(got["difference"]) <= 3 * math.hypot(se, se1), got
+    assert re.search(r"NLL bound   [\d.]+ ± [\d.]+ nats/token", res.output)
+    ar = cli("eval", str(runs["ar"]), "--samples", "2")
+    assert "none: the NLL is exact" in ar.output
+
+
+def test_eval_other_text_file(runs: dict[str, Path], tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    paragraphs = [f"Paragraph {i} says something about namespaces and functions." for i in range(12)]
+    text.write_text("\n\n".join(paragraphs))
+    res = cli("eval", str(runs["mdlm"]), "--data", str(text), "--split", "all", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    # byte tokens, one EOS per paragraph, packed into BOS + 30 + EOS blocks
+    assert got["blocks"] == sum(len(p) + 1 for p in paragraphs) // 30
+    assert "text " in got["data"] and "training_val_nll" not in got and got["nll"] > 0
+    res = cli("eval", str(runs["mdlm"]), "--data", str(tmp_path / "nothing.txt"))
+    assert res.exit_code == 2 and "error:" in res.output, res.output
+
+
+# ---- denoise -------------------------------------------------------------------------------------
+
+
+def test_denoise_prints_corruption_reconstruction_and_accuracy(runs: dict[str, Path]) -> None:
+    res = cli("denoise", str(runs["mdlm"]), "--text", "The function returns a value.", "--t", "0.2,0.8")
+    assert res.exit_code == 0, res.output
+    assert "reconstruction one-shot: argmax" in res.output
+    accs = [float(a) for a in re.findall(r"token accuracy ([\d.]+)", res.output)]
+    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+    assert res.output.count("original      The function returns a value.") == 2
+    assert res.output.count("  corrupted     ") == 2 and res.output.count("  reconstructed ") == 2
+    masked = [int(n) for n in re.findall(r"corrupted (\d+)/29 tokens", res.output)]
+    assert len(masked) == 2 and masked[0] <= masked[1]  # one seed: the corruptions are nested
+    sampled = cli("denoise", str(runs["mdlm"]), "--text", "abc def", "--t", "0.5", "--steps", "4")
+    assert sampled.exit_code == 0 and "ddpm sampler from t=0.5" in sampled.output, sampled.output
+
+
+def test_denoise_bad_input_exits_2(runs: dict[str, Path]) -> None:
+    res = cli("denoise", str(runs["ar"]), "--text", "hello")
+    assert res.exit_code == 2 and "no noise process" in res.output, res.output
+    res = cli("denoise", str(runs["mdlm"]), "--text", "hello", "--t", "0.5,2")
+    assert res.exit_code == 2 and "must be in [0, 1]" in res.output, res.output

@@ -1,0 +1,174 @@
+"""`difflm sweep` end to end through the real CLI (Ray Tune + Ray Train + DeepSpeed on CPU).
+
+Slow by nature (each trial starts a Train run); sized to a few minutes in all on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _results(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _ray_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "gcs_server|raylet|dashboard.py"], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def test_quickstart_sweep_asha(tmp_path: Path) -> None:
+    """The README's main job: 4 trials x 1 worker, ASHA stops at least one early, complete table + HParams."""
+    proc = _cli("sweep", "sweeps/quickstart.yaml", "--set", f"output.dir={tmp_path}")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "Traceback" not in log
+    sweep_dir = tmp_path / "quickstart-sweep"
+    rows = _results(sweep_dir)
+    assert len(rows) == 4
+    assert {r["diffusion.schedule"] for r in rows} == {"loglinear", "linear", "cosine", "geometric"}
+    assert all(r["status"] == "TERMINATED" and float(r["best_metric"]) > 0 for r in rows)
+    assert any(r["stopped_early"] == "True" for r in rows), rows
+    assert any(int(r["steps"]) == 60 for r in rows)
+    best = [r for r in rows if r["is_best"] == "True"]
+    assert len(best) == 1 and best[0]["rank"] == "1"
+    assert float(best[0]["best_metric"]) == min(float(r["best_metric"]) for r in rows)
+    assert all(Path(r["best_checkpoint"], "model.safetensors").exists() for r in rows)
+    assert "| 1 (best) |" in proc.stdout
+    for png in ("val_nll_vs_step.png", "params_vs_objective.png"):
+        assert (sweep_dir / png).stat().st_size > 5000
+    for r in rows:
+        acc = EventAccumulator(str(Path(r["trial_dir"]) / "tensorboard" / "hparams"))
+        acc.Reload()
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+        assert acc.Scalars("hparams/best_val_nll")[-1].value == pytest.approx(float(r["best_metric"]), rel=1e-5)
+        assert "val/nll" in EventAccumulator(str(Path(r["trial_dir"]) / "tensorboard")).Reload().Tags()["scalars"]
+    # `difflm results` rebuilds the same ranking from disk
+    again = _cli("results", str(sweep_dir))
+    assert again.returncode == 0 and "| 1 (best) |" in again.stdout
+    assert [r["trial_id"] for r in _results(sweep_dir)] == [r["trial_id"] for r in rows]
+
+
+RESUME_SPEC = """
+model: {family: mdlm, size: null, d_model: 64, n_layers: 2, n_heads: 2, cond_dim: 16}
+diffusion: {sample_steps: 4}
+data: {source: builtin, seq_len: 64, max_documents: 300}
+train: {max_steps: 60, micro_batch_size: 16, lr: 3.0e-3, warmup_steps: 2, eval_every: 10, checkpoint_every: 10,
+        log_every: 5, num_samples: 1}
+scaling: {num_workers: 1, device: cpu, zero_stage: 0}
+output: {dir: %s, name: r}
+sweep:
+  search:
+    diffusion.schedule: {grid: [loglinear, linear, cosine]}
+  scheduler: {kind: none}
+  resources: {max_concurrent_trials: 1}
+"""
+
+
+def _steps(trial_dir: Path) -> list[int]:
+    rows = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
+    return [int(r["step"]) for r in rows]
+
+
+def test_resume_after_sigkill(tmp_path: Path) -> None:
+    spec = tmp_path / "resume.yaml"
+    spec.write_text(RESUME_SPEC % tmp_path)
+    sweep_dir = tmp_path / "r"
+    before = _ray_pids()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(spec)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    # Kill once one trial has finished and the next has checkpointed (so it must continue, not restart).
+    deadline = time.time() + 400
+    steps: dict[str, list[int]] = {}
+    while time.time() < deadline:
+        steps = {d.name: _steps(d) for d in sweep_dir.glob("*-schedule=*") if (d / "result.json").exists()}
+        if any(s and s[-1] == 60 for s in steps.values()) and any(s and 10 <= s[-1] < 60 for s in steps.values()):
+            break
+        time.sleep(0.1)
+    else:
+        driver.kill()
+        pytest.fail(f"sweep did not reach the kill point: {steps}")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # The killed driver's local Ray processes outlive it; clear them so they do not hold this machine.
+    for pid in _ray_pids() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    finished = [n for n, s in steps.items() if s[-1] == 60]
+    partial = [n for n, s in steps.items() if 10 <= s[-1] < 60]
+
+    proc = _cli("sweep", str(spec), "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _results(sweep_dir)
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" and r["steps"] == "60" for r in rows), rows
+    for name in finished:  # never run again
+        assert len((sweep_dir / name / "starts.log").read_text().split()) == 1
+    for name in partial:  # restarted once, continued from its checkpoint instead of step 0
+        assert len((sweep_dir / name / "starts.log").read_text().split()) == 2
+        steps_after = _steps(sweep_dir / name)
+        assert steps_after.count(0) == 1 and steps_after[-1] == 60
+
+
+OPTUNA_SPEC = """
+model: {family: mdlm, size: null, d_model: 32, n_layers: 1, n_heads: 2, cond_dim: 16}
+diffusion: {sample_steps: 4}
+data: {source: builtin, seq_len: 32, max_documents: 300}
+train: {max_steps: 20, micro_batch_size: 8, warmup_steps: 2, eval_every: 10, checkpoint_every: 20, log_every: 5,
+        num_samples: 1}
+scaling: {num_workers: 1, device: cpu, zero_stage: 0}
+output: {dir: %s, name: o}
+sweep:
+  search:
+    train.lr: {loguniform: [1.0e-3, 5.0e-3]}
+    diffusion.schedule: {choice: [loglinear, cosine]}
+    train.checkpoint_every: {qrandint: [10, 30, 5]}
+  algorithm: optuna
+  num_samples: 5
+  seed: 3
+  scheduler: {kind: none}
+"""
+
+
+def test_optuna_honours_space_and_bad_samples_fail_alone(tmp_path: Path) -> None:
+    spec = tmp_path / "optuna.yaml"
+    spec.write_text(OPTUNA_SPEC % tmp_path)
+    proc = _cli("sweep", str(spec))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _results(tmp_path / "o")
+    assert len(rows) == 5
+    for r in rows:
+        assert 1e-3 <= float(r["train.lr"]) <= 5e-3
+        assert r["diffusion.schedule"] in ("loglinear", "cosine")
+        ce = int(r["train.checkpoint_every"])
+        assert ce in (10, 15, 20, 25, 30)
+        if ce % 10:  # the run spec rejects it: that trial fails at once with the pydantic message
+            assert r["status"] == "FAILED" and "must be a multiple of eval_every" in r["error"], r
+            assert r["steps"] == "0"
+        else:
+            assert r["status"] == "TERMINATED" and r["steps"] == "20", r
+    assert any(r["status"] == "FAILED" for r in rows) and any(r["status"] == "TERMINATED" for r in rows)
