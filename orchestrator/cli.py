@@ -103,7 +103,7 @@ def _print_summary(result: Any) -> None:
     if best is not None and math.isfinite(best):
         lines += [
             f"  best val NLL    {best:.4f} nats/token ({best / math.log(2):.4f} bits/token)",
-            f"  perplexity <=   {math.exp(min(best, 700)):.2f}",
+            f"  perplexity <=   {math.exp(min(best, 700)):.4g}",
         ]
     lines += [
         f"  best checkpoint {result.best_checkpoint}",

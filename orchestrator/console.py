@@ -84,7 +84,7 @@ class TrainConsole:
         self.best_val_nll = p.get("val/best_nll")
         line = (
             f"eval step {int(p.get('step', 0))}: val_nll {_fmt(self.last_val_nll)} nats/token  "
-            f"ppl<= {_fmt(p.get('val/ppl'), '.2f')}  best {_fmt(self.best_val_nll)}"
+            f"ppl<= {_fmt(p.get('val/ppl'), '.4g')}  best {_fmt(self.best_val_nll)}"
         )
         if self._progress is not None:
             self._progress.console.print(line, markup=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     from orchestrator.checkpoints import LoadedCheckpoint
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,6 +130,12 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     options.validate()
     gen = torch.Generator(device=ckpt.device).manual_seed(seed)
 
+    _sync(ckpt.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = fn(options, gen)  # bad option combinations raise here, before anything is printed
+    _sync(ckpt.device)
+    elapsed = time.perf_counter() - start
     click.echo(f"checkpoint  {ckpt.describe()}")
     click.echo(
         f"sampler     {name}: {num} x {total} tokens, {options.steps} steps, temperature {temperature:g}, "
@@ -137,12 +143,6 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     )
     if template is not None:
         click.echo(f"prompt      {prompt!r} ({template.kind}: {template.num_free} of {total} tokens generated)")
-    _sync(ckpt.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        result = fn(options, gen)
-    _sync(ckpt.device)
-    elapsed = time.perf_counter() - start
     for note in result.notes:
         click.echo(f"note: {note}")
 
@@ -184,9 +184,15 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
 
 def _source_for(ref: str) -> tuple[str, str | None]:
     """data.source and data.path for ``--data``: builtin, a local file/folder (by extension), else a hub name."""
+    from orchestrator.errors import SpecError
+
     if ref == "builtin":
         return "builtin", None
     p = Path(ref).expanduser()
+    local_looking = ref.startswith(("/", "./", "../", "~")) or p.suffix.lower() in LOCAL_SUFFIXES
+    if local_looking and not p.exists():
+        raise SpecError(f"--data {ref!r} does not exist; give an existing text/jsonl/parquet file or folder, "
+                        "'builtin', or a Hugging Face dataset name (e.g. wikitext)")
     if p.is_file():
         suffix = p.suffix.lower()
         return {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "hf"), ref
@@ -245,7 +251,8 @@ def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_co
     if len(blocks) == 0:
         raise DataError(f"{where} ({split}: {len(docs)} documents) does not fill one block of {cfg.seq_len} tokens; "
                         "use more text or --split all")
-    return blocks, f"{where}, {split} split ({len(docs)} documents)", own
+    part = f"all {len(docs)} documents" if split == "all" else f"{split} split ({len(docs)} documents)"
+    return blocks, f"{where}, {part}", own
 
 
 @click.command("eval")
@@ -310,7 +317,7 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
                 valid = torch.ones_like(x, dtype=torch.bool)
                 if samples == 1:  # exactly training's validate(): forward's own batch-antithetic draw
                     out = model(x, valid, gen)
-                    nll += float(out.nll_sum.to(torch.float64))
+                    nll += float(out.nll_sum.to("cpu", torch.float64))
                     tokens_total += float(out.num_tokens)
                 else:
                     sums, counts = model.nll_samples(x, valid, gen, samples)  # (B, K), (B,)
@@ -350,7 +357,7 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
     train_val = ckpt.val_nll
     if training_protocol and train_val is not None and bs == spec.train.micro_batch_size:
         diff = mean - train_val
-        if samples == 1:
+        if samples == 1 or model.exact_likelihood:
             same = abs(diff) <= 1e-9 * max(1.0, abs(train_val))
             verdict = "reproduced" if same else (
                 "not reproduced: the device, precision or noise stream differ from training's validation"
@@ -432,13 +439,17 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
     ids = torch.tensor([[tok.bos_id, *body, tok.eos_id]], device=ckpt.device)  # (1, L)
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[:, 0] = valid[:, -1] = False  # corrupt only the text, not BOS/EOS
-    click.echo(f"checkpoint     {ckpt.describe()}")
-    click.echo(f"text           {len(body)} tokens{note}")
     original = tok.decode(body)
-    for t in values:
+    results = []
+    for t in values:  # all levels first: a family without denoise fails before anything is printed
         gen = torch.Generator(device=ckpt.device).manual_seed(seed)
         with torch.no_grad():
-            res = model.denoise(ids, valid, t, gen, steps or None)
+            results.append(model.denoise(ids, valid, t, gen, steps or None))
+    click.echo(f"checkpoint     {ckpt.describe()}")
+    click.echo(f"text           {len(body)} tokens{note}")
+    first = results[0]
+    click.echo(f"reconstruction {first.method}" + ("; _ marks a corrupted token" if first.noised is not None else ""))
+    for t, res in zip(values, results):
         m = dict(res.metrics)
         acc = m.pop("accuracy", math.nan)
         masked_acc = m.pop("masked_accuracy", None)
@@ -451,8 +462,6 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
         if masked_acc is not None:
             head += f" (on corrupted tokens {_fmt_metric(masked_acc)})"
         head += "".join(f"  {k} {_fmt_metric(v)}" for k, v in m.items())
-        if t == values[0]:
-            click.echo(f"reconstruction {res.method}" + ("; _ marks a corrupted token" if res.noised is not None else ""))
         click.echo("")
         click.echo(head)
         click.echo(f"  original      {_indent(original)}")
@@ -462,4 +471,3 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
         else:
             click.echo("  corrupted     (continuous noise: no token view)")
         click.echo(f"  reconstructed {_indent(tok.decode(res.reconstructed[0, 1:-1].tolist()))}")
-    sys.stdout.flush()

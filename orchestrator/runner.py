@@ -143,8 +143,10 @@ class Runner:
         self.engine.train(False)
         t = self.spec.train
         gen = torch.Generator(device=self.ctx.device).manual_seed(t.eval_seed + self.ctx.rank)
-        nll = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        # float64 accumulators on the device; on the CPU for MPS, which has no float64
+        acc_device = torch.device("cpu") if self.ctx.device.type == "mps" else self.ctx.device
+        nll = torch.zeros((), dtype=torch.float64, device=acc_device)
+        count = torch.zeros((), dtype=torch.float64, device=acc_device)
         batches = list(
             iterate_eval_batches(self.data.val, t.micro_batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size)
         )
@@ -159,8 +161,8 @@ class Runner:
             valid = torch.ones_like(tokens, dtype=torch.bool)
             out = self.engine.forward(tokens, valid, gen)
             if i < n_real:
-                nll += out.nll_sum.to(torch.float64)
-                count += out.num_tokens.to(torch.float64)
+                nll += out.nll_sum.to(acc_device, torch.float64)
+                count += out.num_tokens.to(acc_device, torch.float64)
         totals = _all_reduce_sum(torch.stack([nll, count]), self.ctx.world_size)
         total_nll, total_tokens = totals.tolist()
         if total_tokens == 0:

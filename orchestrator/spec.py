@@ -107,6 +107,8 @@ class RunSpec(StrictModel):
             fam = get_family(self.model.family)
         except KeyError as exc:
             raise ValueError(exc.args[0]) from None
+        if self.diffusion.schedule is None and fam.schedules:
+            self.diffusion.schedule = fam.schedules[0]  # the family's default
         if fam.schedules and self.diffusion.schedule not in fam.schedules:
             raise ValueError(
                 f"diffusion.schedule {self.diffusion.schedule!r} is not a {fam.name} schedule; "

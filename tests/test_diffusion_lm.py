@@ -129,7 +129,8 @@ def test_build_model_and_spec_validation() -> None:
     with pytest.raises(ValueError, match=r"model\.backbone 'bart' is not supported by ar; choose one of transformer"):
         RunSpec.model_validate({"model": {"family": "ar", "backbone": "bart"}})
     with pytest.raises(ValueError, match="is not a diffusion_lm schedule; choose one of sqrt, cosine, linear"):
-        RunSpec.model_validate({"model": {"family": "diffusion_lm"}})  # the default loglinear is mdlm's
+        RunSpec.model_validate({"model": {"family": "diffusion_lm"}, "diffusion": {"schedule": "loglinear"}})
+    assert RunSpec.model_validate({"model": {"family": "diffusion_lm"}}).diffusion.schedule == "sqrt"  # its default
     with pytest.raises(ValueError, match="embed_dim"):
         ModelConfig(embed_dim=8)
     with pytest.raises(ValueError, match="only used by backbone: bart"):

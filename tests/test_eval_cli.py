@@ -213,3 +213,34 @@ def test_denoise_bad_input_exits_2(runs: dict[str, Path]) -> None:
     assert res.exit_code == 2 and "no noise process" in res.output, res.output
     res = cli("denoise", str(runs["mdlm"]), "--text", "hello", "--t", "0.5,2")
     assert res.exit_code == 2 and "must be in [0, 1]" in res.output, res.output
+
+
+def test_eval_emulates_multi_worker_validation(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A 2-worker run validated each worker's shard with seed eval_seed + rank; eval repeats that exactly."""
+    import shutil
+
+    import yaml
+
+    from orchestrator.checkpoints import load_checkpoint
+
+    ckpt_dir = tmp_path / "two-workers"
+    shutil.copytree(runs["mdlm"] / CKPT_NAME, ckpt_dir)
+    raw = yaml.safe_load((ckpt_dir / "spec.yaml").read_text())
+    raw["scaling"]["num_workers"] = 2
+    (ckpt_dir / "spec.yaml").write_text(yaml.safe_dump(raw))
+    loaded = load_checkpoint(ckpt_dir, "cpu")
+    data = prepare_data(loaded.spec.data, loaded.spec.tokenizer, log=lambda _: None)
+    engine = TorchEngine(loaded.model, loaded.spec.train, CPU)
+    nll = tokens = 0.0
+    for rank in (0, 1):  # no process group: each rank's validate() returns its own shard's mean
+        val = Runner(loaded.spec, data, engine, WorkerContext(rank, 2, CPU)).validate()
+        nll += val["val/nll"] * val["val/tokens"]
+        tokens += val["val/tokens"]
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    state["val"]["val/nll"] = nll / tokens
+    (ckpt_dir / "trainer_state.json").write_text(json.dumps(state))
+    res = cli("eval", str(ckpt_dir), "--json")
+    assert res.exit_code == 0, res.output
+    assert "2 worker shards as in training" in res.output and "(reproduced)" in res.output
+    assert abs(json.loads(res.stdout)["nll"] - nll / tokens) <= 1e-9
+    assert abs(nll / tokens - trained_val_nll(runs["mdlm"])) > 1e-6  # the shards' noise differs from 1 worker's

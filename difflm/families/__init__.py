@@ -27,6 +27,8 @@ def build_model(
     for a schedule or backbone the family does not accept.
     """
     spec = get_family(model_cfg.family)
+    if diffusion_cfg.schedule is None and spec.schedules:
+        diffusion_cfg = diffusion_cfg.model_copy(update={"schedule": spec.schedules[0]})
     if spec.schedules and diffusion_cfg.schedule not in spec.schedules:
         raise ValueError(
             f"family {spec.name!r} does not accept schedule {diffusion_cfg.schedule!r}; "

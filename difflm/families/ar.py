@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.families.base import DenoiseResult, Family, LossOutput
+from difflm.families.base import wide_float, DenoiseResult, Family, LossOutput
 from difflm.families.config import DiffusionConfig
 from difflm.families.registry import FamilySpec, register_family
 from difflm.models.backbone import Backbone
@@ -57,7 +57,7 @@ class AR(Family):
         loss = nll.sum() / num_tokens.clamp(min=1).to(nll.dtype)
         return LossOutput(
             loss=loss,
-            nll_sum=nll.detach().sum(dtype=torch.float64),
+            nll_sum=nll.detach().sum(dtype=wide_float(tokens.device)),
             num_tokens=num_tokens,
             metrics={"ce": loss.detach()},
         )
@@ -112,8 +112,8 @@ class AR(Family):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         B, L1 = tokens.shape[0], tokens.shape[1] - 1
         nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(B, L1)
-        nll = nll.masked_fill(~valid[:, 1:], 0.0).sum(dim=-1, dtype=torch.float64)  # (B,)
-        return nll[:, None].repeat(1, samples), valid[:, 1:].sum(dim=-1).to(torch.float64)
+        nll = nll.masked_fill(~valid[:, 1:], 0.0).sum(dim=-1, dtype=wide_float(tokens.device))  # (B,)
+        return nll[:, None].repeat(1, samples), valid[:, 1:].sum(dim=-1).to(wide_float(tokens.device))
 
 
 def build_ar(

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from difflm.sampling.core import SampleOptions, SampleOutput, Sampler
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """float64 for sums that must not lose tokens to rounding; float32 on MPS, which has no float64.
+
+    Per batch a float32 sum of a few thousand terms is exact to ~1e-6 relative; the runner
+    accumulates across batches in float64 on the CPU when the device is MPS.
+    """
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 @dataclass
 class LossOutput:
     """What one forward pass of a family returns.
@@ -146,13 +155,14 @@ class Family(nn.Module, ABC):
         units of ``forward``'s ``nll_sum`` / ``num_tokens``. This generic version runs ``forward`` once
         per row and draw (slow; families override it with a batched, stratified version)."""
         B = tokens.shape[0]
-        out = torch.zeros(B, samples, dtype=torch.float64, device=tokens.device)
-        counts = torch.zeros(B, dtype=torch.float64, device=tokens.device)
+        wide = wide_float(tokens.device)
+        out = torch.zeros(B, samples, dtype=wide, device=tokens.device)
+        counts = torch.zeros(B, dtype=wide, device=tokens.device)
         for b in range(B):
             for k in range(samples):
                 res = self.forward(tokens[b:b + 1], valid[b:b + 1], generator)
-                out[b, k] = res.nll_sum.to(torch.float64)
-                counts[b] = res.num_tokens.to(torch.float64)
+                out[b, k] = res.nll_sum.to(wide)
+                counts[b] = res.num_tokens.to(wide)
         return out, counts
 
     def num_parameters(self) -> int:

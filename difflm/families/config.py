@@ -10,11 +10,11 @@ from difflm._config import StrictModel
 class DiffusionConfig(StrictModel):
     """Noise schedule, time sampling and loss weighting."""
 
-    schedule: str = Field(
-        "loglinear",
-        description="Noise schedule; the allowed names depend on the family "
-        "(mdlm: loglinear, linear, cosine, cosinesqr, geometric, sqrt; "
-        "diffusion_lm: sqrt, cosine, linear, Gaussian schedules over `timesteps` steps).",
+    schedule: str | None = Field(
+        None,
+        description="Noise schedule; null = the family's default (mdlm: loglinear, diffusion_lm: sqrt). "
+        "mdlm: loglinear, linear, cosine, cosinesqr, geometric, sqrt; "
+        "diffusion_lm: sqrt, cosine, linear (Gaussian schedules over `timesteps` steps).",
     )
     eps: float = Field(1e-3, gt=0.0, lt=0.5, description="Schedule epsilon: the masked share at t=1 is 1 - eps.")
     sampling_eps: float = Field(1e-3, ge=0.0, lt=0.5, description="Times are drawn from [sampling_eps, 1].")

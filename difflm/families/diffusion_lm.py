@@ -18,8 +18,9 @@ The path that worked in the project's journal, as the default:
 ``nll_sum`` (``val/nll``) is a variational upper bound on -log p(w) in nats per token, so a
 sweep can set it beside mdlm's NELBO. Per token:
 ``L_t / P(t) + CE(x_start @ EMB^T, w) + KL(q(x_{T-1} | x_start) || N(0, I))`` with one t ~ P per
-sequence (uniform, P = 1/T, in training; in eval mode an importance distribution, see below), where for t >= 1 ``L_t = KL(q(x_{t-1} | x_t, x_start) || p(x_{t-1} | x_t))`` with p's
-variance fixed to the true posterior's (then it is ``(SNR(t-1) - SNR(t)) / 2 * ||x_start - x0_hat||^2``),
+sequence (uniform, P = 1/T, in training; in eval mode an importance distribution, see below),
+where for t >= 1 ``L_t = KL(q(x_{t-1} | x_t, x_start) || p(x_{t-1} | x_t))`` with p's variance
+fixed to the true posterior's (then it is ``(SNR(t-1) - SNR(t)) / 2 * ||x_start - x0_hat||^2``),
 and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
 ``p(x_start | x_0) = N(x0_hat, beta_0 I)``, i.e. ``||x_start - x0_hat||^2 / (2 beta_0) - D/2``
 (q's entropy is analytic). Approximations and what is (not) comparable with mdlm:
@@ -30,7 +31,8 @@ and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
   module in eval mode) draws t from ``GaussianSchedule.bound_proposal`` (each step's share of the
   bound for unit-Gaussian data, most mass on the first steps) and weights by 1 / q(t): still
   unbiased, measured std per sequence 20 vs 213 nats with uniform t on a trained tiny model.
-  Still noisier than mdlm's; the fixed val seed makes evals of one run comparable.
+  Still noisier than mdlm's; the fixed val seed makes evals of one run comparable. (The
+  ``train/nelbo`` metric keeps the uniform-t estimator of the training draws: far noisier.)
 * Not what is trained: the loss is the unweighted x0 MSE (+ prior + rounding), not the bound,
   and the reverse variances are fixed (not learned). Both make the bound looser than the best
   this model class could reach; mdlm trains its bound directly. With fixed variances a squared
@@ -59,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflm.families.base import Diagnostics, Family, LossOutput
+from difflm.families.base import wide_float, Diagnostics, Family, LossOutput
 from difflm.families.config import DiffusionConfig
 from difflm.families.registry import FamilySpec, register_family
 from difflm.gaussian import GAUSSIAN_SCHEDULES, GaussianSchedule, get_gaussian_schedule, posterior_coefs
@@ -262,7 +264,7 @@ class DiffusionLM(Family):
         loss = mse + prior + (w * ce if w != 0.0 else 0.0)
         return LossOutput(
             loss=loss,
-            nll_sum=terms.bound.detach().sum(dtype=torch.float64),
+            nll_sum=terms.bound.detach().sum(dtype=wide_float(terms.bound.device)),
             num_tokens=num_tokens,
             metrics={
                 "mse": mse.detach(),

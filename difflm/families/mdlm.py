@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.families.base import DenoiseResult, Family, LossOutput
+from difflm.families.base import wide_float, DenoiseResult, Family, LossOutput
 from difflm.families.config import DiffusionConfig
 from difflm.families.registry import FamilySpec, register_family
 from difflm.models.backbone import Backbone
@@ -125,7 +125,7 @@ class MDLM(Family):
         loss = nelbo if w == 1.0 else masked_ce if w == 0.0 else w * nelbo + (1 - w) * masked_ce
         return LossOutput(
             loss=loss,
-            nll_sum=nelbo_tok.detach().sum(dtype=torch.float64),
+            nll_sum=nelbo_tok.detach().sum(dtype=wide_float(tokens.device)),
             num_tokens=num_tokens,
             metrics={
                 "nelbo": nelbo.detach(),
@@ -147,8 +147,8 @@ class MDLM(Family):
         B = tokens.shape[0]
         t = self.sample_times(samples * B, tokens.device, generator)  # (K*B,)
         nelbo_tok, _, _ = self.nelbo_terms(tokens.repeat(samples, 1), valid.repeat(samples, 1), t, generator)
-        per = nelbo_tok.sum(dim=-1, dtype=torch.float64).view(samples, B).T  # (B, K)
-        return per.contiguous(), valid.sum(dim=-1).to(torch.float64)
+        per = nelbo_tok.sum(dim=-1, dtype=wide_float(tokens.device)).view(samples, B).T  # (B, K)
+        return per.contiguous(), valid.sum(dim=-1).to(wide_float(tokens.device))
 
     # ---- sampling ------------------------------------------------------------------------------
 

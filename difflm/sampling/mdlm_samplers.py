@@ -162,9 +162,11 @@ def analytic_transition(p_x0: Tensor, sigma_t: Tensor, sigma_s: Tensor) -> Tenso
     Follows MDLM's ``get_score`` / ``_staggered_score`` / ``_transp_transition`` for x = mask:
     score_y = p(y) * k with k = e^-sigma / (1 - e^-sigma) for y != mask, score_mask = 1; the staggered
     score multiplies by e^dsigma and adds (1 - e^dsigma) * sum(score) to the mask entry; the transposed
-    transition from the mask is (1 - e^-dsigma) everywhere plus e^-dsigma on the mask. Float64."""
-    p = p_x0.to(torch.float64)
-    st, ss = sigma_t.to(torch.float64), sigma_s.to(torch.float64)
+    transition from the mask is (1 - e^-dsigma) everywhere plus e^-dsigma on the mask. Float64
+    (float32 on MPS, which has no float64)."""
+    dtype = torch.float32 if p_x0.device.type == "mps" else torch.float64
+    p = p_x0.to(dtype)
+    st, ss = sigma_t.to(dtype), sigma_s.to(dtype)
     dsigma = st - ss
     k = torch.exp(-st) / -torch.expm1(-st)
     score = p * k  # (M, V+1); mask column is 0 here
@@ -172,7 +174,7 @@ def analytic_transition(p_x0: Tensor, sigma_t: Tensor, sigma_s: Tensor) -> Tenso
     total = score.sum(dim=-1)  # (M,)
     stag = score * torch.exp(dsigma)
     stag[:, -1] += -torch.expm1(dsigma) * total
-    edge = torch.full_like(stag, float(-torch.expm1(-dsigma)))
+    edge = (-torch.expm1(-dsigma)).expand_as(stag).clone()  # (M, V+1)
     edge[:, -1] += torch.exp(-dsigma)
     return (stag * edge).clamp_min(0.0)  # (M, V+1)
 
