@@ -157,16 +157,15 @@ def tensorboard(directory: Path, port: int, host: str) -> None:
 
 
 # ---- commands defined in other modules (kept out of this file to keep it small) ----
-# (sampling/eval commands and sweep commands register here)
+from orchestrator import sweep_cli  # noqa: E402
+from orchestrator.bench import bench  # noqa: E402
 from orchestrator.eval_cli import denoise, eval_cmd, sample  # noqa: E402
 
-main.add_command(sample)
-main.add_command(eval_cmd)
-main.add_command(denoise)
-from orchestrator import sweep_cli  # noqa: E402
-
-for _cmd in (sweep_cli.sweep, sweep_cli.resume, sweep_cli.results):
+for _cmd in (sample, eval_cmd, denoise):
+    main.add_command(_cmd)
+for _cmd in (sweep_cli.sweep, sweep_cli.resume, sweep_cli.results, *bench.commands.values()):
     _cmd.callback = _user_errors(_cmd.callback)
+for _cmd in (sweep_cli.sweep, sweep_cli.resume, sweep_cli.results, bench):
     main.add_command(_cmd)
 
 

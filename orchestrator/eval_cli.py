@@ -89,14 +89,14 @@ def _indent(text: str) -> str:
 @click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
 @click.option("--num", "-n", default=4, show_default=True, type=click.IntRange(1, 4096), help="Samples to draw (one batch).")
 @click.option("--steps", type=click.IntRange(min=1), help="Denoising steps (default: the run's diffusion.sample_steps); per window when semi-autoregressive. ar ignores it.")
-@click.option("--sampler", help="Sampler name (default: the family's first; mdlm: ddpm_cache). A wrong name lists the valid ones.")
+@click.option("--sampler", help="Sampler name (default: the family's first; mdlm: ddpm_cache; diffusion_lm: ancestral, or ancestral_clamp when the run set clamp_sampling). A wrong name lists the valid ones.")
 @click.option("--length", type=click.IntRange(min=1), help="Tokens per sample (default: the trained length; for an infill prompt, the template's).")
 @click.option("--block", type=click.IntRange(min=1), help="mdlm, longer than trained: new tokens per semi-autoregressive window (default: half the trained length).")
 @click.option("--remasking", type=click.Choice(["random", "low_confidence"]), default="random", show_default=True, help="mdlm ddpm/ddpm_cache: reveal random masks (ancestral) or the most confident ones (LLaDA).")
 @click.option("--prompt", help="Prefix to continue, or text with [MASK:n] spans to infill, e.g. 'The capital of India is [MASK:5].'")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sampler's generator: same seed, same samples (on one device).")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0), help="Divides log-probabilities of every draw; 0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0), help="Divides log-probabilities of every draw; 0 = greedy. diffusion_lm: scales the noise of each reverse step (0 = deterministic DDIM).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass (not diffusion_lm: no categorical draw).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the samples and settings as JSONL.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @_user_errors
@@ -340,7 +340,9 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
     pm_bits = f" ± {se / ln2:.4f}" if math.isfinite(se) else ""
     say(f"{kind:<11} {mean:.4f}{pm} nats/token over {tokens_total:,.0f} tokens ({elapsed:.1f} s)")
     say(f"bits/token  {mean / ln2:.4f}{pm_bits}")
-    say(f"perplexity  {'' if model.exact_likelihood else '<= '}{math.exp(min(mean, 700.0)):.3f}")
+    ppl = math.exp(min(mean, 700.0))
+    ppl_text = f"{ppl:.3f}" if ppl < 1e6 else f"{ppl:.4g}"  # a loose bound's huge value as 7.966e+34
+    say(f"perplexity  {'' if model.exact_likelihood else '<= '}{ppl_text}")
     if samples == 1:
         say("MC error    not estimated with one draw per sequence; use --samples K (K >= 2)")
     elif model.exact_likelihood:
@@ -415,7 +417,7 @@ def _fmt_metric(v: float) -> str:
 @click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
 @click.option("--text", required=True, help="Clean text to corrupt and reconstruct.")
 @click.option("--t", "levels", default="0.1,0.5,0.9", show_default=True, help="Comma-separated noise levels in [0, 1].")
-@click.option("--steps", default=0, show_default=True, type=click.IntRange(min=0), help="0: one-shot reconstruction (mdlm: argmax of p(x0|x_t)); N: the family's sampler from t in N steps.")
+@click.option("--steps", default=0, show_default=True, type=click.IntRange(min=0), help="0: one-shot reconstruction (mdlm: argmax of p(x0|x_t); diffusion_lm: x0_hat rounded); N: the family's sampler from t in N steps.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the corruption (the same seed nests the corruptions: what t=0.1 hides, t=0.5 hides too).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @_user_errors
@@ -449,6 +451,9 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
     click.echo(f"text           {len(body)} tokens{note}")
     first = results[0]
     click.echo(f"reconstruction {first.method}" + ("; _ marks a corrupted token" if first.noised is not None else ""))
+    if first.corrupted is None and getattr(first, "corrupted_view", None) is not None:
+        label = getattr(first, "corrupted_view_label", "") or "a token view of the continuous noise"
+        click.echo(f"corrupted      {label}; \u00b7 marks an unprintable character")
     for t, res in zip(values, results):
         m = dict(res.metrics)
         acc = m.pop("accuracy", math.nan)
@@ -465,9 +470,14 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
         click.echo("")
         click.echo(head)
         click.echo(f"  original      {_indent(original)}")
+        view = getattr(res, "corrupted_view", None)  # a token picture of a continuous corruption, if any
         if res.corrupted is not None and res.noised is not None:
             shown = _render_corrupted(tok, res.corrupted[0, 1:-1].tolist(), res.noised[0, 1:-1].tolist())
             click.echo(f"  corrupted     {_indent(shown)}")
+        elif view is not None:
+            pieces = [tok.decode([i]) for i in view[0, 1:-1].tolist()]  # token by token: aligned with the original
+            noisy = "".join(c if c.isprintable() else "\u00b7" for c in "".join(pieces))
+            click.echo(f"  corrupted     {noisy}")
         else:
             click.echo("  corrupted     (continuous noise: no token view)")
         click.echo(f"  reconstructed {_indent(tok.decode(res.reconstructed[0, 1:-1].tolist()))}")

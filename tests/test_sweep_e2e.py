@@ -87,8 +87,13 @@ sweep:
 
 
 def _steps(trial_dir: Path) -> list[int]:
-    rows = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
-    return [int(r["step"]) for r in rows]
+    rows = []
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return [int(r["step"]) for r in rows if "step" in r]
 
 
 def test_resume_after_sigkill(tmp_path: Path) -> None:
@@ -101,26 +106,36 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     # Kill once one trial has finished and the next has checkpointed (so it must continue, not restart).
+    # Tune writes a running trial's result.json lazily; the Train run's checkpoint folders appear at once.
+    def state() -> tuple[list[str], list[str]]:
+        done, partial = [], []
+        for d in sweep_dir.glob("*-schedule=*"):
+            s = _steps(d) if (d / "result.json").exists() else []
+            if s and s[-1] == 60:
+                done.append(d.name)
+            elif any((d / "train").glob("checkpoint_*")):
+                partial.append(d.name)
+        return done, partial
+
     deadline = time.time() + 400
-    steps: dict[str, list[int]] = {}
     while time.time() < deadline:
-        steps = {d.name: _steps(d) for d in sweep_dir.glob("*-schedule=*") if (d / "result.json").exists()}
-        if any(s and s[-1] == 60 for s in steps.values()) and any(s and 10 <= s[-1] < 60 for s in steps.values()):
+        finished, partial = state()
+        if finished and partial:
             break
         time.sleep(0.1)
     else:
         driver.kill()
-        pytest.fail(f"sweep did not reach the kill point: {steps}")
+        pytest.fail(f"sweep did not reach the kill point: {state()}")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+    finished, partial = state()
     # The killed driver's local Ray processes outlive it; clear them so they do not hold this machine.
     for pid in _ray_pids() - before:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    finished = [n for n, s in steps.items() if s[-1] == 60]
-    partial = [n for n, s in steps.items() if 10 <= s[-1] < 60]
+    assert finished and partial
 
     proc = _cli("sweep", str(spec), "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -48,12 +48,17 @@ and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
 Sampling (:meth:`DiffusionLM.sample`): ancestral sampling with x0-prediction from x_{T-1} ~ N(0, I),
 optionally strided to ``steps`` steps (exact posterior for any stride), optionally with the
 clamping trick (``diffusion.clamp_sampling``: snap x0_hat to the nearest word embedding at every
-step), ending with rounding: the argmax of the tied decoder logits. Validation diagnostics live
-in :mod:`difflm.families.diffusion_lm_eval`.
+step), ending with rounding: the argmax of the tied decoder logits. ``difflm sample`` uses
+:meth:`DiffusionLM.samplers`: ``ancestral`` and ``ancestral_clamp`` with prompts (inpainting),
+temperature (DDIM eta) and a step count (:mod:`difflm.sampling.dlm_samplers`). ``difflm denoise``
+uses :meth:`DiffusionLM.denoise` (noise at one step, one-shot or sampled reconstruction, cosine
+similarity), ``difflm eval --samples K`` :meth:`DiffusionLM.nll_samples` (K stratified step draws
+per sequence). Validation diagnostics live in :mod:`difflm.families.diffusion_lm_eval`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,12 +66,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflm.families.base import wide_float, Diagnostics, Family, LossOutput
+from difflm.families.base import wide_float, DenoiseResult, Diagnostics, Family, LossOutput
 from difflm.families.config import DiffusionConfig
 from difflm.families.registry import FamilySpec, register_family
-from difflm.gaussian import GAUSSIAN_SCHEDULES, GaussianSchedule, get_gaussian_schedule, posterior_coefs
+from difflm.gaussian import GAUSSIAN_SCHEDULES, GaussianSchedule, get_gaussian_schedule
 from difflm.models.config import ModelConfig
 from difflm.models.denoiser import DiTDenoiser
+from difflm.sampling import dlm_samplers as ds
+from difflm.sampling.core import Sampler
 
 
 class TiedEmbedding(nn.Module):
@@ -92,6 +99,19 @@ class TiedEmbedding(nn.Module):
             score = 2 * x @ weight.T - (weight**2).sum(-1)  # (..., V); argmax = argmin ||x - e_v||^2
             return weight[score.argmax(dim=-1)]  # (..., E)
         raise ValueError(f"unknown mode {mode!r}")
+
+
+@dataclass
+class ContinuousDenoiseResult(DenoiseResult):
+    """:class:`DenoiseResult` of a continuous corruption (``corrupted`` is None) with a token view of it.
+
+    corrupted_view:       (B, L) ids, the noisy embeddings x_t rounded to their nearest tokens (the
+                          clean ids at positions that were not corrupted): a picture of the noise,
+                          not the model's input. ``difflm denoise`` prints it, labelled.
+    corrupted_view_label: what the view is, in words."""
+
+    corrupted_view: Tensor | None = None
+    corrupted_view_label: str = ""
 
 
 @dataclass
@@ -276,10 +296,12 @@ class DiffusionLM(Family):
 
     # ---- sampling ------------------------------------------------------------------------------
 
-    def sampling_steps(self, steps: int) -> list[int]:
-        """Descending steps from T-1 (to 0 when steps >= 2), ``min(steps, T)`` of them, evenly spaced."""
-        n = max(1, min(steps, self.T))
-        grid = torch.linspace(self.T - 1, 0, n, dtype=torch.float64).round().long()
+    def sampling_steps(self, steps: int, start: int | None = None) -> list[int]:
+        """Descending steps from ``start`` (default T-1) to 0 (when steps >= 2), ``min(steps, start + 1)``
+        of them, evenly spaced."""
+        top = self.T - 1 if start is None else start
+        n = max(1, min(steps, top + 1))
+        grid = torch.linspace(top, 0, n, dtype=torch.float64).round().long()
         return sorted(set(grid.tolist()), reverse=True)
 
     @torch.no_grad()
@@ -295,25 +317,106 @@ class DiffusionLM(Family):
 
         From x_{T-1} ~ N(0, I), each step predicts x0_hat (snapped to the nearest word embedding
         when clamping), then draws x_s from q(x_s | x_t, x0_hat) for the next step s < t; the
-        last step returns x0_hat itself, which is rounded. ``clamp`` None: ``clamp_sampling``."""
+        last step returns x0_hat itself, which is rounded. ``clamp`` None: ``clamp_sampling``.
+        The same loop (and draws) as the ``ancestral`` / ``ancestral_clamp`` samplers without options."""
         clamp = self.clamp_sampling if clamp is None else clamp
-        device, dtype = self.device, self.float_dtype()
-        ab = self.schedule.on("alpha_bar", device)  # (T,)
-        x = torch.randn(num, length, self.embed_dim, generator=generator, device=device, dtype=dtype)  # (N, L, E)
-        steps_list = self.sampling_steps(steps)
-        for i, t in enumerate(steps_list):
-            t_vec = torch.full((num,), t, dtype=torch.long, device=device)  # (N,)
-            x0_hat = self.predict_x0(x, t_vec)  # (N, L, E)
-            if clamp:
-                x0_hat = self.nearest_embedding(x0_hat)
-            if i + 1 == len(steps_list):
-                x = x0_hat
-                break
-            post = posterior_coefs(ab[t], ab[steps_list[i + 1]])
-            mean = post.coef_x0.to(dtype) * x0_hat + post.coef_xt.to(dtype) * x  # (N, L, E)
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)  # (N, L, E)
-            x = mean + post.var.sqrt().to(dtype) * noise
-        return self.round(x)  # (N, L)
+        x = torch.randn(num, length, self.embed_dim, generator=generator, device=self.device,
+                        dtype=self.float_dtype())  # (N, L, E)
+        x0, _ = ds.run_ancestral(self, x, self.sampling_steps(steps), generator, clamp=clamp)
+        return self.round(x0)  # (N, L)
+
+    def samplers(self) -> dict[str, Sampler]:
+        """ancestral and ancestral_clamp (:mod:`difflm.sampling.dlm_samplers`); the default (first) is
+        ancestral_clamp when the run set ``diffusion.clamp_sampling``, else ancestral."""
+        table: dict[str, Sampler] = {
+            "ancestral": functools.partial(ds.ancestral, self),
+            "ancestral_clamp": functools.partial(ds.ancestral_clamp, self),
+        }
+        if self.clamp_sampling:
+            table = {"ancestral_clamp": table["ancestral_clamp"], "ancestral": table["ancestral"]}
+        return table
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def nll_samples(
+        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
+    ) -> tuple[Tensor, Tensor]:
+        """K = ``samples`` draws of the bound per sequence: per-sequence sums (B, K) float64 and token counts (B,).
+
+        The batch is tiled K times (row k*B + b is sequence b) and the K*B steps come from
+        :meth:`sample_t` exactly as in ``forward`` (importance-sampled in eval mode, uniform in
+        training mode). With antithetic sampling the uniforms are (u + i/(KB)) mod 1, so sequence b
+        gets (u + b/(KB) + k/K) mod 1: K draws stratified over [0, 1) (through the inverse CDF of the
+        step distribution) for every sequence. With K = 1 this is exactly ``forward``'s draw: the
+        sums add up to its ``nll_sum`` (up to float64 summation order)."""
+        B = tokens.shape[0]
+        t, t_weight = self.sample_t(samples * B, tokens.device, generator, importance=not self.training)
+        terms = self.terms(tokens.repeat(samples, 1), valid.repeat(samples, 1), t, generator, t_weight)
+        wide = wide_float(tokens.device)
+        per = terms.bound.sum(dim=-1, dtype=wide).view(samples, B).T  # (B, K)
+        return per.contiguous(), valid.sum(dim=-1).to(wide)
+
+    def denoise_step_index(self, t: float) -> int:
+        """The integer step of noise level t in [0, 1]: round(t * (T - 1))."""
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"noise level t must be in [0, 1], got {t}")
+        return round(t * (self.T - 1))
+
+    @torch.no_grad()
+    def denoise(
+        self, tokens: Tensor, valid: Tensor, t: float, generator: torch.Generator | None = None,
+        steps: int | None = None,
+    ) -> DenoiseResult:
+        """Noise the embeddings of the ``valid`` tokens of (B, L) at step round(t (T-1)) and reconstruct.
+
+        The noising is training's (:meth:`terms`: x_start ~ N(EMB(w), beta_0 I), then q(x_t | x_start);
+        other positions stay clean context). steps None (or 0): the one-shot x0_hat = f(x_t, t/T),
+        rounded: what the x0 loss scores. steps > 0: that many ancestral steps from t down to 0 (with
+        the clamping trick when ``clamp_sampling``), i.e. a *sample* from the reverse chain; the
+        other positions are held by the inpainting trick of the prompted samplers.
+
+        ``corrupted`` is None (continuous noise); :class:`ContinuousDenoiseResult.corrupted_view` is
+        x_t rounded to the nearest tokens instead. Metrics over valid positions: ``accuracy``,
+        ``cosine`` (mean cosine similarity of the final x0 estimate with the true EMB(w)),
+        ``norm_ratio`` (mean ||x0_hat|| / mean ||EMB(w)||; well below 1 is magnitude under-prediction)
+        and ``xt_accuracy`` (the accuracy of rounding x_t itself: what the model has to beat)."""
+        step = self.denoise_step_index(t)
+        B, L = tokens.shape
+        t_vec = torch.full((B,), step, dtype=torch.long, device=tokens.device)  # (B,)
+        terms = self.terms(tokens, valid, t_vec, generator)
+        if not steps:
+            x0 = terms.x0_hat  # (B, L, E)
+            method = f"one-shot: x0_hat = f(x_t) at step round(t*(T-1)) of T={self.T}, rounded (tied decoder argmax)"
+        else:
+            steps_list = self.sampling_steps(steps, start=step)
+            x0, _ = ds.run_ancestral(self, terms.x_t, steps_list, generator, clamp=self.clamp_sampling,
+                                     fixed=~valid, known=terms.emb)
+            kind = "ancestral_clamp" if self.clamp_sampling else "ancestral"
+            method = (f"{kind} sampler from step round(t*(T-1)) of T={self.T} to 0 in up to {steps} steps, "
+                      "rounded (a sample, not the one-shot estimate)")
+        recon = torch.where(valid, self.round(x0), tokens)  # (B, L)
+        n_valid = int(valid.sum())
+        nan = float("nan")
+
+        def mean_valid(v: Tensor) -> float:
+            return float(v[valid].double().mean()) if n_valid else nan
+
+        cos = F.cosine_similarity(x0, terms.emb, dim=-1)  # (B, L)
+        emb_norm = mean_valid(terms.emb.norm(dim=-1))
+        norm_ratio = mean_valid(x0.norm(dim=-1)) / max(emb_norm, 1e-12) if n_valid else nan
+        noisy = torch.where(valid, self.round(terms.x_t), tokens)  # (B, L)
+        metrics = {
+            "accuracy": mean_valid((recon == tokens).float()),
+            "cosine": mean_valid(cos),
+            "norm_ratio": norm_ratio,
+            "xt_accuracy": mean_valid((noisy == tokens).float()),
+        }
+        return ContinuousDenoiseResult(
+            corrupted=None, noised=None, reconstructed=recon, metrics=metrics, method=method,
+            corrupted_view=noisy, corrupted_view_label="the noisy embeddings x_t rounded to their nearest tokens: a picture of the "
+            "Gaussian noise, not the model's input",
+        )
 
     @torch.no_grad()
     def diagnostics(
