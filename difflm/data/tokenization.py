@@ -73,23 +73,28 @@ class Tokenizer(ABC):
     """What the data pipeline, trainers and samplers need from a tokenizer."""
 
     kind: str = ""
+    # Set by each subclass (class attributes or in __init__); read through the properties below.
+    _vocab: int
+    _bos: int
+    _eos: int
+    _pad: int
 
     @property
-    @abstractmethod
     def vocab_size(self) -> int:
         """Number of ids (max id + 1), specials included: the embedding size a model needs."""
+        return self._vocab
 
     @property
-    @abstractmethod
-    def bos_id(self) -> int: ...
+    def bos_id(self) -> int:
+        return self._bos
 
     @property
-    @abstractmethod
-    def eos_id(self) -> int: ...
+    def eos_id(self) -> int:
+        return self._eos
 
     @property
-    @abstractmethod
-    def pad_id(self) -> int: ...
+    def pad_id(self) -> int:
+        return self._pad
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -131,22 +136,7 @@ class ByteTokenizer(Tokenizer):
 
     kind = "byte"
     BOS, EOS, PAD = 256, 257, 258
-
-    @property
-    def vocab_size(self) -> int:
-        return 259
-
-    @property
-    def bos_id(self) -> int:
-        return self.BOS
-
-    @property
-    def eos_id(self) -> int:
-        return self.EOS
-
-    @property
-    def pad_id(self) -> int:
-        return self.PAD
+    _vocab, _bos, _eos, _pad = 259, BOS, EOS, PAD
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -180,22 +170,6 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Tokenizer as RustTokenizer
 
         return cls(RustTokenizer.from_file(str(directory / "tokenizer.json")))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
 
     def encode(self, text: str) -> list[int]:
         return list(self.rust.encode(text, add_special_tokens=False).ids)
@@ -244,22 +218,6 @@ class HFTokenizer(Tokenizer):
         self._backend = getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
         if self._backend is not None:
             self._backend.encode_special_tokens = True  # "<|endoftext|>" inside a document is text
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
