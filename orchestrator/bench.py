@@ -12,6 +12,7 @@ same best configuration. It prints a markdown block to paste into docs/benchmark
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import sys
 from pathlib import Path
@@ -38,6 +39,12 @@ def _sweep_totals(sweep_dir: Path) -> dict[str, Any]:
         "best_metric": best.best_metric if best else None,
         "ranking": [(t.params, t.best_metric) for t in trials],
     }
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @click.group()
@@ -68,8 +75,8 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
     a, f = totals["asha"], totals["full"]
     same = a["best_params"] == f["best_params"]
     lines = [
-        f"- Date: {_dt.date.today()}; machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{__import__('os').cpu_count()} CPUs; command: `difflm bench asha {sweep_file}"
+        f"- Date: {_dt.date.today()}; machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{'CUDA' if _has_cuda() else 'no GPU'}; command: `difflm bench asha {sweep_file}"
         + "".join(f" --set {o}" for o in overrides) + "`",
         "",
         "| run | trials | stopped early | optimizer steps | tokens | trial wall time (s) | best | best val/nll |",
@@ -83,8 +90,8 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
     saved = 1 - a["steps"] / max(1, f["steps"])
     lines += [
         "",
-        f"ASHA ran {a['steps']:,} of {f['steps']:,} optimizer steps ({saved:.0%} saved, "
-        f"{1 - a['wall_s'] / max(1e-9, f['wall_s']):.0%} of trial wall time) and "
+        f"ASHA ran {a['steps']:,} of {f['steps']:,} optimizer steps ({saved:.0%} saved; trial wall time "
+        f"{a['wall_s']:.0f} s against {f['wall_s']:.0f} s, {1 - a['wall_s'] / max(1e-9, f['wall_s']):.0%} saved) and "
         + ("picked the same best configuration." if same else f"picked {a['best_params']} instead of {f['best_params']}."),
         "",
         "Full-budget ranking: " + "; ".join(f"{p} {m:.4f}" for p, m in f["ranking"] if m is not None),
