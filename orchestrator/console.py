@@ -33,6 +33,7 @@ class TrainConsole:
         self.best_val_nll: float | None = None
         self.last_step = 0
         self.max_steps = 0
+        self._last_progress: dict[str, Any] | None = None
 
     def info(self, message: str) -> None:
         self.console.print(message, markup=False)
@@ -68,6 +69,7 @@ class TrainConsole:
         )
 
     def _on_progress(self, p: dict[str, Any]) -> None:
+        self._last_progress = p
         self.last_step, self.max_steps = int(p["step"]), int(p["max_steps"])
         if self.tty:
             self._ensure_bar(self.max_steps)
@@ -88,6 +90,8 @@ class TrainConsole:
         )
         if self._progress is not None:
             self._progress.console.print(line, markup=False)
+            if self._last_progress:  # the bar's val_nll column shows the new value at once
+                self._progress.update(self._task, stats=self._stats(self._last_progress))
         else:
             self.info(line)
 

@@ -100,6 +100,10 @@ class SweepTable(Callback):
         if console is not None and not console.tty:
             console.info(f"[sweep] trial {trial.trial_id} failed (see the results table)")
 
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        if self._live is not None:  # last frame: every trial in its final state
+            self._live.update(self._table(trials))
+
     def close(self) -> None:
         if self._live is not None:
             self._live.stop()
