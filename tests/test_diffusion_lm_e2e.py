@@ -20,29 +20,10 @@ from orchestrator.engine import TorchEngine
 from orchestrator.metrics import read_scalars, read_tags
 from orchestrator.runner import Runner, WorkerContext
 from orchestrator.spec import RunSpec
+from tests.helpers import RecordingLogger
 
 BUCKET_TAGS = {f"val/{k}/{b}" for k in ("x0_cos", "x0_norm_ratio", "x0_acc", "input_dependence")
                for b in ("t000", "t025", "t075", "t085")}
-
-
-class RecordingLogger:
-    def __init__(self) -> None:
-        self.scalars: dict[str, list[tuple[int, float]]] = {}
-        self.texts: dict[str, list[str]] = {}
-
-    def log_scalars(self, metrics, step):  # type: ignore[no-untyped-def]
-        for k, v in metrics.items():
-            self.scalars.setdefault(k, []).append((step, v))
-
-    def log_text(self, tag, text, step):  # type: ignore[no-untyped-def]
-        self.texts.setdefault(tag, []).append(text)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:

@@ -285,22 +285,13 @@ def test_nll_samples_k_draws_are_stratified(monkeypatch: pytest.MonkeyPatch) -> 
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
-CKPT_NAME = "checkpoint_2026-01-01_00-00-00.000000"
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusion_lm run dir as `difflm train` leaves it (8 steps, no Ray)."""
-    from difflm.data import prepare_data
-    from difflm.families import build_model
-    from orchestrator.checkpoints import special_ids
-    from orchestrator.engine import TorchEngine
-    from orchestrator.runner import Runner, WorkerContext
-    from orchestrator.spec import RunSpec
+    from tests.helpers import make_run_dir
 
-    cpu = torch.device("cpu")
     root = tmp_path_factory.mktemp("dlmcli")
-    spec = RunSpec.model_validate({
+    return make_run_dir(root, "dlm", {
         "model": {"family": "diffusion_lm", "size": None, "d_model": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16,
                   "embed_dim": 16},
         "diffusion": {"sample_steps": 8, "timesteps": 200, "clamp_sampling": True},
@@ -309,20 +300,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   "checkpoint_every": 8, "num_samples": 0},
         "scaling": {"deepspeed": False, "device": "cpu"},
     })
-    data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
-    torch.manual_seed(0)
-    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
-    runner = Runner(spec, data, TorchEngine(model, spec.train, cpu), WorkerContext(0, 1, cpu))
-    for _ in range(8):
-        runner.train_step()
-    runner.last_val = runner.validate()
-    runner.best_val_nll = runner.last_val["val/nll"]
-    out = root / "dlm"
-    runner.save(out / CKPT_NAME)
-    (out / "checkpoints").mkdir()
-    for name in ("best", "last"):
-        (out / "checkpoints" / name).symlink_to(f"../{CKPT_NAME}")
-    return out
 
 
 def cli(*args: str) -> Result:
@@ -370,6 +347,8 @@ def test_cli_eval_reproduces_val_nll_and_k_draws(run_dir: Path) -> None:
     res = cli("eval", str(run_dir), "--json")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
+    from tests.helpers import CKPT_NAME
+
     trained_val = json.loads((run_dir / CKPT_NAME / "trainer_state.json").read_text())["val"]["val/nll"]
     assert abs(got["nll"] - trained_val) <= 1e-9 * max(1.0, abs(trained_val)) and "(reproduced)" in res.output
     k = cli("eval", str(run_dir), "--samples", "2", "--json")

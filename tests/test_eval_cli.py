@@ -13,16 +13,12 @@ import torch
 from click.testing import CliRunner, Result
 
 from difflm.data import prepare_data
-from difflm.families import build_model
-from orchestrator.checkpoints import resolve_checkpoint, special_ids
+from orchestrator.checkpoints import resolve_checkpoint
 from orchestrator.cli import main
 from orchestrator.engine import TorchEngine
 from orchestrator.errors import SpecError
 from orchestrator.runner import Runner, WorkerContext
-from orchestrator.spec import RunSpec
-
-CPU = torch.device("cpu")
-CKPT_NAME = "checkpoint_2026-01-01_00-00-00.000000"
+from tests.helpers import CKPT_NAME, CPU, make_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("evalcli")
     out: dict[str, Path] = {}
     for family in ("mdlm", "ar"):
-        spec = RunSpec.model_validate({
+        out[family] = make_run_dir(root, family, {
             "model": {"family": family, "size": None, "d_model": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
             "diffusion": {"sample_steps": 8},
             "data": {"source": "builtin", "seq_len": 32, "max_documents": 200, "cache_dir": str(root / "cache")},
@@ -41,20 +37,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
                       "checkpoint_every": 8, "num_samples": 0},
             "scaling": {"deepspeed": False, "device": "cpu"},
         })
-        data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
-        torch.manual_seed(0)
-        model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
-        runner = Runner(spec, data, TorchEngine(model, spec.train, CPU), WorkerContext(0, 1, CPU))
-        for _ in range(8):
-            runner.train_step()
-        runner.last_val = runner.validate()
-        runner.best_val_nll = runner.last_val["val/nll"]
-        run_dir = root / family
-        runner.save(run_dir / CKPT_NAME)
-        (run_dir / "checkpoints").mkdir()
-        for name in ("best", "last"):
-            (run_dir / "checkpoints" / name).symlink_to(f"../{CKPT_NAME}")
-        out[family] = run_dir
     yield out
     torch.set_num_threads(before)
 

@@ -14,26 +14,7 @@ from orchestrator.engine import TorchEngine, lr_lambda
 from orchestrator.metrics import MetricsLogger
 from orchestrator.runner import Runner, WorkerContext
 from orchestrator.spec import RunSpec, TrainConfig
-
-
-class RecordingLogger:
-    def __init__(self) -> None:
-        self.scalars: dict[str, list[tuple[int, float]]] = {}
-        self.texts: dict[str, list[str]] = {}
-
-    def log_scalars(self, metrics, step):  # type: ignore[no-untyped-def]
-        for k, v in metrics.items():
-            self.scalars.setdefault(k, []).append((step, v))
-
-    def log_text(self, tag, text, step):  # type: ignore[no-untyped-def]
-        self.texts.setdefault(tag, []).append(text)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
+from tests.helpers import RecordingLogger
 
 def _spec(tmp_path: Path, **train: object) -> RunSpec:
     base = {
