@@ -26,6 +26,7 @@ from difflm.families import build_model
 from orchestrator.console import TrainConsole
 from orchestrator.errors import SpecError
 from orchestrator.spec import RunSpec, spec_from_dict
+from orchestrator.yamlio import spec_yaml
 
 # The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
 # default), which throttles ray.train.report; we report only at eval points, and
@@ -92,6 +93,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     from ray.train import Checkpoint
 
+    from orchestrator.checkpoints import special_ids
     from orchestrator.engine import build_engine
     from orchestrator.metrics import NullLogger, TensorBoardLogger
     from orchestrator.runner import Runner, WorkerContext
@@ -118,7 +120,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(spec.train.seed)
     data = load_prepared(Path(config["data_dir"]))
-    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **_special_ids(data.tokenizer))
+    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
     if rank == 0:
         emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
     engine = build_engine(model, spec, device)
@@ -145,10 +147,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _special_ids(tok: Any) -> dict[str, int]:
-    return {k: getattr(tok, k) for k in ("bos_id", "eos_id", "pad_id") if getattr(tok, k, None) is not None}
-
-
 # ------------------------------------------------------------------- driver
 @dataclass
 class TrainResult:
@@ -159,13 +157,13 @@ class TrainResult:
     tensorboard_dir: Path
 
 
-def init_ray(address: str | None, *, extra_env: dict[str, str] | None = None) -> None:
+def init_ray(address: str | None) -> None:
     """Start (or join) Ray quietly; dashboard on localhost (Tune needs its state API to free stopped trials)."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {**RAY_ENV, **(extra_env or {})}
+    env = dict(RAY_ENV)
     os.environ.update(env)
     kwargs: dict[str, Any] = dict(
         log_to_driver=False,
@@ -211,6 +209,29 @@ def _link(target: Path | None, link: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
+def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole) -> tuple[Any, str, float, float]:
+    """Driver set-up shared by train and sweep: check resources, tokenize (cached), start or join Ray.
+
+    Returns (prepared data, device, CPUs, GPUs). Order keeps user errors before Ray: this machine
+    is checked before tokenizing; a cluster can only be checked after joining it. Tokenizing on
+    the driver makes data errors surface before Ray starts; workers read the cache.
+    """
+    if address is None:
+        cpus, gpus = local_resources()
+        device = resolve_device(spec.scaling.device)
+        check_resources(spec, device, cpus, gpus, "this machine")
+    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
+    init_ray(address)
+    if address is not None:
+        import ray
+
+        res = ray.cluster_resources()
+        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+        device = resolve_device(spec.scaling.device, gpus)
+        check_resources(spec, device, cpus, gpus, f"the cluster at {address}")
+    return prepared, device, cpus, gpus
+
+
 def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainConsole | None = None) -> TrainResult:
     """Prepare data, check resources, run the TorchTrainer, link best/last checkpoints, return the result."""
     console = console or TrainConsole()
@@ -219,25 +240,11 @@ def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainCon
     storage = Path(spec.output.dir).expanduser().resolve()
     run_dir = storage / name
 
-    if address is None:
-        cpus, gpus = local_resources()
-        device = resolve_device(spec.scaling.device)
-        check_resources(spec, device, cpus, gpus, "this machine")
-    # Tokenize on the driver: data errors surface before Ray starts, workers read the cache.
-    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
+    prepared, device, _, _ = prepare_and_place(spec, address, console)
     console.info(
         f"data: {len(prepared.train):,} train / {len(prepared.val):,} val blocks of {spec.data.seq_len} tokens, "
         f"vocab {prepared.tokenizer.vocab_size:,}"
     )
-    if address is None:
-        init_ray(None)
-    else:
-        import ray
-
-        init_ray(address)
-        res = ray.cluster_resources()
-        device = resolve_device(spec.scaling.device, res.get("GPU", 0.0))
-        check_resources(spec, device, res.get("CPU", 0.0), res.get("GPU", 0.0), f"the cluster at {address}")
 
     s, t = spec.scaling, spec.train
     global_batch = t.micro_batch_size * t.grad_accum * s.num_workers
@@ -246,16 +253,10 @@ def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainCon
         f"{global_batch} sequences ({global_batch * spec.data.seq_len:,} tokens) per step, {t.max_steps} steps"
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(_dump_yaml(spec))
+    (run_dir / "spec.yaml").write_text(spec_yaml(spec))
     tb_dir = run_dir / "tensorboard"
     result = _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console)
     return result
-
-
-def _dump_yaml(spec: RunSpec) -> str:
-    import yaml
-
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
 def build_trainer(

@@ -25,7 +25,6 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch import Tensor
 
 from difflm.data import PreparedData, eval_batches_per_rank, iterate_eval_batches, iterate_train_batches
@@ -34,6 +33,7 @@ from difflm.sampling.diagnostics import sample_diagnostics
 from orchestrator.engine import Engine
 from orchestrator.metrics import MetricsLogger, NullLogger
 from orchestrator.spec import RunSpec
+from orchestrator.yamlio import spec_yaml
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -215,7 +215,7 @@ class Runner:
         if self.ctx.rank != 0:
             return
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(directory / "model.safetensors"))
-        (directory / "spec.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
+        (directory / "spec.yaml").write_text(spec_yaml(self.spec))
         self.data.tokenizer.save(directory / "tokenizer")
         trainer_state = {"step": self.step, "best_val_nll": self.best_val_nll, "val": self.last_val}
         (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))

@@ -30,10 +30,10 @@ from typing import Any
 
 from difflm.data import prepare_data
 from orchestrator.errors import SpecError
-from orchestrator.launch import build_trainer, check_resources, init_ray, local_resources, resolve_device
+from orchestrator.launch import build_trainer, prepare_and_place
 from orchestrator.spec import RunSpec
 from orchestrator.sweep_spec import SweepFile, trial_raw
-from orchestrator.yamlio import validate_as
+from orchestrator.yamlio import spec_yaml, validate_as
 
 STATE_FILE = "difflm_sweep.json"
 
@@ -55,11 +55,6 @@ def trial_dirname(trial_id: str, params: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]
 
 
-def flat_params(config: dict[str, Any]) -> dict[str, Any]:
-    """Tune nests dotted keys? No: our param_space keys are the dotted paths themselves."""
-    return {k: v for k, v in config.items()}
-
-
 # ------------------------------------------------------------------- trial
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str, Any], sweep_dir: str, device: str) -> None:
     """One Tune trial: validate the sampled spec, prepare data (cached), run the inner TorchTrainer."""
@@ -67,7 +62,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     ctx = tune.get_context()
-    params = flat_params(config)
+    params = dict(config)  # the searched dotted paths (and labels) -> sampled values
     trial_dir = Path(sweep_dir) / trial_dirname(ctx.get_trial_id(), params)
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / "starts.log", "a") as f:  # one line per (re)start: resume tests read it
@@ -140,8 +135,8 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
         search_alg=search_alg,
         scheduler=scheduler,
         max_concurrent_trials=max_concurrent,
-        trial_dirname_creator=lambda t: trial_dirname(t.trial_id, flat_params(t.config)),
-        trial_name_creator=lambda t: trial_dirname(t.trial_id, flat_params(t.config)),
+        trial_dirname_creator=lambda t: trial_dirname(t.trial_id, t.config),
+        trial_name_creator=lambda t: trial_dirname(t.trial_id, t.config),
         time_budget_s=cfg.budget.time_limit_s,
     )
 
@@ -182,29 +177,15 @@ def run_sweep(
             f"or choose another folder with --set output.name=..."
         )
     base_spec = validate_as(RunSpec, sweep.base_raw(), source=spec_path)
-    if address is None:
-        cpus, gpus = local_resources()
-        device = resolve_device(base_spec.scaling.device)
-        check_resources(base_spec, device, cpus, gpus, "this machine")
     # Tokenize once on the driver (trials hit the cache); data errors stop here, before Ray.
-    prepare_data(base_spec.data, base_spec.tokenizer, log=console.info)
-    init_ray(address)
-    if address is not None:
-        import ray
-
-        res = ray.cluster_resources()
-        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-        device = resolve_device(base_spec.scaling.device, gpus)
-        check_resources(base_spec, device, cpus, gpus, f"the cluster at {address}")
+    _, device, cpus, gpus = prepare_and_place(base_spec, address, console)
     fits = fit_count(sweep, device, cpus, gpus)
     max_concurrent = min(sweep.sweep.resources.max_concurrent_trials or fits, fits)
     # Trial errors are shown in our table; keep Tune's tracebacks off the console.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.yaml").write_text(
-        __import__("yaml").safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
-    )
+    (sweep_dir / "sweep.yaml").write_text(spec_yaml(sweep))
     if not resume:
         state.write_text(
             json.dumps({"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides)}, indent=2)

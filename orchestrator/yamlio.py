@@ -68,6 +68,11 @@ def _key_lines(text: str) -> dict[str, int]:
     return out
 
 
+def spec_yaml(spec: BaseModel) -> str:
+    """A validated spec as YAML, fields in declaration order (run folders, checkpoints, sweep folders)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a","b","c"], yaml-parsed value)."""
     if "=" not in item:
