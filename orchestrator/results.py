@@ -59,12 +59,12 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _error_text(trial_dir: Path, trial: Any) -> str | None:
-    for name in ("error.txt",):
-        p = trial_dir / name
-        if p.exists():
-            lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
-            useful = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))]
-            return (useful or lines or ["unknown error"])[-1][:300]
+    """The last informative line of the trial's error.txt (Tune writes the traceback there)."""
+    p = trial_dir / "error.txt"
+    if p.exists():
+        lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
+        useful = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))]
+        return (useful or lines or ["unknown error"])[-1][:300]
     msg = getattr(trial, "error_msg", None)
     return str(msg).strip().splitlines()[-1][:300] if msg else None
 

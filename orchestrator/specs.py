@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SpecError
-from orchestrator.yamlio import apply_overrides, read_yaml, validate_as
+from orchestrator.yamlio import read_yaml
 
 
 def validate_file(path: Path, overrides: list[str]) -> str:
@@ -17,10 +17,9 @@ def validate_file(path: Path, overrides: list[str]) -> str:
 
         load_sweep_file(str(path), overrides)
         return "sweep"
-    raw = apply_overrides(raw, overrides, source=str(path))
-    from orchestrator.spec import RunSpec
+    from orchestrator.spec import load_run_spec
 
-    validate_as(RunSpec, raw, source=str(path))
+    load_run_spec(path, overrides)
     return "run"
 
 
