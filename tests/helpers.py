@@ -1,4 +1,5 @@
-"""Scaffolding shared by tests: a recording metrics logger and run dirs trained in-process (no Ray)."""
+"""Scaffolding shared by tests: random init of zero-initialised layers, a recording metrics logger and
+run dirs trained in-process (no Ray)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,23 @@ import torch
 
 from difflm.data import prepare_data
 from difflm.families import build_model
-from orchestrator.checkpoints import special_ids
-from orchestrator.engine import TorchEngine
-from orchestrator.runner import Runner, WorkerContext
-from orchestrator.spec import RunSpec
+from orchestrator.train.checkpoints import special_ids
+from orchestrator.train.engine import TorchEngine
+from orchestrator.train.runner import Runner, WorkerContext
+from orchestrator.spec.run import RunSpec
 
 CPU = torch.device("cpu")
 CKPT_NAME = "checkpoint_2026-01-01_00-00-00.000000"
+
+
+def randomize_zero_init(model: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> None:
+    """Give the zero-initialised layers (adaLN modulation, output) random values, so a fresh model's
+    predictions depend on its input (at init they are constant by design)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.all(p == 0):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 class RecordingLogger:

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from difflm.families import build_model
-from difflm.families.ar import AR
+from difflm.families.ar.model import AR
 from difflm.families.config import DiffusionConfig
 from difflm.models import Backbone, ModelConfig
+from tests.helpers import randomize_zero_init
 
 V, L = 20, 16
 
@@ -19,11 +20,7 @@ V, L = 20, 16
 def make(bos_id: int | None = None) -> AR:
     torch.manual_seed(0)
     m = AR(Backbone(V, V, d_model=32, n_layers=2, n_heads=4, cond_dim=16, causal=True), V, bos_id=bos_id)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_zero_init(m)
     return m
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from difflm.families import build_model
 from difflm.families.config import DiffusionConfig
 from difflm.models import SIZE_PRESETS, Backbone, ModelConfig
+from tests.helpers import randomize_zero_init
 
 V_IN, V_OUT, L = 20, 23, 16
 
@@ -16,15 +17,6 @@ V_IN, V_OUT, L = 20, 23, 16
 def tiny(causal: bool = False, dropout: float = 0.0) -> Backbone:
     torch.manual_seed(0)
     return Backbone(V_IN, V_OUT, d_model=32, n_layers=2, n_heads=4, cond_dim=16, dropout=dropout, causal=causal)
-
-
-def randomize_zero_init(model: nn.Module, seed: int = 0) -> None:
-    """Give the zero-initialised (adaLN, output) weights random values so outputs depend on everything."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def ids(batch: int = 2, length: int = L, seed: int = 0) -> torch.Tensor:
@@ -44,7 +36,7 @@ def test_shapes_and_zero_init_output() -> None:
 
 def test_time_conditioning_on_and_off() -> None:
     m = tiny()
-    randomize_zero_init(m)
+    randomize_zero_init(m, seed=0)
     x = ids()
     a = m(x, torch.full((2,), 0.1))
     b = m(x, torch.full((2,), 3.0))
@@ -59,7 +51,7 @@ def test_time_conditioning_on_and_off() -> None:
 
 def test_forward_embeddings_matches_forward() -> None:
     m = tiny()
-    randomize_zero_init(m)
+    randomize_zero_init(m, seed=0)
     x, sigma = ids(), torch.tensor([0.3, 1.2])
     c = m.condition(sigma, 2, x.device)
     assert c.shape == (2, 16)
@@ -70,7 +62,7 @@ def test_forward_embeddings_matches_forward() -> None:
 @pytest.mark.parametrize("causal", [False, True])
 def test_causality(causal: bool) -> None:
     m = tiny(causal=causal)
-    randomize_zero_init(m)
+    randomize_zero_init(m, seed=0)
     x = ids(1)
     y = x.clone()
     y[0, 10] = (x[0, 10] + 1) % V_IN
@@ -85,7 +77,7 @@ def test_causality(causal: bool) -> None:
 
 def test_dropout_only_in_training() -> None:
     m = tiny(dropout=0.5)
-    randomize_zero_init(m)
+    randomize_zero_init(m, seed=0)
     x = ids()
     m.train()
     assert (m(x) - m(x)).abs().max() > 1e-4

@@ -13,11 +13,12 @@ from torch import Tensor, nn
 
 from difflm.families import build_model, family_names, get_family
 from difflm.families.config import DiffusionConfig
-from difflm.families.diffusion_lm import DiffusionLM
-from difflm.families.diffusion_lm_eval import BUCKETS, bucket_name, input_dependence
-from difflm.gaussian import GAUSSIAN_SCHEDULES, get_gaussian_schedule
+from difflm.families.diffusion_lm.model import DiffusionLM
+from difflm.families.diffusion_lm.diagnostics import BUCKETS, bucket_name, input_dependence
+from difflm.families.diffusion_lm.gaussian import GAUSSIAN_SCHEDULES, get_gaussian_schedule
 from difflm.models import ModelConfig
-from difflm.models.denoiser import DiTDenoiser
+from difflm.families.diffusion_lm.denoiser import DiTDenoiser
+from tests.helpers import randomize_zero_init
 
 V, E, L = 40, 16, 16
 SENTENCES = [
@@ -50,11 +51,7 @@ def make(
         antithetic=antithetic,
     )
     if randomize:  # zero-initialised output/adaLN layers -> random, so x0_hat depends on the input
-        g = gen(1)
-        with torch.no_grad():
-            for p in m.parameters():
-                if torch.all(p == 0):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        randomize_zero_init(m)
     return m
 
 
@@ -116,7 +113,7 @@ def test_registered_with_schedules_and_backbones() -> None:
 
 
 def test_build_model_and_spec_validation() -> None:
-    from orchestrator.spec import RunSpec
+    from orchestrator.spec.run import RunSpec
 
     cfg = ModelConfig(family="diffusion_lm", size="tiny", embed_dim=32)
     m = build_model(cfg, DiffusionConfig(schedule="cosine", timesteps=500, clamp_sampling=True), 259, bos_id=256)
@@ -377,7 +374,7 @@ def bart_cfg(**kw: object) -> ModelConfig:
 
 
 def test_bart_backbone_builds_and_trains(tmp_path: Path) -> None:
-    from difflm.models.bart import BartDenoiser
+    from difflm.families.diffusion_lm.bart import BartDenoiser
 
     torch.manual_seed(0)
     m = build_model(bart_cfg(), DiffusionConfig(schedule="sqrt"), 64)

@@ -16,10 +16,10 @@ import torch
 
 from difflm.data import prepare_data
 from difflm.families import build_model
-from orchestrator.engine import TorchEngine
-from orchestrator.metrics import read_scalars, read_tags
-from orchestrator.runner import Runner, WorkerContext
-from orchestrator.spec import RunSpec
+from orchestrator.train.engine import TorchEngine
+from orchestrator.train.metrics import read_scalars, read_tags
+from orchestrator.train.runner import Runner, WorkerContext
+from orchestrator.spec.run import RunSpec
 from tests.helpers import RecordingLogger
 
 BUCKET_TAGS = {f"val/{k}/{b}" for k in ("x0_cos", "x0_norm_ratio", "x0_acc", "input_dependence")

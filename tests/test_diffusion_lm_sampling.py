@@ -15,11 +15,12 @@ import torch
 from click.testing import CliRunner, Result
 from torch import Tensor, nn
 
-from difflm.families.diffusion_lm import ContinuousDenoiseResult, DiffusionLM
-from difflm.gaussian import get_gaussian_schedule, posterior_coefs
-from difflm.models.denoiser import DiTDenoiser
+from difflm.families.diffusion_lm.model import ContinuousDenoiseResult, DiffusionLM
+from difflm.families.diffusion_lm.gaussian import get_gaussian_schedule, posterior_coefs
+from difflm.families.diffusion_lm.denoiser import DiTDenoiser
 from difflm.sampling import SampleOptions, SamplingError, get_sampler
-from difflm.sampling.dlm_samplers import step_coefs
+from difflm.families.diffusion_lm.samplers import step_coefs
+from tests.helpers import randomize_zero_init
 
 V, E = 40, 16
 SENTENCES = [
@@ -47,11 +48,7 @@ def make(T: int = 200, clamp_sampling: bool = False) -> DiffusionLM:
     """A random tiny model (zero-initialised layers randomised, so x0_hat depends on the input)."""
     torch.manual_seed(0)
     m = DiffusionLM(DiTDenoiser(E, 32, 2, 4, 16), V, E, get_gaussian_schedule("sqrt", T), clamp_sampling=clamp_sampling)
-    g = gen(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_zero_init(m)
     return m.eval()
 
 

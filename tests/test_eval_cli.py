@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner, Result
 
 from difflm.data import prepare_data
-from orchestrator.checkpoints import resolve_checkpoint
+from orchestrator.train.checkpoints import resolve_checkpoint
 from orchestrator.cli import main
-from orchestrator.engine import TorchEngine
+from orchestrator.train.engine import TorchEngine
 from orchestrator.errors import SpecError
-from orchestrator.runner import Runner, WorkerContext
+from orchestrator.train.runner import Runner, WorkerContext
 from tests.helpers import CKPT_NAME, CPU, make_run_dir
 
 
@@ -203,7 +203,7 @@ def test_eval_emulates_multi_worker_validation(runs: dict[str, Path], tmp_path: 
 
     import yaml
 
-    from orchestrator.checkpoints import load_checkpoint
+    from orchestrator.train.checkpoints import load_checkpoint
 
     ckpt_dir = tmp_path / "two-workers"
     shutil.copytree(runs["mdlm"] / CKPT_NAME, ckpt_dir)

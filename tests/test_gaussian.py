@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from difflm.gaussian import GAUSSIAN_SCHEDULES, MAX_BETA, GaussianSchedule, get_gaussian_schedule, posterior_coefs
+from difflm.families.diffusion_lm.gaussian import GAUSSIAN_SCHEDULES, MAX_BETA, GaussianSchedule, get_gaussian_schedule, posterior_coefs
 
 
 @pytest.mark.parametrize("name", GAUSSIAN_SCHEDULES)

@@ -10,9 +10,10 @@ from torch import nn
 
 from difflm.families import build_model, family_names, get_family
 from difflm.families.config import DiffusionConfig
-from difflm.families.mdlm import MDLM
+from difflm.families.mdlm.model import MDLM
 from difflm.models import Backbone, ModelConfig
 from difflm.schedules import MDLM_SCHEDULES, get_schedule
+from tests.helpers import randomize_zero_init
 
 V, L = 20, 16
 
@@ -35,11 +36,7 @@ def make(
         antithetic=antithetic,
     )
     if randomize:  # zero-init layers -> random, so predictions depend on the input
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in m.parameters():
-                if torch.all(p == 0):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        randomize_zero_init(m)
     return m
 
 

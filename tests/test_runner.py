@@ -10,10 +10,10 @@ import torch
 
 from difflm.data import prepare_data
 from difflm.families import build_model
-from orchestrator.engine import TorchEngine, lr_lambda
-from orchestrator.metrics import MetricsLogger
-from orchestrator.runner import Runner, WorkerContext
-from orchestrator.spec import RunSpec, TrainConfig
+from orchestrator.train.engine import TorchEngine, lr_lambda
+from orchestrator.train.metrics import MetricsLogger
+from orchestrator.train.runner import Runner, WorkerContext
+from orchestrator.spec.run import RunSpec, TrainConfig
 from tests.helpers import RecordingLogger
 
 def _spec(tmp_path: Path, **train: object) -> RunSpec:

@@ -17,9 +17,9 @@ from difflm.sampling.diagnostics import (
     repeated_ngram_rate,
     sample_diagnostics,
 )
-from orchestrator.engine import TorchEngine
-from orchestrator.runner import Runner, WorkerContext
-from orchestrator.spec import RunSpec
+from orchestrator.train.engine import TorchEngine
+from orchestrator.train.runner import Runner, WorkerContext
+from orchestrator.spec.run import RunSpec
 
 DIVERSE = [
     "The quick brown fox jumps over the lazy dog near the river bank today.",

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from difflm.data.tokenization import ByteTokenizer
-from difflm.families.ar import AR
-from difflm.families.mdlm import MDLM
+from difflm.families.ar.model import AR
+from difflm.families.mdlm.model import MDLM
 from difflm.models import Backbone
 from difflm.sampling import SampleOptions, SamplingError, adjust_log_probs, build_template, get_sampler, parse_prompt
-from difflm.sampling.mdlm_samplers import analytic_transition, window_starts
+from difflm.families.mdlm.samplers import analytic_transition, window_starts
 from difflm.schedules import get_schedule
+from tests.helpers import randomize_zero_init
 
 V = 20
 
@@ -28,20 +29,11 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _randomize(m: torch.nn.Module) -> None:
-    """Zero-initialised layers -> random, so predictions depend on the input."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def mdlm(time_conditioning: bool = False, vocab: int = V) -> MDLM:
     torch.manual_seed(0)
     m = MDLM(Backbone(vocab + 1, vocab + 1, d_model=32, n_layers=2, n_heads=4, cond_dim=16), vocab,
              get_schedule("loglinear"), time_conditioning=time_conditioning)
-    _randomize(m)
+    randomize_zero_init(m, scale=0.3)
     return m.eval()
 
 
@@ -49,7 +41,7 @@ def ar(bos_id: int | None = 0, vocab: int = V) -> AR:
     torch.manual_seed(0)
     b = Backbone(vocab, vocab, d_model=32, n_layers=2, n_heads=4, cond_dim=16, causal=True)
     m = AR(b, vocab, bos_id=bos_id)
-    _randomize(m)
+    randomize_zero_init(m, scale=0.3)
     return m.eval()
 
 

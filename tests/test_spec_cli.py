@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
-from orchestrator.spec import RunSpec, load_run_spec
+from orchestrator.spec.run import RunSpec, load_run_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
-from orchestrator.results import expected_trials
-from orchestrator.spec import RunSpec
-from orchestrator.sweep import fit_count, trial_dirname
-from orchestrator.sweep_spec import load_sweep_file, trial_raw
+from orchestrator.sweep.results import expected_trials
+from orchestrator.spec.run import RunSpec
+from orchestrator.sweep.driver import fit_count, trial_dirname
+from orchestrator.sweep.spec import load_sweep_file, trial_raw
 
 BASE = """
 model: {family: mdlm, size: tiny}

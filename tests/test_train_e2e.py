@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.metrics import read_scalars, read_tags
+from orchestrator.train.metrics import read_scalars, read_tags
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,10 @@
 """Registry of model families: name -> FamilySpec (builder + allowed schedules).
 
-Adding a family is one ``register_family`` call in its module; the trainer, the spec
-validation and the CLI discover it here.
+Adding a family is one package under ``difflm/families/<name>/`` whose ``__init__`` calls
+``register_family``, plus its import in ``difflm/families/__init__.py``; the trainer, the
+spec validation and the CLI discover it here. Importing any ``difflm.families.*`` module
+imports the package first, which registers the built-in families, so the registry is never
+seen empty.
 """
 
 from __future__ import annotations
@@ -54,19 +57,12 @@ def register_family(spec: FamilySpec) -> FamilySpec:
     return spec
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers the built-in families.
-    import difflm.families  # noqa: F401
-
-
 def family_names() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def get_family(name: str) -> FamilySpec:
     """The spec of family ``name``; a KeyError that names the closest valid one otherwise."""
-    _ensure_loaded()
     try:
         return _REGISTRY[name]
     except KeyError:

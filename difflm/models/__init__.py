@@ -2,15 +2,12 @@
 
 from difflm.models.backbone import Backbone, DiTBlock, FinalLayer, TimestepEmbedder
 from difflm.models.config import SIZE_PRESETS, ModelConfig
-from difflm.models.denoiser import DiTDenoiser, TimeConditioner
 
 __all__ = [
     "Backbone",
     "DiTBlock",
     "FinalLayer",
     "TimestepEmbedder",
-    "DiTDenoiser",
-    "TimeConditioner",
     "ModelConfig",
     "SIZE_PRESETS",
 ]

@@ -1,9 +1,8 @@
-"""`difflm bench`: measurements that belong in docs/benchmarks.md, never in timed tests.
+"""`difflm bench asha`: the compute ASHA saves on a sweep file (for docs/benchmarks.md, never a timed test).
 
     difflm bench asha sweeps/noise_schedules.yaml --set sweep.budget.max_steps=200
-    difflm bench sampling runs/quickstart --steps 1000 --length 128
 
-``asha`` runs one sweep file twice in one Ray session — once as written (ASHA) and
+It runs one sweep file twice in one Ray session — once as written (ASHA) and
 once with ``sweep.scheduler.kind=none`` — and reports the compute ASHA saved (optimizer
 steps and tokens over all trials, and trial wall time) and whether both runs pick the
 same best configuration. It prints a markdown block to paste into docs/benchmarks.md.
@@ -14,15 +13,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
-import click
-
 
 def _sweep_totals(sweep_dir: Path) -> dict[str, Any]:
-    from orchestrator.results import collect
+    from orchestrator.sweep.results import collect
 
     meta, trials = collect(sweep_dir)
     tokens_per_step = (
@@ -47,20 +43,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@click.group()
-def bench() -> None:
-    """Benchmarks (results go to docs/benchmarks.md)."""
-
-
-@bench.command()
-@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field of the sweep file.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"), show_default=True)
-def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
-    """Compute ASHA saves on SWEEP_FILE against running every trial to the full budget."""
-    from orchestrator.console import TrainConsole
-    from orchestrator.sweep import run_sweep
-    from orchestrator.sweep_spec import load_sweep_file
+def asha_report(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> str:
+    """Run SWEEP_FILE with ASHA and at full budget; return the markdown block for docs/benchmarks.md."""
+    from orchestrator.train.console import TrainConsole
+    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.sweep.spec import load_sweep_file
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     console = TrainConsole()
@@ -96,13 +83,4 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
         "",
         "Full-budget ranking: " + "; ".join(f"{p} {m:.4f}" for p, m in f["ranking"] if m is not None),
     ]
-    click.echo("\n".join(lines))
-
-
-@bench.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def sampling(ctx: click.Context) -> None:
-    """ddpm_cache vs ddpm side by side (arguments as `python -m orchestrator.bench_sampling -h`)."""
-    from orchestrator.bench_sampling import main as bench_main
-
-    sys.exit(bench_main(list(ctx.args)))
+    return "\n".join(lines)

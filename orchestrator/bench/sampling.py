@@ -1,6 +1,6 @@
 """Benchmark: ``ddpm_cache`` against ``ddpm`` on one checkpoint, side by side in one process.
 
-    python -m orchestrator.bench_sampling runs/quickstart --steps 1000 --length 128 --num 1 --num 4
+    python -m orchestrator.bench.sampling runs/quickstart --steps 1000 --length 128 --num 1 --num 4
 
 For each batch size the two samplers run with the same seed, alternating order over
 ``--repeats`` rounds (so drifting machine load hits both alike); the best wall time of each
@@ -17,21 +17,21 @@ import time
 
 import torch
 
+from orchestrator.devices import synchronize
+
 
 def _time_one(sampler, options, seed: int, device: torch.device):  # type: ignore[no-untyped-def]
-    from orchestrator.eval_cli import _sync
-
     gen = torch.Generator(device=device).manual_seed(seed)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         out = sampler(options, gen)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start, out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.bench_sampling", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.bench.sampling", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--length", type=int, default=128)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from difflm.sampling import SampleOptions, get_sampler
-    from orchestrator.checkpoints import load_checkpoint
+    from orchestrator.train.checkpoints import load_checkpoint
     from orchestrator.errors import SpecError
 
     if args.threads:

@@ -8,7 +8,7 @@
     difflm denoise runs/q --text "The capital of India is New Delhi." --t 0.1,0.5,0.9
 
 Every command takes a run dir, RUN_DIR/best or RUN_DIR/last, or a checkpoint folder
-(:mod:`orchestrator.checkpoints`). Bad input exits 2 with one line. Samplers, the NLL
+(:mod:`orchestrator.train.checkpoints`). Bad input exits 2 with one line. Samplers, the NLL
 bound and the denoising all come from the family (``Family.samplers``, ``forward`` /
 ``nll_samples``, ``denoise``): nothing here branches on the family's name.
 """
@@ -24,27 +24,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
+from orchestrator.cli.common import DEVICES, user_errors
+from orchestrator.devices import synchronize
+
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
     from difflm.data import Tokenizer
-    from orchestrator.checkpoints import LoadedCheckpoint
+    from orchestrator.train.checkpoints import LoadedCheckpoint
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """orchestrator.cli's ``_user_errors`` (one line, exit 2), imported late so this module and cli import each other freely."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from orchestrator.cli import _user_errors as user_errors
-
-        return user_errors(_as_spec_errors(fn))(*args, **kwargs)
-
-    return wrapper
 
 
 def _as_spec_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,18 +53,9 @@ def _as_spec_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(checkpoint: str, device: str) -> LoadedCheckpoint:
-    from orchestrator.checkpoints import load_checkpoint
+    from orchestrator.train.checkpoints import load_checkpoint
 
     return load_checkpoint(checkpoint, device)
-
-
-def _sync(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _indent(text: str) -> str:
@@ -99,7 +79,8 @@ def _indent(text: str) -> str:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass (not diffusion_lm: no categorical draw).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the samples and settings as JSONL.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@_user_errors
+@user_errors
+@_as_spec_errors
 def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, length: int | None, block: int | None,
            remasking: str, prompt: str | None, seed: int, temperature: float, top_p: float, out: Path | None,
            device: str) -> None:
@@ -130,11 +111,11 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     options.validate()
     gen = torch.Generator(device=ckpt.device).manual_seed(seed)
 
-    _sync(ckpt.device)
+    synchronize(ckpt.device)
     start = time.perf_counter()
     with torch.no_grad():
         result = fn(options, gen)  # bad option combinations raise here, before anything is printed
-    _sync(ckpt.device)
+    synchronize(ckpt.device)
     elapsed = time.perf_counter() - start
     click.echo(f"checkpoint  {ckpt.describe()}")
     click.echo(
@@ -269,7 +250,8 @@ def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_co
 @click.option("--max-documents", type=click.IntRange(min=2), help="Read at most this many documents of --data.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line on stdout (the readable report moves to stderr).")
-@_user_errors
+@user_errors
+@_as_spec_errors
 def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, batch_size: int | None,
              max_batches: int | None, seed: int | None, hf_config: str | None, hf_split: str, text_field: str,
              max_documents: int | None, device: str, as_json: bool) -> None:
@@ -420,7 +402,8 @@ def _fmt_metric(v: float) -> str:
 @click.option("--steps", default=0, show_default=True, type=click.IntRange(min=0), help="0: one-shot reconstruction (mdlm: argmax of p(x0|x_t); diffusion_lm: x0_hat rounded); N: the family's sampler from t in N steps.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the corruption (the same seed nests the corruptions: what t=0.1 hides, t=0.5 hides too).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@_user_errors
+@user_errors
+@_as_spec_errors
 def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, device: str) -> None:
     """Corrupt --text at each noise level and show corruption and reconstruction with token accuracy."""
     import torch

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import click
 
+from orchestrator.cli.common import user_errors
 from orchestrator.errors import SpecError
 
 
 def _finish(sweep_dir: Path) -> bool:
     """Print the ranked table and paths; return True when every expected trial has finished."""
-    from orchestrator.results import expected_trials, load_sweep_meta, report
+    from orchestrator.sweep.results import expected_trials, load_sweep_meta, report
 
     table, trials = report(sweep_dir)
     meta = load_sweep_meta(sweep_dir)
@@ -33,11 +34,11 @@ def _finish(sweep_dir: Path) -> bool:
 
 
 def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
-    from orchestrator.sweep_spec import load_sweep_file
+    from orchestrator.sweep.spec import load_sweep_file
 
     sweep = load_sweep_file(str(spec_file), overrides)
-    from orchestrator.console import TrainConsole
-    from orchestrator.sweep import run_sweep, sweep_dir_for
+    from orchestrator.train.console import TrainConsole
+    from orchestrator.sweep.driver import run_sweep, sweep_dir_for
 
     console = TrainConsole()
     sweep_dir = sweep_dir_for(sweep, str(spec_file))
@@ -63,6 +64,7 @@ def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field of the sweep file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted or killed sweep in its folder.")
 @click.option("--address", help="Join an existing Ray cluster instead of starting one.")
+@user_errors
 def sweep(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
     """Run a Ray Tune sweep described by SPEC_FILE (a run spec plus a `sweep:` section)."""
     _run(spec_file, overrides, resume, address)
@@ -71,6 +73,7 @@ def sweep(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: st
 @click.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--address", help="Join an existing Ray cluster instead of starting one.")
+@user_errors
 def resume(sweep_dir: Path, address: str | None) -> None:
     """Continue the sweep in SWEEP_DIR (same as `difflm sweep SPEC --resume`)."""
     state = sweep_dir / "difflm_sweep.json"
@@ -87,6 +90,7 @@ def resume(sweep_dir: Path, address: str | None) -> None:
 
 @click.command()
 @click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@user_errors
 def results(sweep_dir: Path) -> None:
     """Print the ranked results table of SWEEP_DIR and rewrite its CSV/JSON/plots."""
     _finish(sweep_dir.resolve())

@@ -1,8 +1,6 @@
-"""The ``difflm`` command line.
+"""`difflm train` and `difflm tensorboard`: run a spec as a Ray Train job and watch it.
 
     difflm train sweeps/runs/quickstart.yaml --set train.max_steps=200
-    difflm validate sweeps/*.yaml sweeps/runs/*.yaml
-    difflm schema > spec.schema.json
     difflm tensorboard runs/
 
 Bad input (spec, overrides, data, resources) prints one message and exits 2,
@@ -11,51 +9,28 @@ before Ray starts; a failure inside training exits 1 with the worker's error.
 
 from __future__ import annotations
 
-import functools
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
+from orchestrator.cli.common import user_errors
 from orchestrator.errors import SpecError
 
 
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map the errors a user can fix to one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from difflm.data import DataError
-
-        try:
-            return fn(*args, **kwargs)
-        except (SpecError, DataError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="difflm")
-def main() -> None:
-    """difflm: train, sweep and compare text diffusion language models."""
-
-
-@main.command()
+@click.command()
 @click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec field, e.g. train.lr=1e-3.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Parent folder for the run (output.dir).")
 @click.option("--name", help="Run folder name (output.name).")
 @click.option("--address", help="Join an existing Ray cluster (e.g. 10.0.0.1:6379 or 'auto') instead of starting one.")
-@_user_errors
+@user_errors
 def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, address: str | None) -> None:
     """Train the run described by SPEC_FILE as a Ray Train + DeepSpeed job."""
-    from orchestrator.spec import load_run_spec
+    from orchestrator.spec.run import load_run_spec
 
     extra = list(overrides)
     if output is not None:
@@ -64,8 +39,8 @@ def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name
         extra.append(f"output.name={name}")
     spec = load_run_spec(spec_file, extra)
 
-    from orchestrator.console import TrainConsole
-    from orchestrator.launch import launch_train
+    from orchestrator.train.console import TrainConsole
+    from orchestrator.train.launch import launch_train
 
     console = TrainConsole()
     try:
@@ -114,35 +89,7 @@ def _print_summary(result: Any) -> None:
     click.echo("\n".join(lines))  # the result goes to stdout; progress went to stderr
 
 
-@main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Apply overrides before validating.")
-def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
-    """Check spec files (run or sweep); print each problem, exit 2 if any file is bad."""
-    from orchestrator.specs import validate_file
-
-    bad = 0
-    for f in files:
-        try:
-            kind = validate_file(f, list(overrides))
-            click.echo(f"ok: {f} ({kind} spec)")
-        except SpecError as exc:
-            bad += 1
-            click.echo(f"error: {exc}", err=True)
-    if bad:
-        sys.exit(2)
-
-
-@main.command()
-@click.option("--sweep", is_flag=True, help="Print the sweep-file schema instead of the run spec's.")
-def schema(sweep: bool) -> None:
-    """Print the JSON Schema of the run spec (for editor completion)."""
-    from orchestrator.specs import json_schema
-
-    click.echo(json.dumps(json_schema(sweep=sweep), indent=2))
-
-
-@main.command()
+@click.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--port", default=6006, show_default=True, help="Port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
@@ -154,20 +101,3 @@ def tensorboard(directory: Path, port: int, host: str) -> None:
         subprocess.run([exe, "--logdir", str(directory), "--port", str(port), "--host", host], check=False)
     except KeyboardInterrupt:
         pass
-
-
-# ---- commands defined in other modules (kept out of this file to keep it small) ----
-from orchestrator import sweep_cli  # noqa: E402
-from orchestrator.bench import bench  # noqa: E402
-from orchestrator.eval_cli import denoise, eval_cmd, sample  # noqa: E402
-
-for _cmd in (sample, eval_cmd, denoise):
-    main.add_command(_cmd)
-for _cmd in (sweep_cli.sweep, sweep_cli.resume, sweep_cli.results, *bench.commands.values()):
-    _cmd.callback = _user_errors(_cmd.callback)
-for _cmd in (sweep_cli.sweep, sweep_cli.resume, sweep_cli.results, bench):
-    main.add_command(_cmd)
-
-
-if __name__ == "__main__":
-    main()

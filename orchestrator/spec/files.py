@@ -6,18 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SpecError
-from orchestrator.yamlio import read_yaml
+from orchestrator.spec.yamlio import read_yaml
 
 
 def validate_file(path: Path, overrides: list[str]) -> str:
     """Validate one file; return its kind ("run" or "sweep"); SpecError on any problem."""
     raw = read_yaml(path)
     if "sweep" in raw:
-        from orchestrator.sweep_spec import load_sweep_file
+        from orchestrator.sweep.spec import load_sweep_file
 
         load_sweep_file(str(path), overrides)
         return "sweep"
-    from orchestrator.spec import load_run_spec
+    from orchestrator.spec.run import load_run_spec
 
     load_run_spec(path, overrides)
     return "run"
@@ -25,10 +25,10 @@ def validate_file(path: Path, overrides: list[str]) -> str:
 
 def json_schema(sweep: bool = False) -> dict[str, Any]:
     if sweep:
-        from orchestrator.sweep_spec import SweepFile
+        from orchestrator.sweep.spec import SweepFile
 
         return SweepFile.model_json_schema()
-    from orchestrator.spec import RunSpec
+    from orchestrator.spec.run import RunSpec
 
     return RunSpec.model_json_schema()
 

@@ -21,7 +21,7 @@ from difflm.families.config import DiffusionConfig
 from difflm.families.registry import family_names, get_family
 from difflm.models.config import ModelConfig
 from orchestrator.errors import SpecError
-from orchestrator.yamlio import apply_overrides, read_yaml, validate_as
+from orchestrator.spec.yamlio import apply_overrides, read_yaml, validate_as
 
 
 class TrainConfig(StrictModel):

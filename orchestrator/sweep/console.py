@@ -14,9 +14,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestrator.sweep_spec import SweepFile
+from orchestrator.sweep.spec import SweepFile
 
-#: the driver's console (orchestrator.console.TrainConsole); set by `difflm sweep`
+#: the driver's console (orchestrator.train.console.TrainConsole); set by `difflm sweep`
 ACTIVE: dict[str, Any] = {}
 
 

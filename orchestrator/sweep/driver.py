@@ -30,10 +30,10 @@ from typing import Any
 
 from difflm.data import prepare_data
 from orchestrator.errors import SpecError
-from orchestrator.launch import build_trainer, prepare_and_place
-from orchestrator.spec import RunSpec
-from orchestrator.sweep_spec import SweepFile, trial_raw
-from orchestrator.yamlio import spec_yaml, validate_as
+from orchestrator.train.launch import build_trainer, prepare_and_place
+from orchestrator.spec.run import RunSpec
+from orchestrator.sweep.spec import SweepFile, trial_raw
+from orchestrator.spec.yamlio import spec_yaml, validate_as
 
 STATE_FILE = "difflm_sweep.json"
 

@@ -18,8 +18,8 @@ from pydantic import Field, model_validator
 
 from difflm._config import StrictModel
 from orchestrator.errors import SpecError
-from orchestrator.spec import RunSpec
-from orchestrator.yamlio import apply_overrides, read_yaml, set_path, suggest, valid_paths, validate_as
+from orchestrator.spec.run import RunSpec
+from orchestrator.spec.yamlio import apply_overrides, read_yaml, set_path, suggest, valid_paths, validate_as
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform", "qloguniform", "qrandint")
 

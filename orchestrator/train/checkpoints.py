@@ -22,10 +22,11 @@ import torch
 
 from difflm.data import Tokenizer, load_tokenizer
 from difflm.families import Family, build_model
+from orchestrator.devices import local_device
 from orchestrator.errors import SpecError
-from orchestrator.spec import RunSpec, spec_from_dict
+from orchestrator.spec.run import RunSpec, spec_from_dict
 
-__all__ = ["LoadedCheckpoint", "resolve_checkpoint", "resolve_device", "load_checkpoint", "special_ids"]
+__all__ = ["LoadedCheckpoint", "resolve_checkpoint", "load_checkpoint", "special_ids"]
 
 WEIGHTS = "model.safetensors"
 NAMES = ("best", "last")
@@ -93,21 +94,6 @@ def resolve_checkpoint(ref: str | Path) -> Path:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda, then mps, then cpu; SpecError for a device this machine lacks."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SpecError("--device cuda: no CUDA device is visible here; use --device cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise SpecError("--device mps: MPS is not available here; use --device cpu (or auto)")
-    return torch.device(name)
-
-
 def special_ids(tok: Tokenizer) -> dict[str, int]:
     """The tokenizer's bos/eos/pad ids as build_model keywords (as the trainer passes them)."""
     return {k: getattr(tok, k) for k in ("bos_id", "eos_id", "pad_id") if getattr(tok, k, None) is not None}
@@ -120,7 +106,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "auto") -> Loa
     import yaml
 
     path = resolve_checkpoint(ref)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = device if isinstance(device, torch.device) else local_device(device)
     spec_file = path / "spec.yaml"
     if not spec_file.is_file():
         raise SpecError(f"{path} has {WEIGHTS} but no spec.yaml; it was not written by `difflm train`")

@@ -1,6 +1,6 @@
 """Training engines: DeepSpeed where it runs, plain PyTorch otherwise (Apple MPS, or by choice).
 
-Both expose the same small surface, so :class:`orchestrator.runner.Runner` never
+Both expose the same small surface, so :class:`orchestrator.train.runner.Runner` never
 branches on the backend:
 
     out = engine.forward(tokens, valid)      # LossOutput
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from difflm.families.base import Family, LossOutput
-from orchestrator.spec import RunSpec, TrainConfig
+from orchestrator.spec.run import RunSpec, TrainConfig
 
 
 def lr_lambda(train: TrainConfig):

@@ -4,7 +4,7 @@ Flow: the driver validates the spec, tokenizes (cached) so errors surface before
 Ray starts, checks resources, starts/joins Ray, then runs ``TorchTrainer`` with
 :func:`train_fn_per_worker` on ``scaling.num_workers`` workers. Each worker builds
 the family, wraps it in DeepSpeed (plain torch on MPS) and hands the loop to
-:class:`orchestrator.runner.Runner`. Rank 0 writes TensorBoard and sends progress
+:class:`orchestrator.train.runner.Runner`. Rank 0 writes TensorBoard and sends progress
 events through a Ray queue to the driver's console.
 """
 
@@ -14,19 +14,19 @@ import json
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from difflm.data import load_prepared, prepare_data
-from difflm.families import build_model
-from orchestrator.console import TrainConsole
+from difflm.data import prepare_data
+from orchestrator.train.console import TrainConsole
+from orchestrator.devices import resolve_device
 from orchestrator.errors import SpecError
-from orchestrator.spec import RunSpec, spec_from_dict
-from orchestrator.yamlio import spec_yaml
+from orchestrator.spec.run import RunSpec
+from orchestrator.train.worker import train_fn_per_worker
+from orchestrator.spec.yamlio import spec_yaml
 
 # The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
 # default), which throttles ray.train.report; we report only at eval points, and
@@ -42,17 +42,6 @@ RAY_ENV = {
 
 
 # ---------------------------------------------------------------- resources
-def resolve_device(requested: str, cluster_gpus: float | None = None) -> str:
-    """auto -> cuda if GPUs exist (locally or in the cluster), else mps, else cpu."""
-    if requested != "auto":
-        return requested
-    if (cluster_gpus or 0) > 0 or torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def check_resources(spec: RunSpec, device: str, cpus: float, gpus: float, where: str) -> None:
     """SpecError when the machine/cluster cannot give what the spec asks for."""
     s = spec.scaling
@@ -83,68 +72,6 @@ def check_resources(spec: RunSpec, device: str, cpus: float, gpus: float, where:
 
 def local_resources() -> tuple[float, float]:
     return float(os.cpu_count() or 1), float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
-
-
-# ------------------------------------------------------------------ workers
-def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs inside each Ray Train worker: build model + engine, run the loop, report to Ray."""
-    import tempfile
-
-    import ray.train
-    from ray.train import Checkpoint
-
-    from orchestrator.checkpoints import special_ids
-    from orchestrator.engine import build_engine
-    from orchestrator.metrics import NullLogger, TensorBoardLogger
-    from orchestrator.runner import Runner, WorkerContext
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    spec = spec_from_dict(config["spec"])
-    queue = config.get("queue")
-    ctx_ray = ray.train.get_context()
-    rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
-    device_kind = config["device"]
-    if device_kind == "cuda":
-        from ray.train.torch import get_device
-
-        device = get_device()
-    else:
-        device = torch.device(device_kind)
-
-    def emit(kind: str, payload: dict[str, Any]) -> None:
-        if queue is not None and rank == 0:
-            try:
-                queue.put_nowait((kind, payload))
-            except Exception:  # a full or gone queue must never stop training
-                pass
-
-    torch.manual_seed(spec.train.seed)
-    data = load_prepared(Path(config["data_dir"]))
-    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
-    if rank == 0:
-        emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
-    engine = build_engine(model, spec, device)
-    if rank == 0:
-        if spec.scaling.deepspeed and engine.backend == "torch":
-            emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch"})
-        else:
-            emit("log", {"message": f"engine: {engine.backend} (ZeRO-{spec.scaling.zero_stage}) on {device}, {world} worker(s)"})
-    logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
-
-    resume = ray.train.get_checkpoint()
-
-    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
-    if resume is not None:
-        with resume.as_directory() as d:
-            runner.load(Path(d))
-        emit("log", {"message": f"resumed from step {runner.step}"})
-    summary = runner.run()
-    emit("done", summary)
-    return summary
 
 
 # ------------------------------------------------------------------- driver

@@ -1,6 +1,6 @@
 """The per-worker training loop, independent of Ray: train_step / validate / save / load.
 
-``orchestrator.launch.train_fn_per_worker`` builds a :class:`Runner` inside each Ray
+``orchestrator.train.launch.train_fn_per_worker`` builds a :class:`Runner` inside each Ray
 Train worker; tests build one directly (world size 1, no cluster). The runner talks
 to the outside through three callables only: a :class:`MetricsLogger` (TensorBoard
 on rank 0), ``report(metrics, checkpoint_dir)`` (``ray.train.report`` under Ray) and
@@ -30,10 +30,10 @@ from torch import Tensor
 from difflm.data import PreparedData, eval_batches_per_rank, iterate_eval_batches, iterate_train_batches
 from difflm.families.base import Diagnostics
 from difflm.sampling.diagnostics import sample_diagnostics
-from orchestrator.engine import Engine
-from orchestrator.metrics import MetricsLogger, NullLogger
-from orchestrator.spec import RunSpec
-from orchestrator.yamlio import spec_yaml
+from orchestrator.train.engine import Engine
+from orchestrator.train.metrics import MetricsLogger, NullLogger
+from orchestrator.spec.run import RunSpec
+from orchestrator.spec.yamlio import spec_yaml
 
 Emit = Callable[[str, dict[str, Any]], None]
 

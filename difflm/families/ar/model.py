@@ -17,10 +17,9 @@ from torch import Tensor
 
 from difflm.families.base import wide_float, DenoiseResult, Family, LossOutput
 from difflm.families.config import DiffusionConfig
-from difflm.families.registry import FamilySpec, register_family
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
-from difflm.sampling import ar_samplers
+from difflm.families.ar import samplers as ar_samplers
 from difflm.sampling.core import SampleOptions, Sampler
 
 
@@ -132,13 +131,3 @@ def build_ar(
         causal=True,
     )
     return AR(backbone, vocab_size, bos_id=special_ids.get("bos_id"))
-
-
-register_family(
-    FamilySpec(
-        name="ar",
-        build=build_ar,
-        schedules=(),
-        description="Autoregressive baseline: same backbone, causal attention, exact next-token NLL.",
-    )
-)

@@ -14,7 +14,7 @@ from torch import Tensor
 from difflm.sampling.core import SampleOptions, SampleOutput, SamplingError, adjust_log_probs, draw, reject_unsupported
 
 if TYPE_CHECKING:
-    from difflm.families.ar import AR
+    from difflm.families.ar.model import AR
 
 __all__ = ["ancestral", "prefix_length"]
 

@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from difflm.models.backbone import FinalLayer
-from difflm.models.denoiser import TimeConditioner, input_projection
+from difflm.families.diffusion_lm.denoiser import TimeConditioner, input_projection
 
 
 def build_bart_encoder(

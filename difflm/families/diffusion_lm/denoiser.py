@@ -7,7 +7,7 @@ implementations share that surface (``condition``, ``forward_embeddings``, ``for
 
 * :class:`DiTDenoiser` (``backbone: transformer``, the default): the project's own DiT blocks
   (rotary positions, adaLN on every block).
-* :class:`difflm.models.bart.BartDenoiser` (``backbone: bart``): a Hugging Face BART encoder.
+* :class:`difflm.families.diffusion_lm.bart.BartDenoiser` (``backbone: bart``): a Hugging Face BART encoder.
 
 Time conditioning (:class:`TimeConditioner`): the step t is given as a fraction t/T in [0, 1),
 multiplied by ``1000 * exp(log_scale)`` with ``log_scale`` a learned scalar (init 0, i.e. the

@@ -37,7 +37,7 @@ from torch import Tensor
 from difflm.families.base import Diagnostics
 
 if TYPE_CHECKING:
-    from difflm.families.diffusion_lm import DiffusionLM
+    from difflm.families.diffusion_lm.model import DiffusionLM
 
 #: noise buckets as fractions of T (t = round(frac * (T - 1)))
 BUCKETS: tuple[float, ...] = (0.0, 0.25, 0.75, 0.85)

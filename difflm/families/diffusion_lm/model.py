@@ -5,7 +5,7 @@ The path that worked in the project's journal, as the default:
 * Tokens w map to learned embeddings EMB(w) (``model.embed_dim`` wide, N(0, 1) init so the
   signal has the prior's unit scale). ``x_start ~ q(x_start | w) = N(EMB(w), beta_0 I)``
   (the original's ``get_x_start``), then the usual forward process over T integer steps,
-  ``x_t = sqrt(alpha_bar_t) x_start + sqrt(1 - alpha_bar_t) eps`` (tables in :mod:`difflm.gaussian`).
+  ``x_t = sqrt(alpha_bar_t) x_start + sqrt(1 - alpha_bar_t) eps`` (tables in :mod:`difflm.families.diffusion_lm.gaussian`).
 * The network predicts the clean embeddings (x0-prediction) from ``x_t`` and t/T.
 * Training loss per real token, averaged over real tokens (never summed over the sequence):
   ``mean_D (x0_hat - target)^2 + mean_D (sqrt(alpha_bar_{T-1}) x_start)^2 + w * CE(x_start @ EMB^T, w)``.
@@ -50,10 +50,10 @@ optionally strided to ``steps`` steps (exact posterior for any stride), optional
 clamping trick (``diffusion.clamp_sampling``: snap x0_hat to the nearest word embedding at every
 step), ending with rounding: the argmax of the tied decoder logits. ``difflm sample`` uses
 :meth:`DiffusionLM.samplers`: ``ancestral`` and ``ancestral_clamp`` with prompts (inpainting),
-temperature (DDIM eta) and a step count (:mod:`difflm.sampling.dlm_samplers`). ``difflm denoise``
+temperature (DDIM eta) and a step count (:mod:`difflm.families.diffusion_lm.samplers`). ``difflm denoise``
 uses :meth:`DiffusionLM.denoise` (noise at one step, one-shot or sampled reconstruction, cosine
 similarity), ``difflm eval --samples K`` :meth:`DiffusionLM.nll_samples` (K stratified step draws
-per sequence). Validation diagnostics live in :mod:`difflm.families.diffusion_lm_eval`.
+per sequence). Validation diagnostics live in :mod:`difflm.families.diffusion_lm.diagnostics`.
 """
 
 from __future__ import annotations
@@ -68,11 +68,10 @@ from torch import Tensor, nn
 
 from difflm.families.base import wide_float, DenoiseResult, Diagnostics, Family, LossOutput
 from difflm.families.config import DiffusionConfig
-from difflm.families.registry import FamilySpec, register_family
-from difflm.gaussian import GAUSSIAN_SCHEDULES, GaussianSchedule, get_gaussian_schedule
+from difflm.families.diffusion_lm.gaussian import GaussianSchedule, get_gaussian_schedule
 from difflm.models.config import ModelConfig
-from difflm.models.denoiser import DiTDenoiser
-from difflm.sampling import dlm_samplers as ds
+from difflm.families.diffusion_lm.denoiser import DiTDenoiser
+from difflm.families.diffusion_lm import samplers as ds
 from difflm.sampling.core import Sampler
 
 
@@ -326,7 +325,7 @@ class DiffusionLM(Family):
         return self.round(x0)  # (N, L)
 
     def samplers(self) -> dict[str, Sampler]:
-        """ancestral and ancestral_clamp (:mod:`difflm.sampling.dlm_samplers`); the default (first) is
+        """ancestral and ancestral_clamp (:mod:`difflm.families.diffusion_lm.samplers`); the default (first) is
         ancestral_clamp when the run set ``diffusion.clamp_sampling``, else ancestral."""
         table: dict[str, Sampler] = {
             "ancestral": functools.partial(ds.ancestral, self),
@@ -423,7 +422,7 @@ class DiffusionLM(Family):
         self, tokens: Tensor, generator: torch.Generator | None, decode: Callable[[list[int]], str]
     ) -> Diagnostics:
         """Per-noise-bucket x0 quality, a denoising demo and an input-dependence check (see diffusion_lm_eval)."""
-        from difflm.families.diffusion_lm_eval import diffusion_lm_diagnostics
+        from difflm.families.diffusion_lm.diagnostics import diffusion_lm_diagnostics
 
         return diffusion_lm_diagnostics(self, tokens, generator, decode)
 
@@ -438,7 +437,7 @@ def build_diffusion_lm(
     d = model_cfg.dims()
     denoiser: nn.Module
     if model_cfg.backbone == "bart":
-        from difflm.models.bart import BartDenoiser
+        from difflm.families.diffusion_lm.bart import BartDenoiser
 
         denoiser = BartDenoiser(
             model_cfg.embed_dim,
@@ -462,14 +461,3 @@ def build_diffusion_lm(
         antithetic=diffusion_cfg.antithetic,
         clamp_sampling=diffusion_cfg.clamp_sampling,
     )
-
-
-register_family(
-    FamilySpec(
-        name="diffusion_lm",
-        build=build_diffusion_lm,
-        schedules=GAUSSIAN_SCHEDULES,
-        description="Diffusion-LM: Gaussian diffusion on learned word embeddings, x0-prediction, tied rounding.",
-        backbones=("transformer", "bart"),
-    )
-)

@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from difflm.gaussian import posterior_coefs
+from difflm.families.diffusion_lm.gaussian import posterior_coefs
 from difflm.sampling.core import SampleOptions, SampleOutput, SamplingError, reject_unsupported, start_tokens
 
 if TYPE_CHECKING:
-    from difflm.families.diffusion_lm import DiffusionLM
+    from difflm.families.diffusion_lm.model import DiffusionLM
 
 __all__ = ["ancestral", "ancestral_clamp", "run_ancestral", "step_coefs", "noise_known"]
 

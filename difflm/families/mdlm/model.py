@@ -23,12 +23,11 @@ from torch import Tensor
 
 from difflm.families.base import wide_float, DenoiseResult, Family, LossOutput
 from difflm.families.config import DiffusionConfig
-from difflm.families.registry import FamilySpec, register_family
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
-from difflm.sampling import mdlm_samplers as ms
+from difflm.families.mdlm import samplers as ms
 from difflm.sampling.core import SampleOptions, Sampler
-from difflm.schedules import MDLM_SCHEDULES, NoiseSchedule, get_schedule
+from difflm.schedules import NoiseSchedule, get_schedule
 
 
 class MDLM(Family):
@@ -250,13 +249,3 @@ def build_mdlm(
         likelihood_weight=diffusion_cfg.likelihood_weight,
         time_conditioning=model_cfg.time_conditioning,
     )
-
-
-register_family(
-    FamilySpec(
-        name="mdlm",
-        build=build_mdlm,
-        schedules=MDLM_SCHEDULES,
-        description="Masked (absorbing-state) diffusion, SUBS parameterization, continuous-time NELBO (MDLM).",
-    )
-)

@@ -57,7 +57,7 @@ from difflm.sampling.core import (
 )
 
 if TYPE_CHECKING:
-    from difflm.families.mdlm import MDLM
+    from difflm.families.mdlm.model import MDLM
 
 __all__ = ["ddpm", "ddpm_cache", "analytic", "run_ddpm", "run_analytic", "window_starts", "ddpm_step",
            "analytic_transition"]

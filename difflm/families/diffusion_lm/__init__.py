@@ -1,0 +1,24 @@
+"""Diffusion-LM: Gaussian diffusion on learned word embeddings (Li et al., 2022).
+
+model.py: DiffusionLM and its builder; samplers.py: ancestral / clamping sampler; diagnostics.py: per-noise-level
+metrics and the collapse warning; gaussian.py: the Gaussian schedules; denoiser.py, bart.py: the two denoisers.
+Importing this package registers the family.
+"""
+
+from __future__ import annotations
+
+from difflm.families.diffusion_lm.gaussian import GAUSSIAN_SCHEDULES
+from difflm.families.diffusion_lm.model import DiffusionLM, build_diffusion_lm
+from difflm.families.registry import FamilySpec, register_family
+
+register_family(
+    FamilySpec(
+        name="diffusion_lm",
+        build=build_diffusion_lm,
+        schedules=GAUSSIAN_SCHEDULES,
+        description="Diffusion-LM: Gaussian diffusion on learned word embeddings, x0-prediction, tied rounding.",
+        backbones=("transformer", "bart"),
+    )
+)
+
+__all__ = ['DiffusionLM', 'build_diffusion_lm']

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``difflm bench``: ASHA savings (``asha.py``), cached sampling (``sampling.py``)."""

@@ -1,0 +1,41 @@
+"""The ``difflm`` command line: this module only assembles the command groups.
+
+    difflm train SPEC            orchestrator/cli/train.py      (+ tensorboard)
+    difflm validate | schema     orchestrator/cli/spec.py
+    difflm sweep | resume | results   orchestrator/cli/sweep.py
+    difflm sample | eval | denoise    orchestrator/cli/inference.py
+    difflm bench asha | sampling      orchestrator/cli/bench.py
+
+A new command goes in the module of its group (or a new module) and is added here.
+Bad input prints one message and exits 2 before Ray starts (``cli.common.user_errors``).
+"""
+
+from __future__ import annotations
+
+import click
+
+from orchestrator.cli import bench, inference, spec, sweep, train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="difflm")
+def main() -> None:
+    """difflm: train, sweep and compare text diffusion language models."""
+
+
+for _cmd in (
+    train.train,
+    train.tensorboard,
+    spec.validate,
+    spec.schema,
+    sweep.sweep,
+    sweep.resume,
+    sweep.results,
+    inference.sample,
+    inference.eval_cmd,
+    inference.denoise,
+    bench.bench,
+):
+    main.add_command(_cmd)
+
+__all__ = ["main"]
