@@ -215,7 +215,7 @@ class SEDD(Family):
             recon, _ = ss.run(self, xt, hold, opts, generator, kind="analytic", t_start=float(t))
             method = f"analytic sampler from t={t:g} to 1e-5 in {steps} steps (a sample, not the argmax)"
         if not self.graph.absorb:
-            method += "; uniform graph: _ marks a position that was resampled (the model sees a random token there)"
+            method += "; uniform graph: the model saw a random token at each corrupted position"
         n_valid = valid.sum().clamp(min=1)
         n_noised = noised.sum()
         correct = recon == tokens
