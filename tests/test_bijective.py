@@ -102,6 +102,8 @@ def test_blocks_start_as_identity_and_only_the_first_k_are_invertible() -> None:
     z, logdet = m.backbone.flow_forward(h, m.backbone.condition(None, 2, h.device))
     assert torch.equal(z, h) and torch.all(logdet == 0)
     assert len(make(n_layers=3).backbone.flow) == 3  # null = all
+    h = m.backbone.flow_input(torch.randint(0, V + 1, (2, 5), generator=gen(1)))  # unit RMS: a fixed input scale
+    torch.testing.assert_close(h.pow(2).mean(-1), torch.ones(2, 5), rtol=1e-4, atol=1e-4)
 
 
 # ---- the loss --------------------------------------------------------------------------------------------

@@ -254,6 +254,9 @@ def test_samplers_leave_no_mask_and_give_valid_ids(graph: str, sampler: str) -> 
     assert torch.equal(out.tokens, again.tokens)  # seeded
     greedy = fn(SampleOptions(num=3, length=L, steps=4, temperature=0.0, top_p=0.5), gen(1))
     assert torch.all((greedy.tokens >= 0) & (greedy.tokens < V))
+    # stopping at t = 0.5 leaves many positions corrupted: the denoising step must finish them
+    early = fn(SampleOptions(num=3, length=L, steps=2, eps=0.5), gen(2))
+    assert torch.all(early.tokens < V) and early.nfe == 3
 
 
 @pytest.mark.parametrize("graph", ["absorb", "uniform"])
@@ -264,13 +267,18 @@ def test_prompt_and_infill_positions_never_change(graph: str, sampler: str) -> N
     ids = torch.randint(0, V, (L,), generator=gen(3))
     fixed = torch.ones(L, dtype=torch.bool)
     fixed[5:9] = False  # [MASK:4]
+    seen: list[torch.Tensor] = []  # every network input: the prompt must be there at every step
+    log_score = m.log_score
+    m.log_score = lambda xt, sigma: (seen.append(xt.clone()), log_score(xt, sigma))[1]  # type: ignore[method-assign]
     out = get_sampler(m, sampler)(SampleOptions(num=4, length=L, steps=10, template=ids, fixed=fixed), gen(0))
+    assert len(seen) >= 2 and all(torch.equal(x[:, fixed], ids[fixed].expand(4, -1)) for x in seen)
     assert torch.equal(out.tokens[:, fixed], ids[fixed].expand(4, -1))
     assert torch.all(out.tokens[:, ~fixed] < V) and torch.equal(out.fixed, fixed.expand(4, L))
 
 
-def test_uniform_without_projection_would_move_fixed_positions() -> None:
-    """The uniform graph changes any position, so holding the prompt is the sampler's projection, not luck."""
+def test_uniform_moves_any_position_unless_held() -> None:
+    """The uniform graph changes any position, so the prompt is held by the sampler (held positions are never
+    drawn), not by the graph."""
     m = make("uniform").eval()
     x = torch.randint(0, V, (4, L), generator=gen(0))
     from difflm.families.sedd import samplers as ss
