@@ -159,6 +159,27 @@ def get_schedule(name: str, eps: float = 1e-3) -> NoiseSchedule:
     return factory(eps)
 
 
+def sample_times(
+    n: int,
+    *,
+    sampling_eps: float,
+    antithetic: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Training times t ~ U[sampling_eps, 1], (n,), drawn on ``device`` from ``generator``.
+
+    Antithetic: t_i = (u + i/n) mod 1 from a single u, so the batch covers [0, 1) evenly and the
+    loss variance across steps drops (MDLM's low-discrepancy sampler). Shared by the masked families."""
+    if antithetic:
+        u = torch.rand(1, generator=generator, device=device, dtype=dtype)  # (1,)
+        u = (u + torch.arange(n, device=device, dtype=dtype) / n) % 1  # (n,)
+    else:
+        u = torch.rand(n, generator=generator, device=device, dtype=dtype)  # (n,)
+    return (1 - sampling_eps) * u + sampling_eps  # (n,)
+
+
 def move_chance(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """1 - exp(-sigma(t)): the masking probability at time t (same as ``schedule.move_chance(t)``)."""
     return schedule.move_chance(t)

@@ -171,14 +171,15 @@ def _top_level_names(tree: ast.Module) -> set[str]:
 
 
 def test_every_project_import_resolves() -> None:
-    """``from pkg import name`` (inside functions too) names a module or a top-level name of ``pkg``.
+    """``from pkg import name`` (inside functions too, in tests too) names a module or a top-level name of ``pkg``.
 
     Importing every module only checks top-level imports; a late import of a moved module fails
     only when its function runs (e.g. in a Ray worker), so check them statically."""
     modules = project_modules()
     trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    sources = {**trees, **{f"tests.{p.stem}": ast.parse(p.read_text()) for p in sorted((ROOT / "tests").glob("*.py"))}}
     broken = []
-    for name, tree in trees.items():
+    for name, tree in sources.items():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 root = node.module.split(".")[0]

@@ -108,6 +108,8 @@ def test_shipped_sweeps_cover_their_questions() -> None:
     assert {("diffusion_lm", s) for s in ("sqrt", "cosine", "linear")} <= pairs
     lw = load_sweep_file(str(root / "likelihood_weights.yaml"))
     assert lw.sweep.search["diffusion.likelihood_weight"].kind == "loguniform"
+    assert lw.sweep.search["diffusion.likelihood_weight"].value == (1e-4, 1e-1)
+    assert {v["model.family"] for v in lw.sweep.linked["family"].values()} == {"mdlm", "bijective"}
     qs = load_sweep_file(str(root / "quickstart.yaml"))
     assert 4 <= expected_trials(qs.model_dump(mode="json")) <= 6 and qs.model.size is None
     for f in root.glob("*.yaml"):

@@ -15,6 +15,7 @@ from difflm.models.config import ModelConfig
 
 # Imported for their register_family side effect (after the registry itself).
 from difflm.families import ar, diffusion_lm, mdlm  # noqa: E402,F401  isort: skip
+from difflm.families import bijective, sedd  # noqa: E402,F401  isort: skip
 
 
 def build_model(
@@ -23,12 +24,12 @@ def build_model(
     """Build family ``model_cfg.family`` for a tokenizer of ``vocab_size`` ids.
 
     special_ids: the tokenizer's bos_id / eos_id / pad_id (ints), for families that use them
-    (ar starts its samples from bos_id). Raises KeyError for an unknown family and ValueError
-    for a schedule or backbone the family does not accept.
+    (ar starts its samples from bos_id). Null diffusion fields take the family's values
+    (:meth:`FamilySpec.resolve`). Raises KeyError for an unknown family and ValueError for a
+    schedule, backbone or combination (:attr:`FamilySpec.check`) the family does not accept.
     """
     spec = get_family(model_cfg.family)
-    if diffusion_cfg.schedule is None and spec.schedules:
-        diffusion_cfg = diffusion_cfg.model_copy(update={"schedule": spec.schedules[0]})
+    diffusion_cfg = spec.resolve(diffusion_cfg)  # null schedule / defaults -> the family's values
     if spec.schedules and diffusion_cfg.schedule not in spec.schedules:
         raise ValueError(
             f"family {spec.name!r} does not accept schedule {diffusion_cfg.schedule!r}; "
@@ -39,6 +40,8 @@ def build_model(
             f"family {spec.name!r} does not support backbone {model_cfg.backbone!r}; "
             f"choose one of {', '.join(spec.backbones)}"
         )
+    if spec.check is not None:
+        spec.check(model_cfg, diffusion_cfg)
     return spec.build(model_cfg, diffusion_cfg, vocab_size, **special_ids)
 
 

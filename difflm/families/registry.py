@@ -10,8 +10,8 @@ seen empty.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:
     from difflm.families.base import Family
@@ -38,6 +38,12 @@ class FamilySpec:
     every builder must accept ``**special_ids``.
     schedules: the noise schedule names this family accepts (empty: it has none).
     backbones: the ``model.backbone`` values this family can build, default first.
+    defaults: the family's values for ``diffusion`` fields a spec leaves null (e.g. bijective:
+        ``{"likelihood_weight": 0.001}``); :meth:`resolve` fills them in at build time, so one
+        field can mean "this family's default" without a switch on the family's name.
+    check: raises ValueError (naming the field to change) for a model/diffusion combination the
+        family cannot build, e.g. sedd's uniform graph without time conditioning. Run by the spec
+        validation (exit 2 before Ray starts) and by :func:`difflm.families.build_model`.
     """
 
     name: str
@@ -45,6 +51,16 @@ class FamilySpec:
     schedules: tuple[str, ...]
     description: str
     backbones: tuple[str, ...] = ("transformer",)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[ModelConfig, DiffusionConfig], None] | None = None
+
+    def resolve(self, diffusion_cfg: DiffusionConfig) -> DiffusionConfig:
+        """A copy of ``diffusion_cfg`` with null fields set to this family's values: ``schedule`` to the
+        first of :attr:`schedules`, the others from :attr:`defaults`."""
+        update = {k: v for k, v in self.defaults.items() if getattr(diffusion_cfg, k) is None}
+        if diffusion_cfg.schedule is None and self.schedules:
+            update["schedule"] = self.schedules[0]
+        return diffusion_cfg.model_copy(update=update) if update else diffusion_cfg
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

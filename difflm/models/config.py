@@ -51,6 +51,14 @@ class ModelConfig(StrictModel):
         description="Width of the learned word embeddings that continuous-embedding diffusion (diffusion_lm) "
         "noises; 16-128 is typical. Other families ignore it.",
     )
+    bijective_blocks: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="bijective only: how many of the backbone's blocks (the first ones) are invertible affine "
+        "coupling blocks, whose exact log-determinant enters the loss; null = all n_layers. Other families "
+        "ignore it.",
+    )
     pretrained_path: str | None = Field(
         None,
         description="Local folder of a saved Hugging Face BART model (save_pretrained) whose encoder weights "

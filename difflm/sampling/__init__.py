@@ -3,8 +3,8 @@
     from difflm.sampling import SampleOptions, get_sampler, build_template
     out = get_sampler(model, "ddpm_cache")(SampleOptions(num=4, length=128, steps=1000), generator)
 
-Plain PyTorch (no ray/deepspeed). The family-specific samplers live in ``mdlm_samplers`` and
-``ar_samplers``; a family lists its own in ``Family.samplers()``.
+Plain PyTorch (no ray/deepspeed). The family-specific samplers live in each family's package
+(``difflm/families/<name>/samplers.py``); a family lists its own in ``Family.samplers()``.
 """
 
 from difflm.sampling.core import (

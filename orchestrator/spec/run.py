@@ -119,6 +119,8 @@ class RunSpec(StrictModel):
                 f"model.backbone {self.model.backbone!r} is not supported by {fam.name}; "
                 f"choose one of {', '.join(fam.backbones)}"
             )
+        if fam.check is not None:
+            fam.check(self.model, fam.resolve(self.diffusion))  # ValueError naming the field to change
         if self.train.precision == "fp16" and self.scaling.device in ("cpu", "mps"):
             raise ValueError(f"train.precision fp16 needs CUDA; use bf16 or fp32 on {self.scaling.device}")
         return self

@@ -18,6 +18,7 @@ register_family(
         schedules=GAUSSIAN_SCHEDULES,
         description="Diffusion-LM: Gaussian diffusion on learned word embeddings, x0-prediction, tied rounding.",
         backbones=("transformer", "bart"),
+        defaults={"likelihood_weight": 1.0},
     )
 )
 

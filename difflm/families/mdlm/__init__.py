@@ -16,6 +16,7 @@ register_family(
         build=build_mdlm,
         schedules=MDLM_SCHEDULES,
         description="Masked (absorbing-state) diffusion, SUBS parameterization, continuous-time NELBO (MDLM).",
+        defaults={"likelihood_weight": 1.0},
     )
 )
 

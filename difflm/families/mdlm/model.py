@@ -27,7 +27,7 @@ from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
 from difflm.families.mdlm import samplers as ms
 from difflm.sampling.core import SampleOptions, Sampler
-from difflm.schedules import NoiseSchedule, get_schedule
+from difflm.schedules import NoiseSchedule, get_schedule, sample_times
 
 
 class MDLM(Family):
@@ -67,13 +67,8 @@ class MDLM(Family):
     def sample_times(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
         """t ~ U[sampling_eps, 1], (n,). Antithetic: t_i = (u + i/n) mod 1 from a single u, so the batch
         covers [0, 1) evenly and the loss variance across steps drops."""
-        dtype = self.float_dtype()
-        if self.antithetic:
-            u = torch.rand(1, generator=generator, device=device, dtype=dtype)  # (1,)
-            u = (u + torch.arange(n, device=device, dtype=dtype) / n) % 1  # (n,)
-        else:
-            u = torch.rand(n, generator=generator, device=device, dtype=dtype)  # (n,)
-        return (1 - self.sampling_eps) * u + self.sampling_eps  # (n,)
+        return sample_times(n, sampling_eps=self.sampling_eps, antithetic=self.antithetic, device=device,
+                            dtype=self.float_dtype(), generator=generator)
 
     def subs_logits(self, xt: Tensor, sigma: Tensor) -> Tensor:
         """Backbone logits (B, L, V+1), at least float32, with the mask logit at -inf (zero masking prob).
