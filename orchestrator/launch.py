@@ -41,6 +41,10 @@ RAY_ENV = {
 }
 
 
+#: Per-sequence val draws of every eval point (rank 0): RUN_DIR/val/step_XXXXXXX.npz (difflm.evaluation).
+VAL_DIR = "val"
+
+
 # ---------------------------------------------------------------- resources
 def resolve_device(requested: str, cluster_gpus: float | None = None) -> str:
     """auto -> cuda if GPUs exist (locally or in the cluster), else mps, else cpu."""
@@ -137,7 +141,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=ckpt)
 
-    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
+    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit,
+                    val_dir=Path(config["val_dir"]) if config.get("val_dir") else None)
     if resume is not None:
         with resume.as_directory() as d:
             runner.load(Path(d))
@@ -278,6 +283,7 @@ def build_trainer(
             "device": device,
             "data_dir": str(data_dir),
             "tb_dir": str(tb_dir),
+            "val_dir": str(run_dir / VAL_DIR),
             "queue": queue,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -6,7 +6,9 @@ Layout of a sweep folder (``output.dir/output.name``)::
     experiment_state-*.json ...     Tune's state (what --resume reads)
     <trial_id>-<params>/            one folder per trial, named from its params
         tensorboard/                the trial's TensorBoard run (+ HParams)
-        train/                      the inner Ray Train run: checkpoints (resumable)
+        train/                      the inner Ray Train run dir (RUN_DIR of `difflm train`):
+            checkpoint_*/               its checkpoints (resumable)
+            val/step_XXXXXXX.npz        per-sequence val draws of every eval point (paired errors)
         result.json ...             Tune's per-trial results
     results.csv, results.json       ranked table (also `difflm results DIR`)
     val_nll_vs_step.png, params_vs_objective.png
@@ -193,7 +195,7 @@ def run_sweep(
     from orchestrator import sweep_console
 
     sweep_console.ACTIVE["console"] = console
-    table = sweep_console.SweepTable(sweep)
+    table = sweep_console.SweepTable(sweep, sweep_dir)
     # Only Tune's JSON results (what `difflm results` reads): its CSV and TensorBoard loggers
     # would put a second, differently-tagged TensorBoard run next to each trial's own.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
