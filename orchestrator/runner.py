@@ -265,7 +265,7 @@ class Runner:
         val = self.validate()
         self.last_val = val
         if val["val/nll"] < self.best_val_nll:
-            self.best_val_nll, self.best_val_nll_se = val["val/nll"], val["val/nll_se"]
+            self.best_val_nll, self.best_val_nll_se = val["val/nll"], val.get("val/nll_se", math.nan)
         metrics = {**val, "val/best_nll": self.best_val_nll, "step": float(self.step)}
         if self.ctx.rank == 0 and self.val_dir is not None and self.last_draws is not None:
             # per-sequence draws: `difflm results` computes paired errors between trials from them

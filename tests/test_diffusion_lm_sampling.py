@@ -285,7 +285,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "diffusion": {"sample_steps": 8, "timesteps": 200, "clamp_sampling": True},
         "data": {"source": "builtin", "seq_len": 32, "max_documents": 200, "cache_dir": str(root / "cache")},
         "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 8,
-                  "checkpoint_every": 8, "num_samples": 0},
+                  "checkpoint_every": 8, "num_samples": 0, "eval_samples": 4},
         "scaling": {"deepspeed": False, "device": "cpu"},
     })
 

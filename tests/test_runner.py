@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,22 @@ from orchestrator.runner import Runner, WorkerContext
 from orchestrator.spec import RunSpec, TrainConfig
 from tests.helpers import RecordingLogger
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread avoids oversubscription on shared CPUs (speed only)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _spec(tmp_path: Path, **train: object) -> RunSpec:
     base = {
         "model": {"family": "mdlm", "size": None, "d_model": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
         "diffusion": {"sample_steps": 4},
         "data": {"source": "builtin", "seq_len": 32, "max_documents": 200, "cache_dir": str(tmp_path / "cache")},
         "train": {"max_steps": 12, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 6,
-                  "checkpoint_every": 12, "log_every": 3, "num_samples": 1, **train},
+                  "checkpoint_every": 12, "log_every": 3, "num_samples": 1, "eval_samples": 2, **train},
         "scaling": {"deepspeed": False, "device": "cpu"},
     }
     return RunSpec.model_validate(base)
