@@ -6,7 +6,8 @@
 ``asha`` runs one sweep file twice in one Ray session — once as written (ASHA) and
 once with ``sweep.scheduler.kind=none`` — and reports the compute ASHA saved (optimizer
 steps and tokens over all trials, and trial wall time) and whether both runs pick the
-same best configuration. It prints a markdown block to paste into docs/benchmarks.md.
+same best configuration (and both ranked tables, with standard errors and ties). It prints a
+markdown block to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def bench() -> None:
 def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
     """Compute ASHA saves on SWEEP_FILE against running every trial to the full budget."""
     from orchestrator.console import TrainConsole
+    from orchestrator.results import report
     from orchestrator.sweep import run_sweep
     from orchestrator.sweep_spec import load_sweep_file
 
@@ -96,6 +98,9 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
         "",
         "Full-budget ranking: " + "; ".join(f"{p} {m:.4f}" for p, m in f["ranking"] if m is not None),
     ]
+    for label, name in (("ASHA", "asha"), ("full budget", "full")):
+        table, _ = report(output.resolve() / f"{sweep_file.stem}-{name}-{stamp}", write_hparams_data=False)
+        lines += ["", f"{label} (`difflm results`):", "", table]
     click.echo("\n".join(lines))
 
 
