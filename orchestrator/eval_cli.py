@@ -340,7 +340,8 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int | N
         if base_seed == t.eval_seed and k == t.eval_samples:
             same = abs(diff) <= 1e-6 * max(1.0, abs(train_val))
             verdict = "reproduced, to float rounding" if same else (
-                "not reproduced: the device or precision differ from training's validation"
+                "not reproduced: the device or precision differ from training's validation, or an older "
+                "difflm (before the shared val protocol) validated this checkpoint"
             )
             say(f"training    val/nll {train_val:.10f} at step {ckpt.step}; difference {diff:+.3e} ({verdict})")
         else:

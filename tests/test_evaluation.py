@@ -112,6 +112,45 @@ def test_ar_and_mdlm_count_the_same_tokens(cache: Path, data: PreparedData) -> N
     assert counts["ar"] == counts["mdlm"] == (n * (L - 2), 8 * (L - 2))
 
 
+# ---- the protocol: shards and batches -------------------------------------------------------------
+
+
+class _Recorder:
+    """A stand-in family that records which sequences it scored (row i of the blocks is filled with i)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def val_nll(self, tokens: torch.Tensor, counted: torch.Tensor, noise: Any) -> torch.Tensor:
+        self.calls.append(tokens[:, 0].tolist())
+        return tokens[:, :1].double().expand(-1, noise.samples) + noise.rates  # (B, K)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 10, 11, 64])
+def test_shards_cover_every_sequence_once_with_equal_forwards(world_size: int, n: int) -> None:
+    from difflm.evaluation import val_batches_per_worker, val_shard
+
+    blocks = np.repeat(np.arange(n)[:, None], 5, axis=1)  # (n, 5)
+    parts, forwards = [], []
+    for rank in range(world_size):
+        rec = _Recorder()
+        lo, hi = val_shard(n, rank, world_size)
+        parts.append(val_pass(rec, blocks, lo, hi, batch_size=4, samples=2, seed=0, device=CPU,  # type: ignore[arg-type]
+                              num_batches=val_batches_per_worker(n, 4, world_size)))
+        forwards.append(len(rec.calls))
+        assert all(1 <= len(c) <= 4 for c in rec.calls)
+    joined = ValDraws.concat(parts)
+    assert joined.indices.tolist() == list(range(n))  # each sequence once, in index order
+    assert joined.counts.tolist() == [3.0] * n  # 5 positions - BOS - block-final EOS
+    assert len(set(forwards)) == 1  # every worker runs the same number of forwards (ZeRO-3)
+    if n < world_size:
+        assert any(len(p.indices) == 0 for p in parts)  # a worker with nothing to score still ran
+    np.testing.assert_array_equal(joined.sums[:, 0] - joined.indices, ValDraws.concat(
+        [val_pass(_Recorder(), blocks, 0, n, batch_size=3, samples=2, seed=0, device=CPU)]  # type: ignore[arg-type]
+    ).sums[:, 0] - joined.indices)  # the same rates per sequence in any batching
+
+
 # ---- common random numbers -----------------------------------------------------------------------
 
 
