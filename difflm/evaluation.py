@@ -18,17 +18,41 @@ compare on one scale:
   ``[RATE_MIN, RATE_MAX]`` for every schedule; a family integrates its bound over the
   masking rate ``m`` (density ``1 / (RATE_MAX - RATE_MIN)``), so the schedule enters the val
   metric only through the model it trained.
+* **One protocol** (:func:`val_pass`): how a val split is cut into batches and scored.
+  Training's ``Runner.validate`` (each worker a contiguous shard, gathered in index order)
+  and ``difflm eval`` (one process, the whole range) both call it, so eval reproduces
+  training's ``val/nll`` by construction. ``train.eval_batches`` caps the split to its first
+  ``eval_batches * micro_batch_size`` sequences (:func:`val_count`), whatever the worker count.
+* **Error bars** (:class:`ValDraws`): every sequence gets K draws; ``val/nll`` is the mean
+  over draws of the per-sequence sums over the token count, ``val/nll_se`` its Monte Carlo
+  standard error *conditional on the val split* (the noise's error, not the split's sampling
+  error, which every trial shares). The K draws are stratified (one offset per sequence); the
+  error treats them as independent, which ignores what stratification saves (measured at
+  quickstart size over 10 eval seeds: SE 0.0157 vs an actual spread of 0.0166 at K = 16,
+  0.022 vs 0.0165 at K = 8). The draws are heavy-tailed at tiny masking rates (weight 1/m on
+  a rare masked token), so on a val split of only tens of sequences one SE can be off by ~2x.
+  :func:`paired_difference` gives the error of the difference of two models scored with the
+  same noise (common random numbers): the per-draw differences vary far less than either
+  model's draws.
 
 Plain PyTorch + numpy; no Ray or DeepSpeed.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from difflm.families.base import Family
 
 #: The common masking-rate range of the val estimator (the loglinear schedule's range at eps = 1e-3).
 RATE_MIN: float = 1e-3
@@ -98,7 +122,9 @@ def make_val_noise(
     """The val noise of the sequences with val-split ``indices`` (B,), K = ``samples`` draws of ``length``.
 
     Drawn on the CPU from one generator per sequence seeded by (seed, index), then moved to
-    ``device``: the same numbers on every device, batch size and worker count.
+    ``device``: the same numbers on every device, batch size and worker count. The rates stay
+    float64 except on MPS (no float64 there: float32, which can flip a mask decision within
+    ~1e-7 of a rate, so MPS val numbers match other devices only to MC error).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -120,9 +146,225 @@ def make_val_noise(
         seeds[b] = family_seed
     device = torch.device(device)
     return ValNoise(
-        rates=rates.to(device),
+        rates=rates.to(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64),
         uniforms=uniforms.to(device),
         seeds=seeds.to(device),
         rate_min=rate_min,
         rate_max=rate_max,
     )
+
+
+# ---- the val protocol --------------------------------------------------------------------------
+
+
+def val_count(num_blocks: int, eval_batches: int | None, batch_size: int) -> int:
+    """How many val sequences are scored: all, or the first ``eval_batches * batch_size`` (``train.eval_batches``).
+
+    The cap is a prefix of the split by index, so it does not depend on the worker count; it
+    does depend on the micro batch size, so trials that search ``micro_batch_size`` should
+    leave ``eval_batches`` unset (or compare on the common prefix, as ``difflm results`` does)."""
+    return num_blocks if eval_batches is None else min(num_blocks, eval_batches * batch_size)
+
+
+def val_shard(num: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Worker ``rank``'s contiguous index range [lo, hi) of ``num`` val sequences; sizes differ by at most one."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    return rank * num // world_size, (rank + 1) * num // world_size
+
+
+def val_batches_per_worker(num: int, batch_size: int, world_size: int) -> int:
+    """Forward batches the busiest worker runs: every worker runs this many (ZeRO-3 gathers are collective)."""
+    return max(-(-(hi - lo) // batch_size) for lo, hi in (val_shard(num, r, world_size) for r in range(world_size)))
+
+
+@dataclass
+class ValDraws:
+    """K draws of the val NLL (bound) per sequence: what one eval point measured, sequence by sequence.
+
+    indices: (n,) int64, the sequences' indices in the val split (the key of their noise).
+    sums:    (n, K) float64, per-sequence sums over counted tokens, one column per noise draw;
+             each column is an unbiased estimate of that sequence's NLL (bound) in nats.
+    counts:  (n,) float64, counted tokens per sequence (:func:`counted_positions`).
+    meta:    how they were made (seed, family, step, ...), saved with them.
+    """
+
+    indices: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+    meta: dict[str, Any] | None = None
+
+    @property
+    def samples(self) -> int:
+        return int(self.sums.shape[1])
+
+    @property
+    def tokens(self) -> float:
+        return float(self.counts.sum())
+
+    @property
+    def nll(self) -> float:
+        """Nats per counted token: the mean over draws of the per-sequence sums, summed, over the token count."""
+        return float(self.sums.mean(axis=1).sum()) / max(self.tokens, 1.0)
+
+    @property
+    def se(self) -> float:
+        """Monte Carlo standard error of :attr:`nll` (nan with one draw per sequence); see the module doc."""
+        if self.samples < 2:
+            return math.nan
+        var = self.sums.var(axis=1, ddof=1)  # (n,) variance of one draw per sequence
+        return math.sqrt(float(var.sum()) / self.samples) / max(self.tokens, 1.0)
+
+    def metrics(self) -> dict[str, float]:
+        """The ``val/*`` scalars every front end shows: nll, nll_se, bpt, ppl, tokens."""
+        mean = self.nll
+        return {
+            "val/nll": mean,
+            "val/nll_se": self.se,
+            "val/bpt": mean / math.log(2),
+            "val/ppl": math.exp(min(mean, 700.0)),
+            "val/tokens": self.tokens,
+        }
+
+    @classmethod
+    def concat(cls, parts: list[ValDraws]) -> ValDraws:
+        """Shards in the order given (callers pass them in index order)."""
+        samples = {p.samples for p in parts if len(p.indices)}
+        if len(samples) > 1:
+            raise ValueError(f"shards with different draw counts {sorted(samples)}")
+        k = samples.pop() if samples else (parts[0].samples if parts else 1)
+        return cls(
+            indices=np.concatenate([p.indices for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64),
+            sums=np.concatenate([p.sums.reshape(-1, k) for p in parts]) if parts else np.zeros((0, k)),
+            counts=np.concatenate([p.counts for p in parts]) if parts else np.zeros(0),
+        )
+
+
+@torch.no_grad()
+def val_pass(
+    model: Family,
+    blocks: np.ndarray,
+    start: int,
+    stop: int,
+    *,
+    batch_size: int,
+    samples: int,
+    seed: int,
+    device: torch.device | str,
+    num_batches: int | None = None,
+) -> ValDraws:
+    """Score val sequences ``blocks[start:stop]`` (packed (N, L) ids): K = ``samples`` draws per sequence.
+
+    Batches of ``batch_size`` consecutive sequences; sequence i's noise is
+    ``make_val_noise([i], ...)``, so the result does not depend on ``batch_size``, on the range
+    a worker was given or on the order (up to float rounding of batched matmuls). ``num_batches``
+    (>= the batches needed) pads the pass with throw-away one-sequence batches, so that every
+    worker runs the same number of forwards (DeepSpeed ZeRO-3 gathers parameters collectively).
+    The model must be in eval mode; this calls ``model.val_nll`` directly (no autocast: float32
+    or wider logits).
+    """
+    if not 0 <= start <= stop <= len(blocks):
+        raise ValueError(f"val range [{start}, {stop}) is outside the {len(blocks)} val sequences")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    needed = -(-(stop - start) // batch_size)
+    total = needed if num_batches is None else num_batches
+    if total < needed:
+        raise ValueError(f"num_batches={num_batches} is fewer than the {needed} batches of [{start}, {stop})")
+    length = int(blocks.shape[1])
+    sums: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    for i in range(total):
+        real = i < needed
+        lo = start + i * batch_size
+        idx = np.arange(lo, min(lo + batch_size, stop)) if real else np.array([min(start, len(blocks) - 1)])
+        tokens = torch.from_numpy(np.asarray(blocks[idx], dtype=np.int64)).to(device)  # (B, L)
+        counted = counted_positions(tokens)  # (B, L)
+        noise = make_val_noise(idx, samples, length, seed, device)
+        per = model.val_nll(tokens, counted, noise)  # (B, K)
+        if tuple(per.shape) != (len(idx), samples):
+            raise RuntimeError(f"{type(model).__name__}.val_nll returned shape {tuple(per.shape)}, "
+                               f"expected (batch, samples) = ({len(idx)}, {samples})")
+        if real:
+            sums.append(per.to("cpu", torch.float64).numpy())
+            counts.append(counted.sum(dim=-1).to("cpu", torch.float64).numpy())
+    return ValDraws(
+        indices=np.arange(start, stop, dtype=np.int64),
+        sums=np.concatenate(sums) if sums else np.zeros((0, samples)),
+        counts=np.concatenate(counts) if counts else np.zeros(0),
+    )
+
+
+# ---- comparing two models ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``diff`` = nll(a) - nll(b) in nats/token on their common sequences, with its standard error.
+
+    paired: True when both were scored with the same noise (same seed and K): the error is that
+    of the per-draw differences. False: the two errors are combined as independent.
+    sequences: how many sequences both scored (a capped val split compares on the common prefix)."""
+
+    diff: float
+    se: float
+    paired: bool
+    sequences: int
+
+
+def paired_difference(a: ValDraws, b: ValDraws) -> PairedDifference:
+    """nll(a) - nll(b) and its standard error, on the sequences both scored (see :class:`PairedDifference`)."""
+    common, ia, ib = np.intersect1d(a.indices, b.indices, assume_unique=True, return_indices=True)
+    if len(common) == 0:
+        raise ValueError("the two evaluations share no val sequence")
+    ca, cb = a.counts[ia], b.counts[ib]
+    if not np.array_equal(ca, cb):
+        raise ValueError("the two evaluations count different tokens per sequence (another tokenizer or val split?)")
+    sa, sb = a.sums[ia], b.sums[ib]  # (n, Ka), (n, Kb)
+    tokens = float(ca.sum())
+    diff = float((sa.mean(axis=1) - sb.mean(axis=1)).sum()) / tokens
+    ma, mb = a.meta or {}, b.meta or {}
+    paired = a.samples == b.samples and ma.get("seed") == mb.get("seed")
+    if paired and a.samples >= 2:
+        var = (sa - sb).var(axis=1, ddof=1)  # (n,)
+        se = math.sqrt(float(var.sum()) / a.samples) / tokens
+    else:
+        var_a = sa.var(axis=1, ddof=1).sum() / sa.shape[1] if sa.shape[1] >= 2 else math.nan
+        var_b = sb.var(axis=1, ddof=1).sum() / sb.shape[1] if sb.shape[1] >= 2 else math.nan
+        se = math.sqrt(float(var_a + var_b)) / tokens
+    return PairedDifference(diff=diff, se=se, paired=paired, sequences=int(len(common)))
+
+
+# ---- on disk -------------------------------------------------------------------------------------
+
+
+def draws_path(val_dir: str | os.PathLike[str], step: int) -> Path:
+    """Where the draws of the eval at optimizer step ``step`` live: ``VAL_DIR/step_0000100.npz``."""
+    return Path(val_dir) / f"step_{int(step):07d}.npz"
+
+
+def save_val_draws(path: str | os.PathLike[str], draws: ValDraws) -> Path:
+    """Write ``draws`` (and its meta, as JSON) to ``path`` atomically: a temp file in the same folder, then rename."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, indices=draws.indices.astype(np.int64), sums=draws.sums.astype(np.float64),
+                     counts=draws.counts.astype(np.float64), meta=np.array(json.dumps(draws.meta or {})))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_val_draws(path: str | os.PathLike[str]) -> ValDraws:
+    """Read what :func:`save_val_draws` wrote."""
+    import json
+
+    with np.load(Path(path), allow_pickle=False) as z:
+        return ValDraws(indices=z["indices"], sums=z["sums"], counts=z["counts"], meta=json.loads(str(z["meta"])))

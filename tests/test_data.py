@@ -18,8 +18,6 @@ from difflm.data import (
     DataConfig,
     DataError,
     TokenizerConfig,
-    eval_batches_per_rank,
-    iterate_eval_batches,
     iterate_train_batches,
     load_documents,
     load_prepared,
@@ -396,24 +394,6 @@ def _rows(n: int, seq_len: int = 4) -> np.ndarray:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("n", [1, 2, 10, 11, 64])
-def test_eval_batches_cover_every_row_exactly_once(world_size: int, n: int) -> None:
-    blocks = _rows(n)
-    seen: list[int] = []
-    counts = []
-    for rank in range(world_size):
-        batches = list(iterate_eval_batches(blocks, 4, rank=rank, world_size=world_size))
-        counts.append(len(batches))
-        for b in batches:
-            assert b.dtype == np.int64 and b.shape[1] == 4 and 1 <= len(b) <= 4
-            seen.extend(b[:, 0].tolist())
-    assert seen == list(range(n))  # each row once, in order
-    assert counts == eval_batches_per_rank(n, 4, world_size)
-    if n < world_size:
-        assert 0 in counts  # a rank with nothing to evaluate yields no batches
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_train_batches_shard_disjointly_within_an_epoch(world_size: int) -> None:
     blocks, bs = _rows(50), 4
     per_epoch = 50 // (bs * world_size)
@@ -451,7 +431,7 @@ def test_train_batches_need_enough_blocks() -> None:
     with pytest.raises(ValueError, match=r"has 7 blocks, fewer than batch_size \* world_size = 4 \* 2 = 8"):
         next(iterate_train_batches(_rows(7), 4, rank=0, world_size=2, seed=0))
     with pytest.raises(ValueError, match="rank < world_size"):
-        next(iterate_eval_batches(_rows(7), 4, rank=2, world_size=2))
+        next(iterate_train_batches(_rows(7), 4, rank=2, world_size=2, seed=0))
 
 
 def test_batches_from_memory_mapped_cache(tmp_path: Path) -> None:
@@ -460,6 +440,4 @@ def test_batches_from_memory_mapped_cache(tmp_path: Path) -> None:
     assert isinstance(worker.train, np.memmap) or worker.train.base is not None
     b = next(iterate_train_batches(worker.train, 8, rank=0, world_size=1, seed=0))
     assert b.shape == (8, 32) and b.dtype == np.int64 and (b[:, 0] == 256).all()
-    total = sum(len(x) for r in range(3) for x in iterate_eval_batches(worker.val, 5, rank=r, world_size=3))
-    assert total == len(worker.val)
     assert os.path.samefile(worker.cache_dir, p.cache_dir)

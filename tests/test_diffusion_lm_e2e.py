@@ -88,6 +88,7 @@ train:
   log_every: 5
   num_samples: 2
   eval_batches: 8
+  eval_samples: 4
 scaling:
   num_workers: 1
   device: cpu

@@ -1,5 +1,5 @@
 """diffusion_lm in `difflm sample|eval|denoise`: the ancestral / ancestral_clamp samplers (prompts by
-inpainting, temperature as DDIM eta, seeds), denoise (cosine similarity), the K-draw NLL estimator and
+inpainting, temperature as DDIM eta, seeds), denoise (cosine similarity), the K-draw val estimator and
 the CLI on a tiny checkpoint made in-process."""
 
 from __future__ import annotations
@@ -240,44 +240,32 @@ def test_denoise_noise_level_maps_to_steps() -> None:
 # ---- eval: K draws -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_nll_samples_k1_is_forwards_draw(training: bool) -> None:
-    m = make()
-    m.train(training)
-    tokens = torch.randint(0, V, (5, 12), generator=gen(0))
-    valid = torch.ones_like(tokens, dtype=torch.bool)
-    valid[2, 7:] = False
-    with torch.no_grad():
-        out = m(tokens, valid, gen(9))
-        sums, counts = m.nll_samples(tokens, valid, gen(9), 1)
-    assert sums.shape == (5, 1) and sums.dtype == torch.float64
-    assert float(sums.sum()) == pytest.approx(float(out.nll_sum), rel=1e-12)
-    assert counts.tolist() == [12, 12, 7, 12, 12] and float(counts.sum()) == float(out.num_tokens)
+def test_val_nll_common_random_numbers_and_stratified_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sequence's K draws depend on its val noise only (not on its batch), and its K steps come from K strata."""
+    from difflm.evaluation import counted_positions, make_val_noise
 
-
-def test_nll_samples_k_draws_are_stratified(monkeypatch: pytest.MonkeyPatch) -> None:
     m = make()
-    tokens = torch.randint(0, V, (3, 10), generator=gen(1))
-    valid = torch.ones_like(tokens, dtype=torch.bool)
+    tokens = torch.randint(0, V, (4, 12), generator=gen(0))
+    counted = counted_positions(tokens)
     with torch.no_grad():
-        sums, counts = m.nll_samples(tokens, valid, gen(2), 4)
-    assert sums.shape == (3, 4) and torch.isfinite(sums).all() and counts.tolist() == [10, 10, 10]
-    assert len(set(sums.flatten().tolist())) == 12
-    # sequence b gets uniforms (u + b/12 + k/4) mod 1: with uniform steps (training mode), one per quarter of T
+        whole = m.val_nll(tokens, counted, make_val_noise([0, 1, 2, 3], 4, 12, seed=3))  # (4, 4)
+        alone = m.val_nll(tokens[2:3], counted[2:3], make_val_noise([2], 4, 12, seed=3))  # (1, 4)
+        other_seed = m.val_nll(tokens, counted, make_val_noise([0, 1, 2, 3], 4, 12, seed=4))
+    assert whole.shape == (4, 4) and whole.dtype == torch.float64 and torch.isfinite(whole).all()
+    torch.testing.assert_close(alone[0], whole[2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(other_seed, whole)
     seen: list[Tensor] = []
-    real = m.terms
+    real = m.steps_from_uniform
 
-    def spy(tok: Tensor, val: Tensor, t: Tensor, *args: object) -> object:
-        seen.append(t.clone())
-        return real(tok, val, t, *args)  # type: ignore[arg-type]
+    def spy(u: Tensor, importance: bool) -> tuple[Tensor, Tensor]:
+        seen.append(u.clone())
+        return real(u, importance)
 
-    monkeypatch.setattr(m, "terms", spy)
-    m.train(True)
+    monkeypatch.setattr(m, "steps_from_uniform", spy)
     with torch.no_grad():
-        m.nll_samples(tokens, valid, gen(2), 4)
-    per_seq = seen[0].view(4, 3).T  # (3, 4): row k*B + b is sequence b
-    for row in per_seq:
-        assert sorted(int(v) * 4 // m.T for v in row) == [0, 1, 2, 3], per_seq
+        m.val_nll(tokens, counted, make_val_noise([0, 1, 2, 3], 4, 12, seed=3))
+    u = torch.stack(seen, dim=1)  # (B, K)
+    assert (u * 4).floor().long().tolist() == [[0, 1, 2, 3]] * 4  # draw k in the k-th quarter, every sequence
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -294,7 +282,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "diffusion": {"sample_steps": 8, "timesteps": 200, "clamp_sampling": True},
         "data": {"source": "builtin", "seq_len": 32, "max_documents": 200, "cache_dir": str(root / "cache")},
         "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 8,
-                  "checkpoint_every": 8, "num_samples": 0},
+                  "checkpoint_every": 8, "num_samples": 0, "eval_samples": 4},
         "scaling": {"deepspeed": False, "device": "cpu"},
     })
 
@@ -347,7 +335,8 @@ def test_cli_eval_reproduces_val_nll_and_k_draws(run_dir: Path) -> None:
     from tests.helpers import CKPT_NAME
 
     trained_val = json.loads((run_dir / CKPT_NAME / "trainer_state.json").read_text())["val"]["val/nll"]
-    assert abs(got["nll"] - trained_val) <= 1e-9 * max(1.0, abs(trained_val)) and "(reproduced)" in res.output
+    assert abs(got["nll"] - trained_val) <= 1e-9 * max(1.0, abs(trained_val))
+    assert "(reproduced, to float rounding)" in res.output
     k = cli("eval", str(run_dir), "--samples", "2", "--json")
     assert k.exit_code == 0, k.output
     got_k = json.loads(k.stdout)

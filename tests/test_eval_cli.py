@@ -34,7 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
             "diffusion": {"sample_steps": 8},
             "data": {"source": "builtin", "seq_len": 32, "max_documents": 200, "cache_dir": str(root / "cache")},
             "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 8,
-                      "checkpoint_every": 8, "num_samples": 0},
+                      "checkpoint_every": 8, "num_samples": 0, "eval_samples": 4},
             "scaling": {"deepspeed": False, "device": "cpu"},
         })
     yield out
@@ -140,20 +140,25 @@ def test_eval_reproduces_training_val_nll(runs: dict[str, Path]) -> None:
         assert res.exit_code == 0, res.output
         got = json.loads(res.stdout)
         assert abs(got["nll"] - trained_val_nll(runs[family])) <= 1e-9, (family, got)
-        assert "(reproduced)" in res.output
+        assert "(reproduced, to float rounding)" in res.output
+        # the batch size changes speed only: every sequence's noise is its own
+        other = json.loads(cli("eval", str(runs[family]), "--json", "--batch-size", "3").stdout)
+        assert abs(other["nll"] - got["nll"]) <= 1e-6 and other["nll_se"] == pytest.approx(got["nll_se"], rel=1e-5)
         assert got["bits_per_token"] == pytest.approx(got["nll"] / math.log(2))
     assert "NLL bound" in cli("eval", str(runs["mdlm"])).output
     assert "NLL (exact)" in cli("eval", str(runs["ar"])).output
 
 
 def test_eval_k_draws_within_standard_error(runs: dict[str, Path]) -> None:
-    res = cli("eval", str(runs["mdlm"] / "last"), "--samples", "4", "--json")
+    res = cli("eval", str(runs["mdlm"] / "last"), "--samples", "16", "--json")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     se, se1 = got["nll_se"], got["nll_se_one_draw"]
-    assert 0 < se < se1 and se1 == pytest.approx(2 * se)  # K = 4 draws: half the one-draw error
-    # training's val/nll is one draw per sequence: compare with both errors combined
-    assert abs(got["difference"]) <= 3 * math.hypot(se, se1), got
+    assert 0 < se < se1 and se1 == pytest.approx(4 * se)  # K = 16 draws: a quarter of the one-draw error
+    # training's val/nll took 4 draws per sequence: compare with both errors combined
+    train_se = json.loads((runs["mdlm"] / CKPT_NAME / "trainer_state.json").read_text())["val"]["val/nll_se"]
+    assert abs(got["difference"]) <= 3 * math.hypot(se, train_se), got
+    assert "combined standard errors" in res.output
     assert re.search(r"NLL bound   [\d.]+ ± [\d.]+ nats/token", res.output)
     ar = cli("eval", str(runs["ar"]), "--samples", "2")
     assert "none: the NLL is exact" in ar.output
@@ -197,12 +202,15 @@ def test_denoise_bad_input_exits_2(runs: dict[str, Path]) -> None:
     assert res.exit_code == 2 and "must be in [0, 1]" in res.output, res.output
 
 
-def test_eval_emulates_multi_worker_validation(runs: dict[str, Path], tmp_path: Path) -> None:
-    """A 2-worker run validated each worker's shard with seed eval_seed + rank; eval repeats that exactly."""
+def test_eval_reproduces_multi_worker_validation(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A 2-worker run validated each worker's shard with the per-sequence noise; eval (one process, no
+    emulation of shards) gets the same per-sequence draws and so the same val/nll."""
     import shutil
 
+    import numpy as np
     import yaml
 
+    from difflm.evaluation import ValDraws, load_val_draws
     from orchestrator.train.checkpoints import load_checkpoint
 
     ckpt_dir = tmp_path / "two-workers"
@@ -213,16 +221,21 @@ def test_eval_emulates_multi_worker_validation(runs: dict[str, Path], tmp_path: 
     loaded = load_checkpoint(ckpt_dir, "cpu")
     data = prepare_data(loaded.spec.data, loaded.spec.tokenizer, log=lambda _: None)
     engine = TorchEngine(loaded.model, loaded.spec.train, CPU)
-    nll = tokens = 0.0
-    for rank in (0, 1):  # no process group: each rank's validate() returns its own shard's mean
-        val = Runner(loaded.spec, data, engine, WorkerContext(rank, 2, CPU)).validate()
-        nll += val["val/nll"] * val["val/tokens"]
-        tokens += val["val/tokens"]
+    shards = []
+    for rank in (0, 1):  # no process group: each rank's validate() keeps its own shard's draws
+        runner = Runner(loaded.spec, data, engine, WorkerContext(rank, 2, CPU))
+        runner.validate()
+        assert runner.last_draws is not None
+        shards.append(runner.last_draws)
+    both = ValDraws.concat(shards)
+    assert both.indices.tolist() == list(range(len(data.val)))  # the shards tile the split in index order
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-    state["val"]["val/nll"] = nll / tokens
+    state["val"]["val/nll"] = both.nll
     (ckpt_dir / "trainer_state.json").write_text(json.dumps(state))
-    res = cli("eval", str(ckpt_dir), "--json")
+    saved = tmp_path / "draws.npz"
+    res = cli("eval", str(ckpt_dir), "--json", "--save", str(saved))
     assert res.exit_code == 0, res.output
-    assert "2 worker shards as in training" in res.output and "(reproduced)" in res.output
-    assert abs(json.loads(res.stdout)["nll"] - nll / tokens) <= 1e-9
-    assert abs(nll / tokens - trained_val_nll(runs["mdlm"])) > 1e-6  # the shards' noise differs from 1 worker's
+    assert "(reproduced, to float rounding)" in res.output, res.output
+    assert abs(json.loads(res.stdout)["nll"] - both.nll) <= 1e-9
+    assert abs(both.nll - trained_val_nll(runs["mdlm"])) <= 1e-9  # = the 1-worker run's val/nll
+    np.testing.assert_allclose(load_val_draws(saved).sums, both.sums, rtol=1e-6)

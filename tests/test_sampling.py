@@ -273,17 +273,34 @@ def test_mdlm_denoise_masks_only_valid_and_scores() -> None:
     assert torch.all(sampled.reconstructed < V) and "ddpm" in sampled.method
 
 
-def test_nll_samples_stratified_and_matches_forward_at_k1() -> None:
-    m = mdlm()
-    tokens = torch.randint(0, V, (4, 16), generator=gen(0))
-    valid = torch.ones_like(tokens, dtype=torch.bool)
-    sums, counts = m.nll_samples(tokens, valid, gen(7), samples=1)
-    out = m(tokens, valid, gen(7))
-    assert sums.shape == (4, 1) and torch.all(counts == 16)
-    assert sums.sum().item() == pytest.approx(out.nll_sum.item(), rel=1e-12)
-    k = 4  # the times each sequence gets are K strata 1/K apart
-    t = m.sample_times(k * 4, torch.device("cpu"), gen(7)).view(k, 4)
-    gaps = ((t[1:] - t[:-1]) / (1 - m.sampling_eps)) % 1.0
-    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / k))
-    many, _ = m.nll_samples(tokens, valid, gen(7), samples=k)
-    assert many.shape == (4, k) and many.dtype == torch.float64 and torch.all(many >= 0)
+def test_mdlm_val_nll_is_the_masking_rate_nelbo_draw() -> None:
+    """Column k = span / m_k * sum of -log p(x0 | x_m) over the masked counted tokens; nothing else is masked,
+    and a time-conditioned model sees sigma = -log(1 - m) (no schedule involved)."""
+    from difflm.evaluation import counted_positions, make_val_noise
+
+    for tc in (False, True):
+        m = mdlm(time_conditioning=tc)
+        tokens = torch.randint(0, V, (3, 16), generator=gen(0))
+        counted = counted_positions(tokens)
+        noise = make_val_noise([5, 6, 7], 3, 16, seed=11, device="cpu")
+        seen: list[torch.Tensor] = []
+        real = m.backbone.forward
+
+        def spy(ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+            seen.append(ids.clone())
+            return real(ids, sigma)
+
+        m.backbone.forward = spy  # type: ignore[method-assign]
+        with torch.no_grad():
+            out = m.val_nll(tokens, counted, noise)  # (3, K)
+        del m.backbone.forward
+        assert out.shape == (3, 3) and out.dtype == torch.float64 and torch.all(out >= 0)
+        for k in range(3):
+            masked = noise.masked(k, counted)
+            assert torch.equal(seen[k] == m.mask_id, masked) and not masked[:, [0, -1]].any()
+            rate = noise.rates[:, k]
+            sigma = -torch.log1p(-rate).float()
+            with torch.no_grad():
+                logp = m.log_probs(torch.where(masked, m.mask_id, tokens), sigma)  # (3, 16, V+1)
+            nll = -logp.gather(-1, tokens[..., None])[..., 0].masked_fill(~masked, 0).double().sum(-1)
+            torch.testing.assert_close(out[:, k], noise.span / rate * nll, rtol=1e-6, atol=1e-9)

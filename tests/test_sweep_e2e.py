@@ -33,6 +33,12 @@ def _results(sweep_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _rows_at(trial_dir: Path, step: int) -> dict[str, float]:
+    """The trial's Tune result row of the eval at ``step``."""
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    return next(r for r in rows if r.get("step") == step)
+
+
 def _ray_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "gcs_server|raylet|dashboard.py"], capture_output=True, text=True).stdout
     return {int(x) for x in out.split()}
@@ -68,6 +74,22 @@ def test_quickstart_sweep_asha(tmp_path: Path) -> None:
     again = _cli("results", str(sweep_dir))
     assert again.returncode == 0 and "| 1 (best) |" in again.stdout
     assert [r["trial_id"] for r in _results(sweep_dir)] == [r["trial_id"] for r in rows]
+    # Common random numbers: the four untrained models (same init seed, no time conditioning) read the same
+    # val NLL at step 0 whatever their schedule (before: 5.07 / 5.50 / 5.56 / 5.63).
+    step0 = [_rows_at(Path(r["trial_dir"]), 0)["val/nll"] for r in rows]
+    assert max(step0) - min(step0) <= 1e-4, step0
+    # error bars: best ± SE, the difference to the best ± its paired SE, ties, and the verdict line
+    assert "best val/nll ± SE" in proc.stdout and "Δ to best ± paired SE" in proc.stdout
+    assert "separated from the runner-up" in proc.stdout, proc.stdout
+    for r in rows:
+        assert 0 < float(r["best_se"]) < 0.05, r  # eval_samples 16: ~0.016 nats/token at this size
+        assert r["rank"] == "1" or (float(r["diff_se"]) > 0 and r["paired"] == "True"), r
+        draws = sorted(p.name for p in (Path(r["trial_dir"]) / "train" / "val").iterdir())
+        assert draws[0] == "step_0000000.npz" and f"step_{int(r['best_step']):07d}.npz" in draws, draws
+        tags = EventAccumulator(str(Path(r["trial_dir"]) / "tensorboard")).Reload().Tags()["scalars"]
+        assert "val/nll_se" in tags
+    tied = [r for r in rows if r["tied"] == "True"]
+    assert not tied or any(r["rank"] == "1" for r in tied)  # a tie always includes the best
 
 
 RESUME_SPEC = """
@@ -75,7 +97,7 @@ model: {family: mdlm, size: null, d_model: 64, n_layers: 2, n_heads: 2, cond_dim
 diffusion: {sample_steps: 4}
 data: {source: builtin, seq_len: 64, max_documents: 300}
 train: {max_steps: 60, micro_batch_size: 16, lr: 3.0e-3, warmup_steps: 2, eval_every: 10, checkpoint_every: 10,
-        log_every: 5, num_samples: 1}
+        log_every: 5, num_samples: 1, eval_samples: 2}
 scaling: {num_workers: 1, device: cpu, zero_stage: 0}
 output: {dir: %s, name: r}
 sweep:
@@ -157,7 +179,7 @@ model: {family: mdlm, size: null, d_model: 32, n_layers: 1, n_heads: 2, cond_dim
 diffusion: {sample_steps: 4}
 data: {source: builtin, seq_len: 32, max_documents: 300}
 train: {max_steps: 20, micro_batch_size: 8, warmup_steps: 2, eval_every: 10, checkpoint_every: 20, log_every: 5,
-        num_samples: 1}
+        num_samples: 1, eval_samples: 2}
 scaling: {num_workers: 1, device: cpu, zero_stage: 0}
 output: {dir: %s, name: o}
 sweep:

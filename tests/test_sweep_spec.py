@@ -12,7 +12,8 @@ from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.sweep.results import expected_trials
 from orchestrator.spec.run import RunSpec
-from orchestrator.sweep.driver import fit_count, trial_dirname
+from orchestrator.sweep.driver import fit_count
+from orchestrator.sweep.spec import trial_dirname
 from orchestrator.sweep.spec import load_sweep_file, trial_raw
 
 BASE = """

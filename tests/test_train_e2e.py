@@ -49,7 +49,7 @@ scaling:
 """
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec"}
-VAL_TAGS = {"val/nll", "val/ppl", "val/bpt"}
+VAL_TAGS = {"val/nll", "val/nll_se", "val/ppl", "val/bpt"}
 
 
 def _train(tmp_path: Path, family: str) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -89,6 +89,18 @@ def test_train_two_workers_zero2(tmp_path: Path, family: str) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 40
     assert summary["best_val_nll"] == pytest.approx(min(val.values()), rel=1e-5)
+    se = dict(scalars["val/nll_se"])
+    assert summary["best_val_nll_se"] == pytest.approx(se[min(val, key=val.get)], rel=1e-5)
+    assert (se[40] == 0.0) if family == "ar" else (0 < se[40] < 0.1), se  # ar's NLL is exact
+    assert "± " in log  # console: val_nll ± SE at every eval, and in the summary
+    # rank 0 saved the gathered per-sequence draws of both workers' shards at every eval point
+    assert sorted(p.name for p in (run_dir / "val").iterdir()) == [f"step_{s:07d}.npz" for s in (0, 20, 40)]
+    # `difflm eval` (one process, no shards) reproduces the 2-worker val/nll from the last checkpoint
+    ev = subprocess.run([sys.executable, "-m", "orchestrator", "eval", str(run_dir / "last"), "--json"],
+                        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    assert "(reproduced, to float rounding)" in ev.stderr, ev.stderr
+    assert json.loads(ev.stdout)["nll"] == pytest.approx(val[40], rel=1e-6)
 
     for name in ("best", "last"):
         ckpt = run_dir / "checkpoints" / name

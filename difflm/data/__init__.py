@@ -1,19 +1,15 @@
 """Data for difflm: corpus sources, tokenizers, packed/cached train-val blocks, batch iterators.
 
 Typical use (driver): ``prepared = prepare_data(spec.data, spec.tokenizer)``; workers:
-``load_prepared(prepared.cache_dir)`` then ``iterate_train_batches(prepared.train, ...)``.
+``load_prepared(prepared.cache_dir)`` then ``iterate_train_batches(prepared.train, ...)``
+(validation: :func:`difflm.evaluation.val_pass`).
 Plain numpy/PyTorch-free; the ``datasets``/``transformers`` imports happen only for the
 sources and tokenizer kinds that need them.
 """
 
 from difflm.data.config import DataConfig, TokenizerConfig
 from difflm.data.errors import DataError
-from difflm.data.loader import (
-    eval_batches_per_rank,
-    iterate_eval_batches,
-    iterate_train_batches,
-    train_batches_per_epoch,
-)
+from difflm.data.loader import iterate_train_batches, train_batches_per_epoch
 from difflm.data.pipeline import PreparedData, load_prepared, prepare_data
 from difflm.data.sources import load_documents
 from difflm.data.tokenization import Tokenizer, build_tokenizer, load_tokenizer
@@ -29,8 +25,6 @@ __all__ = [
     "load_tokenizer",
     "build_tokenizer",
     "iterate_train_batches",
-    "iterate_eval_batches",
     "train_batches_per_epoch",
-    "eval_batches_per_rank",
     "load_documents",
 ]

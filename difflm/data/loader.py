@@ -1,4 +1,4 @@
-"""Batches of packed blocks for data-parallel training and evaluation.
+"""Batches of packed blocks for data-parallel training.
 
 Plain numpy, no torch DataLoader: blocks are already token ids in (memory-mapped)
 arrays, so a batch is one fancy-index; the trainer moves it to the device.
@@ -11,15 +11,9 @@ multiple of ``batch_size * world_size`` (drop_last) and rank ``r`` takes positio
 disjoint, and every rank yields the same number of batches, so collective ops stay
 in lockstep.
 
-Evaluation: one pass in order; rank ``r`` takes a contiguous slice of the rows
-(sizes differ by at most one) and yields it in batches, the last one possibly
-short. Every row is seen exactly once across ranks (no padding duplicates, which
-would bias the loss). Ranks may therefore yield *different numbers of batches*
-(a rank yields none when there are fewer rows than ranks): accumulate sums
-locally (NLL sum, token count) and all-reduce them once after the loop; never run
-a collective per eval batch. :func:`eval_batches_per_rank` tells how many batches
-each rank gets (e.g. to run dummy forwards under ZeRO-3, whose forward gathers
-parameters collectively).
+Evaluation is not here: :func:`difflm.evaluation.val_pass` scores the val split (each worker a
+contiguous shard, :func:`difflm.evaluation.val_shard`), the one protocol training's validation
+and ``difflm eval`` share.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["iterate_train_batches", "iterate_eval_batches", "train_batches_per_epoch", "eval_batches_per_rank"]
+__all__ = ["iterate_train_batches", "train_batches_per_epoch"]
 
 
 def _check(blocks: np.ndarray, batch_size: int, rank: int, world_size: int) -> None:
@@ -70,30 +64,3 @@ def iterate_train_batches(blocks: np.ndarray, batch_size: int, *, rank: int, wor
         for i in range(offset, per_epoch):
             yield np.asarray(blocks[mine[i]], dtype=np.int64)
         epoch, offset = epoch + 1, 0
-
-
-def _eval_bounds(num_blocks: int, rank: int, world_size: int) -> tuple[int, int]:
-    """This rank's contiguous row range; sizes differ by at most one across ranks."""
-    return rank * num_blocks // world_size, (rank + 1) * num_blocks // world_size
-
-
-def eval_batches_per_rank(num_blocks: int, batch_size: int, world_size: int) -> list[int]:
-    """How many batches each rank gets from :func:`iterate_eval_batches`."""
-    counts = []
-    for r in range(world_size):
-        lo, hi = _eval_bounds(num_blocks, r, world_size)
-        counts.append(-(-(hi - lo) // batch_size))
-    return counts
-
-
-def iterate_eval_batches(blocks: np.ndarray, batch_size: int, *, rank: int,
-                         world_size: int) -> Iterator[np.ndarray]:
-    """This rank's share of ``blocks`` in order, as int64 batches of at most ``batch_size`` rows.
-
-    Across ranks every row appears exactly once; ranks may get different (even zero)
-    batch counts, so all-reduce the accumulated sums after the loop, not per batch.
-    """
-    _check(blocks, batch_size, rank, world_size)
-    lo, hi = _eval_bounds(len(blocks), rank, world_size)
-    for start in range(lo, hi, batch_size):
-        yield np.asarray(blocks[start:min(start + batch_size, hi)], dtype=np.int64)

@@ -1,9 +1,10 @@
 """The interface every model family implements, so the trainer never branches on the family.
 
 A family is an ``nn.Module`` whose ``forward`` takes a batch of clean token ids and
-returns a :class:`LossOutput`: the scalar to backpropagate plus the float64
-per-token NLL sum that validation accumulates. Training and validation call the
-same ``forward``; validation passes a seeded generator so its noise is fixed.
+returns a :class:`LossOutput` (the scalar to backpropagate, averaged over the counted
+tokens), and whose :meth:`Family.val_nll` scores val sequences with the shared val noise
+of :mod:`difflm.evaluation` (K draws per sequence, common random numbers). Both see the
+same ``valid`` / ``counted`` positions: :func:`difflm.evaluation.counted_positions`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from difflm.evaluation import ValNoise
     from difflm.sampling.core import SampleOptions, SampleOutput, Sampler
 
 
@@ -32,10 +34,10 @@ def wide_float(device: torch.device) -> torch.dtype:
 class LossOutput:
     """What one forward pass of a family returns.
 
-    loss:       scalar, mean over real tokens; what ``backward`` sees.
-    nll_sum:    float64 scalar, sum over real tokens of the per-token NLL (bound) in nats;
-                validation sums it over the whole val set and divides by ``num_tokens``.
-    num_tokens: int64 scalar, how many real tokens ``nll_sum`` covers.
+    loss:       scalar, mean over the counted (``valid``) tokens; what ``backward`` sees.
+    nll_sum:    float64 scalar, this draw's sum over counted tokens of the per-token NLL (bound)
+                in nats (the training draw's estimate; validation uses :meth:`Family.val_nll`).
+    num_tokens: int64 scalar, how many counted tokens ``nll_sum`` covers.
     metrics:    extra scalar tensors for logging (e.g. ``nelbo``, ``ce``); detached.
     """
 
@@ -89,9 +91,11 @@ class Family(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        """Loss on clean tokens (B, L) with a bool mask of real tokens (B, L).
+        """Loss on clean tokens (B, L) with a bool mask (B, L) of the positions that count.
 
-        All noise (times, masks) is drawn on ``tokens.device`` from ``generator`` when given.
+        The trainer passes :func:`difflm.evaluation.counted_positions` (never BOS, never the
+        packer's block-final EOS), so every family averages over the same tokens. All noise
+        (times, masks) is drawn on ``tokens.device`` from ``generator`` when given.
         """
 
     @abstractmethod
@@ -145,25 +149,26 @@ class Family(nn.Module, ABC):
             f"family {self.name!r} does not implement denoise (corrupt at a noise level and reconstruct)"
         )
 
-    @torch.no_grad()
-    def nll_samples(
-        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
-    ) -> tuple[Tensor, Tensor]:
-        """``samples`` independent noise draws of the NLL (bound) per sequence, for Monte Carlo error bars.
+    def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
+        """Validation: K draws of the NLL (bound) per sequence, in common random numbers.
 
-        Returns per-sequence NLL sums (B, K) float64 in nats and real-token counts (B,) float64, in the
-        units of ``forward``'s ``nll_sum`` / ``num_tokens``. This generic version runs ``forward`` once
-        per row and draw (slow; families override it with a batched, stratified version)."""
-        B = tokens.shape[0]
-        wide = wide_float(tokens.device)
-        out = torch.zeros(B, samples, dtype=wide, device=tokens.device)
-        counts = torch.zeros(B, dtype=wide, device=tokens.device)
-        for b in range(B):
-            for k in range(samples):
-                res = self.forward(tokens[b:b + 1], valid[b:b + 1], generator)
-                out[b, k] = res.nll_sum.to(wide)
-                counts[b] = res.num_tokens.to(wide)
-        return out, counts
+        tokens  (B, L) clean ids (packed val blocks).
+        counted (B, L) bool, the positions that count (:func:`difflm.evaluation.counted_positions`):
+                only they are noised and scored; the others stay clean context.
+        noise   :class:`difflm.evaluation.ValNoise` of these B sequences: K masking rates (B, K)
+                stratified over the common range, per-position uniforms (B, K, L) and per-sequence
+                seeds (B,). Use only this noise (never a generator of your own), so that a
+                sequence's val noise depends on (eval_seed, its index) alone.
+        Returns (B, K) sums over counted positions in nats, float64 (float32 on MPS: see
+        :func:`wide_float`); column k must be an unbiased estimate of the sequence's NLL (bound)
+        on its own. Called under ``torch.no_grad`` in eval mode by :func:`difflm.evaluation.val_pass`.
+        For discrete diffusion, integrate over the masking rate m (``noise.masked(k, counted)``,
+        weight ``noise.span * w(m)``) and map m to the model's conditioning without the schedule
+        (e.g. sigma = -log(1 - m)), so the schedule enters only through the trained weights."""
+        raise NotImplementedError(
+            f"family {self.name!r} does not implement val_nll(tokens, counted, noise) -> (B, K) float64 "
+            "per-sequence NLL sums; validation and `difflm eval` need it (see Family.val_nll)"
+        )
 
     def num_parameters(self) -> int:
         """Trainable parameters (printed at start)."""

@@ -5,7 +5,8 @@
 It runs one sweep file twice in one Ray session — once as written (ASHA) and
 once with ``sweep.scheduler.kind=none`` — and reports the compute ASHA saved (optimizer
 steps and tokens over all trials, and trial wall time) and whether both runs pick the
-same best configuration. It prints a markdown block to paste into docs/benchmarks.md.
+same best configuration (and both ranked tables, with standard errors and ties). It prints a
+markdown block to paste into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def asha_report(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> s
     """Run SWEEP_FILE with ASHA and at full budget; return the markdown block for docs/benchmarks.md."""
     from orchestrator.train.console import TrainConsole
     from orchestrator.sweep.driver import run_sweep
+    from orchestrator.sweep.results import report
     from orchestrator.sweep.spec import load_sweep_file
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -83,4 +85,7 @@ def asha_report(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> s
         "",
         "Full-budget ranking: " + "; ".join(f"{p} {m:.4f}" for p, m in f["ranking"] if m is not None),
     ]
+    for label, name in (("ASHA", "asha"), ("full budget", "full")):
+        table, _ = report(output.resolve() / f"{sweep_file.stem}-{name}-{stamp}", write_hparams_data=False)
+        lines += ["", f"{label} (`difflm results`):", "", table]
     return "\n".join(lines)

@@ -3,14 +3,14 @@
     difflm sample runs/q --num 4 --steps 1000 --sampler ddpm_cache
     difflm sample runs/q --prompt "The capital of India is [MASK:5]."
     difflm sample runs/q --length 512 --block 64             # semi-autoregressive, longer than trained
-    difflm eval runs/q --samples 8                           # the run's val split, 8 time draws / sequence
+    difflm eval runs/q --samples 16                          # the run's val split, 16 noise draws / sequence
     difflm eval runs/q/last --data notes.txt --split all
     difflm denoise runs/q --text "The capital of India is New Delhi." --t 0.1,0.5,0.9
 
 Every command takes a run dir, RUN_DIR/best or RUN_DIR/last, or a checkpoint folder
 (:mod:`orchestrator.train.checkpoints`). Bad input exits 2 with one line. Samplers, the NLL
 bound and the denoising all come from the family (``Family.samplers``, ``forward`` /
-``nll_samples``, ``denoise``): nothing here branches on the family's name.
+``val_nll``, ``denoise``): nothing here branches on the family's name.
 """
 
 from __future__ import annotations
@@ -240,30 +240,28 @@ def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_co
 @click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
 @click.option("--data", "data_ref", metavar="PATH|builtin|HF_NAME", help="Text to score (default: the run's own data). A .txt/.jsonl/.parquet file or folder, 'builtin', or a Hugging Face dataset name; tokenized with the run's tokenizer into blocks of its seq_len.")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True, help="Document split (the run's val_fraction and split_seed) or all documents.")
-@click.option("--samples", "-k", default=1, show_default=True, type=click.IntRange(1, 4096), help="Noise draws per sequence (stratified times); K >= 2 gives the Monte Carlo standard error.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward (default: the run's micro_batch_size, as in training's validation). The K draws multiply it.")
-@click.option("--max-batches", type=click.IntRange(min=1), help="Score at most this many batches per (emulated) worker (default: the run's train.eval_batches on its own val split, else all).")
+@click.option("--samples", "-k", type=click.IntRange(1, 4096), help="Noise draws per sequence (masking rates stratified over one common range); K >= 2 gives the Monte Carlo standard error. Default: the run's train.eval_samples, as training's validation.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward (default: the run's micro_batch_size). Changes speed and memory only: each sequence's noise is its own.")
+@click.option("--max-batches", type=click.IntRange(min=1), help="Score only the first N x the run's micro_batch_size sequences (default: the run's train.eval_batches on its own val split, else all).")
 @click.option("--seed", type=int, help="Noise seed (default: the run's train.eval_seed, as training's validation).")
 @click.option("--hf-config", help="Hugging Face dataset config (with an HF_NAME).")
 @click.option("--hf-split", default="train", show_default=True, help="Hugging Face split to read.")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet/hf records.")
 @click.option("--max-documents", type=click.IntRange(min=2), help="Read at most this many documents of --data.")
+@click.option("--save", "save_to", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-sequence draws (.npz: indices, sums (N, K), counts) for paired comparisons.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line on stdout (the readable report moves to stderr).")
 @user_errors
 @_as_spec_errors
-def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, batch_size: int | None,
+def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int | None, batch_size: int | None,
              max_batches: int | None, seed: int | None, hf_config: str | None, hf_split: str, text_field: str,
-             max_documents: int | None, device: str, as_json: bool) -> None:
-    """NLL (bound), bits/token and perplexity of RUN_OR_CHECKPOINT on a dataset, float64 sums.
+             max_documents: int | None, save_to: Path | None, device: str, as_json: bool) -> None:
+    """NLL (bound), bits/token and perplexity of RUN_OR_CHECKPOINT on a dataset, float64 sums, with its standard error.
 
-    On the run's own val split with the defaults it repeats training's validation exactly (same
-    blocks, batches, noise seed and, for multi-worker runs, the same per-worker shards), so it
-    reproduces the checkpoint's val/nll."""
-    import numpy as np
-    import torch
-
-    from difflm.data import iterate_eval_batches
+    Scores with :func:`difflm.evaluation.val_pass`, the function training's validation calls: on
+    the run's own val split with the defaults it reproduces the checkpoint's val/nll (to float
+    rounding), whatever the batch size and the number of workers the run trained with."""
+    from difflm.evaluation import RATE_MAX, RATE_MIN, save_val_draws, val_count, val_pass
     from orchestrator.errors import SpecError
 
     def say(line: str) -> None:  # with --json, stdout carries only the JSON line (pipe it to jq)
@@ -271,89 +269,74 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int, ba
 
     ckpt = _load(checkpoint, device)
     model, spec = ckpt.model, ckpt.spec
+    t = spec.train
     blocks, described, own = _eval_blocks(ckpt, data_ref, split, hf_config, hf_split, text_field, max_documents)
-    bs = batch_size or spec.train.micro_batch_size
+    bs = batch_size or t.micro_batch_size
     training_protocol = own and split == "val"
-    world = spec.scaling.num_workers if training_protocol else 1
-    cap = max_batches if max_batches is not None else (spec.train.eval_batches if training_protocol else None)
-    base_seed = spec.train.eval_seed if seed is None else seed
+    cap = max_batches if max_batches is not None else (t.eval_batches if training_protocol else None)
+    num = val_count(len(blocks), cap, t.micro_batch_size)
+    k = samples or t.eval_samples
+    base_seed = t.eval_seed if seed is None else seed
 
     say(f"checkpoint  {ckpt.describe()}")
-    say(f"data        {described}: {len(blocks)} blocks x {blocks.shape[1]} tokens")
-    shards = f"{world} worker shards as in training, " if world > 1 else ""
-    say(f"protocol    {shards}batch {bs}, noise seed {base_seed}"
-               + (f", at most {cap} batches per worker" if cap else "")
-               + f", {samples} draw(s) per sequence" + (" (stratified times)" if samples > 1 else ""))
+    say(f"data        {described}: {len(blocks)} blocks x {blocks.shape[1]} tokens"
+        + (f", the first {num} scored" if num < len(blocks) else ""))
+    say(f"protocol    batch {bs}, noise seed {base_seed}, {k} draw(s) per sequence "
+        f"(masking rates stratified over [{RATE_MIN:g}, {RATE_MAX:g}])")
 
     start = time.perf_counter()
-    nll = 0.0
-    tokens_total = 0.0
-    per_seq: list[np.ndarray] = []  # (B, K) per batch
-    with torch.no_grad():
-        for rank in range(world):
-            gen = torch.Generator(device=ckpt.device).manual_seed(base_seed + rank)
-            for i, batch in enumerate(iterate_eval_batches(blocks, bs, rank=rank, world_size=world)):
-                if cap is not None and i >= cap:
-                    break
-                x = torch.from_numpy(batch).to(ckpt.device)  # (B, L) int64
-                valid = torch.ones_like(x, dtype=torch.bool)
-                if samples == 1:  # exactly training's validate(): forward's own batch-antithetic draw
-                    out = model(x, valid, gen)
-                    nll += float(out.nll_sum.to("cpu", torch.float64))
-                    tokens_total += float(out.num_tokens)
-                else:
-                    sums, counts = model.nll_samples(x, valid, gen, samples)  # (B, K), (B,)
-                    per_seq.append(sums.cpu().numpy())
-                    tokens_total += float(counts.sum())
+    draws = val_pass(model, blocks, 0, num, batch_size=bs, samples=k, seed=base_seed, device=ckpt.device)
     elapsed = time.perf_counter() - start
-    if tokens_total == 0:
+    if draws.tokens == 0:
         raise SpecError("no tokens were scored: the data produced no blocks")
-    se = se_single = math.nan
-    if samples > 1:
-        allk = np.concatenate(per_seq, axis=0)  # (N, K) float64
-        nll = float(allk.mean(axis=1).sum())
-        var_seq = allk.var(axis=1, ddof=1)  # (N,) per-sequence MC variance of one draw
-        se = math.sqrt(float(var_seq.sum()) / samples) / tokens_total
-        se_single = math.sqrt(float(var_seq.sum())) / tokens_total
-    mean = nll / tokens_total
+    draws.meta = {"seed": base_seed, "samples": k, "family": spec.model.family, "step": ckpt.step,
+                  "rate_min": RATE_MIN, "rate_max": RATE_MAX, "checkpoint": str(ckpt.path)}
+    mean, se = draws.nll, draws.se
+    se_single = se * math.sqrt(k) if math.isfinite(se) else math.nan
     ln2 = math.log(2)
     kind = "NLL (exact)" if model.exact_likelihood else "NLL bound"
     pm = f" ± {se:.4f}" if math.isfinite(se) else ""
     pm_bits = f" ± {se / ln2:.4f}" if math.isfinite(se) else ""
-    say(f"{kind:<11} {mean:.4f}{pm} nats/token over {tokens_total:,.0f} tokens ({elapsed:.1f} s)")
+    say(f"{kind:<11} {mean:.4f}{pm} nats/token over {draws.tokens:,.0f} tokens ({elapsed:.1f} s)")
     say(f"bits/token  {mean / ln2:.4f}{pm_bits}")
     ppl = math.exp(min(mean, 700.0))
     ppl_text = f"{ppl:.3f}" if ppl < 1e6 else f"{ppl:.4g}"  # a loose bound's huge value as 7.966e+34
     say(f"perplexity  {'' if model.exact_likelihood else '<= '}{ppl_text}")
-    if samples == 1:
+    if k == 1:
         say("MC error    not estimated with one draw per sequence; use --samples K (K >= 2)")
     elif model.exact_likelihood:
         say("MC error    none: the NLL is exact, every draw is the same")
     else:
-        say(f"MC error    ± {se:.4f} nats/token (standard error of this {samples}-draw estimate; "
-                   f"a one-draw estimate like training's val/nll has ± {se_single:.4f})")
+        say(f"MC error    ± {se:.4f} nats/token (standard error of this {k}-draw estimate; "
+            f"one draw per sequence would have ± {se_single:.4f})")
     result: dict[str, Any] = {
-        "checkpoint": str(ckpt.path), "data": described, "blocks": int(len(blocks)), "tokens": tokens_total,
-        "samples": samples, "nll": mean, "nll_se": se if math.isfinite(se) else None,
+        "checkpoint": str(ckpt.path), "data": described, "blocks": int(len(blocks)), "sequences": num,
+        "tokens": draws.tokens, "samples": k, "seed": base_seed, "nll": mean,
+        "nll_se": se if math.isfinite(se) else None,
         "nll_se_one_draw": se_single if math.isfinite(se_single) else None,
         "bits_per_token": mean / ln2, "perplexity": math.exp(min(mean, 700.0)),
     }
     train_val = ckpt.val_nll
-    if training_protocol and train_val is not None and bs == spec.train.micro_batch_size:
+    if training_protocol and train_val is not None and max_batches is None:
         diff = mean - train_val
-        if samples == 1 or model.exact_likelihood:
-            same = abs(diff) <= 1e-9 * max(1.0, abs(train_val))
-            verdict = "reproduced" if same else (
-                "not reproduced: the device, precision or noise stream differ from training's validation"
+        if base_seed == t.eval_seed and k == t.eval_samples:
+            same = abs(diff) <= 1e-6 * max(1.0, abs(train_val))
+            verdict = "reproduced, to float rounding" if same else (
+                "not reproduced: the device or precision differ from training's validation, or an older "
+                "difflm (before the shared val protocol) validated this checkpoint"
             )
             say(f"training    val/nll {train_val:.10f} at step {ckpt.step}; difference {diff:+.3e} ({verdict})")
         else:
-            combined = math.sqrt(se**2 + se_single**2)
+            train_se = ckpt.trainer_state.get("val", {}).get("val/nll_se")
+            combined = math.hypot(se if math.isfinite(se) else 0.0, train_se or 0.0)
             z = diff / combined if combined > 0 else 0.0
-            say(f"training    val/nll {train_val:.4f} at step {ckpt.step} (one draw, ± {se_single:.4f}); "
-                       f"difference {diff:+.4f} = {z:+.2f} combined standard errors")
+            say(f"training    val/nll {train_val:.4f} ± {train_se or 0.0:.4f} at step {ckpt.step} "
+                f"(seed {t.eval_seed}, {t.eval_samples} draws); difference {diff:+.4f} = {z:+.2f} combined standard errors")
         result["training_val_nll"] = train_val
         result["difference"] = diff
+    if save_to is not None:
+        save_val_draws(save_to, draws)
+        say(f"draws       per-sequence sums written to {save_to}")
     if as_json:
         click.echo(json.dumps(result))
 
@@ -408,6 +391,7 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
     """Corrupt --text at each noise level and show corruption and reconstruction with token accuracy."""
     import torch
 
+    from difflm.evaluation import counted_positions
     from orchestrator.errors import SpecError
 
     values = _parse_levels(levels)
@@ -422,8 +406,7 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
         note = f" (cut to the first {limit}: the trained length is {limit + 2} with BOS and EOS)"
         body = body[:limit]
     ids = torch.tensor([[tok.bos_id, *body, tok.eos_id]], device=ckpt.device)  # (1, L)
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    valid[:, 0] = valid[:, -1] = False  # corrupt only the text, not BOS/EOS
+    valid = counted_positions(ids)  # corrupt only the text, never BOS/EOS: what training noises
     original = tok.decode(body)
     results = []
     for t in values:  # all levels first: a family without denoise fails before anything is printed

@@ -76,8 +76,10 @@ def _print_summary(result: Any) -> None:
         f"  steps           {s.get('steps')}",
     ]
     if best is not None and math.isfinite(best):
+        se = s.get("best_val_nll_se")
+        pm = f" ± {se:.4f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""
         lines += [
-            f"  best val NLL    {best:.4f} nats/token ({best / math.log(2):.4f} bits/token)",
+            f"  best val NLL    {best:.4f}{pm} nats/token ({best / math.log(2):.4f} bits/token)",
             f"  perplexity <=   {math.exp(min(best, 700)):.4g}",
         ]
     lines += [

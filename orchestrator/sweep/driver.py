@@ -6,7 +6,9 @@ Layout of a sweep folder (``output.dir/output.name``)::
     experiment_state-*.json ...     Tune's state (what --resume reads)
     <trial_id>-<params>/            one folder per trial, named from its params
         tensorboard/                the trial's TensorBoard run (+ HParams)
-        train/                      the inner Ray Train run: checkpoints (resumable)
+        train/                      the inner Ray Train run dir (RUN_DIR of `difflm train`):
+            checkpoint_*/               its checkpoints (resumable)
+            val/step_XXXXXXX.npz        per-sequence val draws of every eval point (paired errors)
         result.json ...             Tune's per-trial results
     results.csv, results.json       ranked table (also `difflm results DIR`)
     val_nll_vs_step.png, params_vs_objective.png
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,27 +33,10 @@ from difflm.data import prepare_data
 from orchestrator.errors import SpecError
 from orchestrator.train.launch import build_trainer, prepare_and_place
 from orchestrator.spec.run import RunSpec
-from orchestrator.sweep.spec import SweepFile, trial_raw
+from orchestrator.sweep.spec import SweepFile, trial_dirname, trial_raw
 from orchestrator.spec.yamlio import spec_yaml, validate_as
 
 STATE_FILE = "difflm_sweep.json"
-
-
-def _short(path: str) -> str:
-    return path.split(".")[-1]
-
-
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def trial_dirname(trial_id: str, params: dict[str, Any]) -> str:
-    """Deterministic, readable folder name: ``<trial_id>-schedule=cosine-likelihood_weight=0.1``."""
-    parts = [f"{_short(k)}={_fmt_value(v)}" for k, v in sorted(params.items())]
-    name = "-".join([trial_id, *parts])
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]
 
 
 # ------------------------------------------------------------------- trial
@@ -193,7 +177,7 @@ def run_sweep(
     from orchestrator.sweep import console as sweep_console
 
     sweep_console.ACTIVE["console"] = console
-    table = sweep_console.SweepTable(sweep)
+    table = sweep_console.SweepTable(sweep, sweep_dir)
     # Only Tune's JSON results (what `difflm results` reads): its CSV and TensorBoard loggers
     # would put a second, differently-tagged TensorBoard run next to each trial's own.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"

@@ -7,8 +7,11 @@ fact, after a crash or while a resumed sweep is still running.
 Why trials are ranked by the val NELBO: trials trained with different schedules
 or likelihood weights optimise different training losses, so only a measure that
 does not depend on those choices compares them. Every trial reports ``val/nll``
-computed identically (same val blocks, same eval seed, float64 sum / token
-count), never the training loss.
+computed identically (same val blocks, the same val noise per sequence: common
+random numbers, float64 sums / token count), never the training loss. The table
+shows each trial's best val/nll ± its standard error and its difference to the
+best ± the paired standard error, marks ties and ranks within each family
+(:mod:`orchestrator.sweep.ranking`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import SpecError
+from orchestrator.sweep.ranking import MIXED_NOTE, Candidate, Ranking, draws_at, fmt_diff, fmt_pm, rank_candidates
 
 
 @dataclass
@@ -43,6 +47,15 @@ class TrialResult:
     trial_dir: str
     history: list[tuple[int, float]] = field(default_factory=list, repr=False)
     is_best: bool = False
+    family: str = ""
+    best_se: float | None = None
+    best_step: int | None = None
+    rank: int | None = None  # within the family; None: no score
+    overall_rank: int | None = None
+    diff_to_best: float | None = None
+    diff_se: float | None = None
+    paired: bool = False
+    tied: bool = False
 
 
 def _read_results(path: Path) -> list[dict[str, Any]]:
@@ -76,8 +89,26 @@ def load_sweep_meta(sweep_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(p.read_text())
 
 
+def trial_family(meta: dict[str, Any], params: dict[str, Any]) -> str:
+    """The model family a trial ran: the base spec's, unless a searched or linked value set it."""
+    from orchestrator.sweep.spec import trial_raw
+
+    base = {k: v for k, v in meta.items() if k != "sweep"}
+    try:
+        raw = trial_raw(base, params, meta["sweep"].get("linked", {}))
+    except Exception:  # a value the spec rejects: the trial failed anyway
+        raw = base
+    return str(raw.get("model", {}).get("family", "mdlm"))
+
+
 def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
-    """Read every trial of a sweep folder; rank them by the objective (best first, failures last)."""
+    """Read every trial of a sweep folder; rank them (within each family, best first, failures last)."""
+    trials, _ = collect_ranked(sweep_dir)
+    return trials
+
+
+def collect_ranked(sweep_dir: Path) -> tuple[tuple[dict[str, Any], list[TrialResult]], Ranking]:
+    """:func:`collect` plus the :class:`~orchestrator.sweep.ranking.Ranking` (verdict lines, mixed families)."""
     from ray.tune import ExperimentAnalysis
 
     meta = load_sweep_meta(sweep_dir)
@@ -90,6 +121,7 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
         raise SpecError(f"{sweep_dir}: no Tune experiment state to read ({type(exc).__name__}: {exc})") from None
     sign = 1.0 if mode == "min" else -1.0
     out: list[TrialResult] = []
+    cands: dict[str, Candidate] = {}
     for trial in analysis.trials:
         tdir = Path(trial.path) if trial.path else sweep_dir / str(trial.trial_id)
         rows = _read_results(tdir / "result.json")
@@ -100,28 +132,42 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
         status = "FAILED" if trial.status == "ERROR" else trial.status
         ckpts = [r for r in rows if r.get("checkpoint_path") and Path(r["checkpoint_path"]).exists()]
         best_ckpt_row = min(ckpts, key=lambda r: sign * r.get(metric, math.inf)) if ckpts else None
-        out.append(
-            TrialResult(
-                trial_id=trial.trial_id,
-                params={k: v for k, v in trial.config.items()},
-                status=status,
-                best_metric=best_row[metric] if best_row else None,
-                final_metric=last.get(metric),
-                best_ppl=best_row.get("val/ppl") if best_row else None,
-                final_ppl=last.get("val/ppl"),
-                steps=steps,
-                stopped_early=status == "TERMINATED" and 0 < steps < max_steps,
-                wall_time_s=float(last.get("time_total_s", 0.0)),
-                error=_error_text(tdir, trial) if status == "FAILED" else None,
-                best_checkpoint=best_ckpt_row["checkpoint_path"] if best_ckpt_row else None,
-                trial_dir=str(tdir),
-                history=[(int(r["step"]), float(r[metric])) for r in scored if "step" in r],
-            )
+        params = {k: v for k, v in trial.config.items()}
+        best_step = int(best_row["step"]) if best_row and "step" in best_row else None
+        best_se = best_row.get(f"{metric}_se") if best_row else None
+        t = TrialResult(
+            trial_id=trial.trial_id,
+            params=params,
+            status=status,
+            best_metric=best_row[metric] if best_row else None,
+            final_metric=last.get(metric),
+            best_ppl=best_row.get("val/ppl") if best_row else None,
+            final_ppl=last.get("val/ppl"),
+            steps=steps,
+            stopped_early=status == "TERMINATED" and 0 < steps < max_steps,
+            wall_time_s=float(last.get("time_total_s", 0.0)),
+            error=_error_text(tdir, trial) if status == "FAILED" else None,
+            best_checkpoint=best_ckpt_row["checkpoint_path"] if best_ckpt_row else None,
+            trial_dir=str(tdir),
+            history=[(int(r["step"]), float(r[metric])) for r in scored if "step" in r],
+            family=trial_family(meta, params),
+            best_se=float(best_se) if isinstance(best_se, (int, float)) else None,
+            best_step=best_step,
         )
-    out.sort(key=lambda t: (t.best_metric is None, sign * (t.best_metric if t.best_metric is not None else 0.0)))
-    if out and out[0].best_metric is not None:
-        out[0].is_best = True
-    return meta, out
+        out.append(t)
+        # Paired errors only for the val NLL (other metrics have no per-sequence draws), lower = better.
+        draws = draws_at(tdir / "train" / "val", best_step) if metric == "val/nll" and mode == "min" else None
+        value = None if t.best_metric is None else sign * t.best_metric
+        cands[t.trial_id] = Candidate(t.trial_id, t.family, value, t.best_se, draws)
+    ranking = rank_candidates(list(cands.values()))
+    order = {p.cand.key: i for i, p in enumerate(ranking.rows)}
+    for p in ranking.rows:
+        t = next(x for x in out if x.trial_id == p.cand.key)
+        t.rank, t.overall_rank, t.is_best = p.rank, p.overall, p.is_best
+        t.diff_to_best = None if p.diff is None else sign * p.diff
+        t.diff_se, t.paired, t.tied = p.diff_se, p.paired, p.tied
+    out.sort(key=lambda t: order[t.trial_id])
+    return (meta, out), ranking
 
 
 def expected_trials(meta: dict[str, Any]) -> int:
@@ -141,19 +187,33 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(meta: dict[str, Any], trials: list[TrialResult]) -> str:
+def markdown_table(meta: dict[str, Any], trials: list[TrialResult], mixed: bool = False) -> str:
+    """Ranked table: rank in family, params, best metric ± SE, difference to the family's best ± paired SE, ties."""
     params = list(meta["sweep"]["search"])
     metric = meta["sweep"]["metric"]
-    head = ["rank", "trial", *[p.split(".")[-1] for p in params], f"best {metric}", "steps", "early stop",
-            "wall s", "status", "best checkpoint"]
+    head = ["rank", "trial", *[p.split(".")[-1] for p in params], f"best {metric} ± SE", "Δ to best ± paired SE",
+            "tied", "steps", "early stop", "wall s", "status", "best checkpoint"]
+    if mixed:
+        head[1:1] = ["family", "overall (bounds differ)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, t in enumerate(trials, 1):
+    for t in trials:
         status = t.status + (f": {t.error}" if t.error else "")
-        row = [f"{i}{' (best)' if t.is_best else ''}", t.trial_id, *[_cell(t.params.get(p)) for p in params],
-               _cell(t.best_metric), str(t.steps), "yes" if t.stopped_early else "no", f"{t.wall_time_s:.0f}",
-               status.replace("|", "/"), t.best_checkpoint or "-"]
+        rank = "-" if t.rank is None else f"{t.rank}{' (best)' if t.is_best else ''}"
+        row = [rank, t.trial_id, *[_cell(t.params.get(p)) for p in params], fmt_pm(t.best_metric, t.best_se),
+               _diff_cell(t), "tied" if t.tied else "", str(t.steps), "yes" if t.stopped_early else "no",
+               f"{t.wall_time_s:.0f}", status.replace("|", "/"), t.best_checkpoint or "-"]
+        if mixed:
+            row[1:1] = [t.family, "-" if t.overall_rank is None else str(t.overall_rank)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _diff_cell(t: TrialResult) -> str:
+    from orchestrator.sweep.ranking import Placed
+
+    placed = Placed(Candidate(t.trial_id, t.family, t.best_metric, t.best_se), rank=t.rank,
+                    diff=t.diff_to_best, diff_se=t.diff_se, paired=t.paired)
+    return fmt_diff(placed)
 
 
 def write_tables(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]) -> None:
@@ -182,6 +242,7 @@ def write_hparams(meta: dict[str, Any], trials: list[TrialResult]) -> None:
         hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in t.params.items()}
         metrics = {
             "hparams/best_val_nll": t.best_metric,
+            "hparams/best_val_nll_se": t.best_se,
             "hparams/final_val_nll": t.final_metric,
             "hparams/best_val_ppl": t.best_ppl,
             "hparams/final_val_ppl": t.final_ppl,
@@ -225,17 +286,19 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
 
     fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 4), squeeze=False)
     for ax, p in zip(axes[0], params):
-        pts = [(t.params.get(p), t.best_metric) for t in trials if t.best_metric is not None]
+        scored = [t for t in trials if t.best_metric is not None]
+        pts = [(t.params.get(p), t.best_metric) for t in scored]
+        errs = [t.best_se if t.best_se is not None and math.isfinite(t.best_se) else 0.0 for t in scored]
         if pts and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in pts):
-            ax.scatter([x for x, _ in pts], [y for _, y in pts])
+            ax.errorbar([x for x, _ in pts], [y for _, y in pts], yerr=errs, fmt="o", capsize=3)
             if "log" in str(meta["sweep"]["search"][p]):
                 ax.set_xscale("log")
         elif pts:
             cats = sorted({str(x) for x, _ in pts})
-            ax.scatter([cats.index(str(x)) for x, _ in pts], [y for _, y in pts])
+            ax.errorbar([cats.index(str(x)) for x, _ in pts], [y for _, y in pts], yerr=errs, fmt="o", capsize=3)
             ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
         ax.set_xlabel(p)
-        ax.set_ylabel(f"best {metric}")
+        ax.set_ylabel(f"best {metric} ± SE")
     fig.tight_layout()
     paths.append(sweep_dir / "params_vs_objective.png")
     fig.savefig(paths[-1], dpi=110)
@@ -244,10 +307,12 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
 
 
 def report(sweep_dir: Path, *, write_hparams_data: bool = True) -> tuple[str, list[TrialResult]]:
-    """Collect, write CSV/JSON/plots (+ HParams), return the markdown table."""
-    meta, trials = collect(sweep_dir)
+    """Collect, write CSV/JSON/plots (+ HParams), return the markdown table with its verdict lines."""
+    (meta, trials), ranking = collect_ranked(sweep_dir)
     write_tables(sweep_dir, meta, trials)
     write_plots(sweep_dir, meta, trials)
     if write_hparams_data:
         write_hparams(meta, trials)
-    return markdown_table(meta, trials), trials
+    text = markdown_table(meta, trials, mixed=ranking.mixed)
+    notes = ([MIXED_NOTE] if ranking.mixed else []) + ranking.verdicts
+    return text + ("\n\n" + "\n".join(notes) if notes else ""), trials

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -225,3 +226,21 @@ def load_sweep_file(path: str, overrides: list[str] | tuple[str, ...] = ()) -> S
             probe = trial_raw(base, {search_path: value}, sweep.sweep.linked)
             validate_as(RunSpec, probe, source=f"{path}: sweep.search.{search_path}={value!r}")
     return sweep
+
+
+# ------------------------------------------------------------ trial folders
+def _short(path: str) -> str:
+    return path.split(".")[-1]
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def trial_dirname(trial_id: str, params: dict[str, Any]) -> str:
+    """Deterministic, readable folder name: ``<trial_id>-schedule=cosine-likelihood_weight=0.1``."""
+    parts = [f"{_short(k)}={_fmt_value(v)}" for k, v in sorted(params.items())]
+    name = "-".join([trial_id, *parts])
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]

@@ -84,8 +84,10 @@ class TrainConsole:
     def _on_eval(self, p: dict[str, Any]) -> None:
         self.last_val_nll = p.get("val/nll")
         self.best_val_nll = p.get("val/best_nll")
+        se = p.get("val/nll_se")
+        pm = f" ± {se:.4f}" if isinstance(se, (int, float)) and se == se else ""  # se == se: not nan
         line = (
-            f"eval step {int(p.get('step', 0))}: val_nll {_fmt(self.last_val_nll)} nats/token  "
+            f"eval step {int(p.get('step', 0))}: val_nll {_fmt(self.last_val_nll)}{pm} nats/token  "
             f"ppl<= {_fmt(p.get('val/ppl'), '.4g')}  best {_fmt(self.best_val_nll)}"
         )
         if self._progress is not None:

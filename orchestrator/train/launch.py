@@ -41,6 +41,10 @@ RAY_ENV = {
 }
 
 
+#: Per-sequence val draws of every eval point (rank 0): RUN_DIR/val/step_XXXXXXX.npz (difflm.evaluation).
+VAL_DIR = "val"
+
+
 # ---------------------------------------------------------------- resources
 def check_resources(spec: RunSpec, device: str, cpus: float, gpus: float, where: str) -> None:
     """SpecError when the machine/cluster cannot give what the spec asks for."""
@@ -205,6 +209,7 @@ def build_trainer(
             "device": device,
             "data_dir": str(data_dir),
             "tb_dir": str(tb_dir),
+            "val_dir": str(run_dir / VAL_DIR),
             "queue": queue,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -2,8 +2,8 @@
 
 The runner logs through :class:`MetricsLogger`; non-zero ranks and tests get
 :class:`NullLogger`. TensorBoard tags: ``train/loss`` (+ components), ``train/lr``,
-``train/grad_norm``, ``train/tokens_per_sec``, ``val/nll``, ``val/ppl``, ``val/bpt``
-and ``samples/text``.
+``train/grad_norm``, ``train/tokens_per_sec``, ``val/nll``, ``val/nll_se``, ``val/ppl``,
+``val/bpt``, ``val/tokens`` and ``samples/text``.
 """
 
 from __future__ import annotations

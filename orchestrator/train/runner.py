@@ -27,7 +27,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from difflm.data import PreparedData, eval_batches_per_rank, iterate_eval_batches, iterate_train_batches
+from difflm.data import PreparedData, iterate_train_batches
+from difflm.evaluation import (
+    RATE_MAX,
+    RATE_MIN,
+    ValDraws,
+    counted_positions,
+    draws_path,
+    save_val_draws,
+    val_batches_per_worker,
+    val_count,
+    val_pass,
+    val_shard,
+)
 from difflm.families.base import Diagnostics
 from difflm.sampling.diagnostics import sample_diagnostics
 from orchestrator.train.engine import Engine
@@ -72,8 +84,10 @@ class Runner:
         logger: MetricsLogger | None = None,
         report: Report | None = None,
         emit: Emit = _noop_emit,
+        val_dir: Path | None = None,
     ) -> None:
         self.spec = spec
+        self.val_dir = val_dir
         self.data = data
         self.engine = engine
         self.ctx = ctx
@@ -82,11 +96,16 @@ class Runner:
         self.emit = emit
         self.step = 0
         self.best_val_nll = math.inf
+        self.best_val_nll_se = math.nan
         self.last_val: dict[str, float] = {}
         t = spec.train
         self._batches = self._train_batches(0)
         self._gen = torch.Generator(device=ctx.device).manual_seed(t.seed * 1_000_003 + ctx.rank)
-        self._valid = torch.ones(t.micro_batch_size, spec.data.seq_len, dtype=torch.bool, device=ctx.device)
+        # Which positions count (never BOS, never the packer's block-final EOS): the same rule as validation.
+        self._valid = counted_positions(
+            torch.zeros(t.micro_batch_size, spec.data.seq_len, dtype=torch.long, device=ctx.device)
+        )  # (B, L) bool
+        self.last_draws: ValDraws | None = None
         self.tokens_per_step = t.micro_batch_size * t.grad_accum * ctx.world_size * spec.data.seq_len
         self._acc: dict[str, Tensor] = {}
         self._acc_steps = 0
@@ -139,42 +158,48 @@ class Runner:
     # ------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """NELBO (or exact NLL for ar) over the val split: float64 sums / total tokens, fixed noise seed."""
+        """val/nll (NELBO, or exact NLL for ar) ± val/nll_se over the val split, by :func:`difflm.evaluation.val_pass`.
+
+        Each worker scores its contiguous shard of the (capped) split; the per-sequence draws are
+        gathered in index order, so every rank holds the whole (N, K) result and the same metrics.
+        ``self.last_draws`` keeps it (rank 0 saves it at eval points)."""
         self.engine.train(False)
         t = self.spec.train
-        gen = torch.Generator(device=self.ctx.device).manual_seed(t.eval_seed + self.ctx.rank)
-        # float64 accumulators on the device; on the CPU for MPS, which has no float64
-        acc_device = torch.device("cpu") if self.ctx.device.type == "mps" else self.ctx.device
-        nll = torch.zeros((), dtype=torch.float64, device=acc_device)
-        count = torch.zeros((), dtype=torch.float64, device=acc_device)
-        batches = list(
-            iterate_eval_batches(self.data.val, t.micro_batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size)
-        )
-        # Every rank runs the same number of forwards: ZeRO-3 gathers parameters collectively, so a rank
-        # with fewer val batches runs its first batch again and discards the result.
-        counts = eval_batches_per_rank(len(self.data.val), t.micro_batch_size, self.ctx.world_size)
-        n_forward = max(counts) if t.eval_batches is None else min(max(counts), t.eval_batches)
-        n_real = len(batches) if t.eval_batches is None else min(len(batches), t.eval_batches)
-        for i in range(n_forward):
-            batch = batches[i] if i < n_real else (batches[0] if batches else self.data.val[:1].astype(np.int64))
-            tokens = self._to_device(batch)
-            valid = torch.ones_like(tokens, dtype=torch.bool)
-            out = self.engine.forward(tokens, valid, gen)
-            if i < n_real:
-                nll += out.nll_sum.to(acc_device, torch.float64)
-                count += out.num_tokens.to(acc_device, torch.float64)
-        totals = _all_reduce_sum(torch.stack([nll, count]), self.ctx.world_size)
-        total_nll, total_tokens = totals.tolist()
-        if total_tokens == 0:
+        num = val_count(len(self.data.val), t.eval_batches, t.micro_batch_size)
+        if num == 0:
             raise RuntimeError("validation saw no tokens: the val split is empty")
-        mean = total_nll / total_tokens
+        lo, hi = val_shard(num, self.ctx.rank, self.ctx.world_size)
+        mine = val_pass(
+            self.engine.module, self.data.val, lo, hi,
+            batch_size=t.micro_batch_size, samples=t.eval_samples, seed=t.eval_seed, device=self.ctx.device,
+            num_batches=val_batches_per_worker(num, t.micro_batch_size, self.ctx.world_size),
+        )
+        draws = self._gather_draws(mine, num)
+        draws.meta = {"seed": t.eval_seed, "samples": t.eval_samples, "family": self.spec.model.family,
+                      "step": self.step, "rate_min": RATE_MIN, "rate_max": RATE_MAX}
+        self.last_draws = draws
         self.engine.train(True)
-        return {
-            "val/nll": mean,
-            "val/bpt": mean / math.log(2),
-            "val/ppl": math.exp(min(mean, 700.0)),
-            "val/tokens": total_tokens,
-        }
+        return draws.metrics()
+
+    def _gather_draws(self, mine: ValDraws, num: int) -> ValDraws:
+        """Every worker's shard, in rank (= index) order, on every rank: one all_gather of padded tensors."""
+        world = self.ctx.world_size
+        if world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return mine
+        k = mine.samples
+        bounds = [val_shard(num, r, world) for r in range(world)]
+        width = max(hi - lo for lo, hi in bounds)
+        dev = self.ctx.device  # NCCL gathers device tensors; gloo CPU ones (MPS never runs multi-worker)
+        packed = torch.zeros(width, k + 1, dtype=torch.float64, device=dev)  # (W, K+1): sums | count
+        packed[: len(mine.indices), :k] = torch.from_numpy(mine.sums)
+        packed[: len(mine.indices), k] = torch.from_numpy(mine.counts)
+        parts = [torch.empty_like(packed) for _ in range(world)]
+        dist.all_gather(parts, packed)
+        shards = []
+        for (lo, hi), part in zip(bounds, parts):
+            rows = part[: hi - lo].cpu().numpy()
+            shards.append(ValDraws(indices=np.arange(lo, hi), sums=rows[:, :k], counts=rows[:, k]))
+        return ValDraws.concat(shards)
 
     @torch.no_grad()
     def sample_texts(self) -> list[str]:
@@ -217,7 +242,8 @@ class Runner:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(directory / "model.safetensors"))
         (directory / "spec.yaml").write_text(spec_yaml(self.spec))
         self.data.tokenizer.save(directory / "tokenizer")
-        trainer_state = {"step": self.step, "best_val_nll": self.best_val_nll, "val": self.last_val}
+        trainer_state = {"step": self.step, "best_val_nll": self.best_val_nll,
+                         "best_val_nll_se": self.best_val_nll_se, "val": self.last_val}
         (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 
     def load(self, directory: Path) -> None:
@@ -229,6 +255,7 @@ class Runner:
         state = json.loads((directory / "trainer_state.json").read_text())
         self.step = int(state["step"])
         self.best_val_nll = float(state["best_val_nll"])
+        self.best_val_nll_se = float(state.get("best_val_nll_se", math.nan))
         self.last_val = state.get("val", {})
         # Continue the data stream where the checkpointed run left it, not from its start.
         self._batches = self._train_batches(self.step * self.spec.train.grad_accum)
@@ -237,8 +264,12 @@ class Runner:
     def _eval_point(self, checkpoint: bool) -> dict[str, float]:
         val = self.validate()
         self.last_val = val
-        self.best_val_nll = min(self.best_val_nll, val["val/nll"])
+        if val["val/nll"] < self.best_val_nll:
+            self.best_val_nll, self.best_val_nll_se = val["val/nll"], val.get("val/nll_se", math.nan)
         metrics = {**val, "val/best_nll": self.best_val_nll, "step": float(self.step)}
+        if self.ctx.rank == 0 and self.val_dir is not None and self.last_draws is not None:
+            # per-sequence draws: `difflm results` computes paired errors between trials from them
+            save_val_draws(draws_path(self.val_dir, self.step), self.last_draws)
         texts = self.sample_texts()
         diag = self.diagnostics()
         if self.ctx.rank == 0:
@@ -297,6 +328,7 @@ class Runner:
         return {
             "steps": self.step,
             "best_val_nll": self.best_val_nll,
+            "best_val_nll_se": self.best_val_nll_se,
             "final_val": self.last_val,
             "wall_time_s": time.perf_counter() - start,
             "tokens_per_step": self.tokens_per_step,

@@ -68,7 +68,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=ckpt)
 
-    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
+    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit,
+                    val_dir=Path(config["val_dir"]) if config.get("val_dir") else None)
     if resume is not None:
         with resume.as_directory() as d:
             runner.load(Path(d))

@@ -1,15 +1,16 @@
 """AR: the autoregressive baseline, on the same backbone with causal attention and no time conditioning.
 
 Its NLL is exact (not a bound): position i is predicted from positions < i. Position 0
-has no prefix, so it is never predicted: ``num_tokens`` counts the valid targets of
-positions 1..L-1 (with BOS-led blocks that is every real token after BOS). Compare it
-with the diffusion families' per-token NELBO knowing that.
+has no prefix, so it is never predicted: ``num_tokens`` counts the ``valid`` targets of
+positions 1..L-1. The trainer and validation pass :func:`difflm.evaluation.counted_positions`
+(positions 1..L-2: never BOS, never the packer's block-final EOS), so ar's per-token NLL
+covers exactly the tokens the diffusion families' NELBO covers.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
 from difflm.families.ar import samplers as ar_samplers
 from difflm.sampling.core import SampleOptions, Sampler
+
+if TYPE_CHECKING:
+    from difflm.evaluation import ValNoise
 
 
 class AR(Family):
@@ -103,16 +107,17 @@ class AR(Family):
         )
 
     @torch.no_grad()
-    def nll_samples(
-        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
-    ) -> tuple[Tensor, Tensor]:
-        """The exact per-sequence NLL (B,) repeated K times (no noise: every draw is the same) and counts (B,)."""
+    def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
+        """The exact per-sequence NLL over counted targets (B,), repeated for the K draws: (B, K).
+
+        No noise, so every draw is the same (standard error 0) and the noise is not used beyond
+        its draw count. Position 0 has no prefix: it is never a target, counted or not."""
+        B, L = tokens.shape
         logits = self.backbone(tokens)[:, :-1]  # (B, L-1, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        B, L1 = tokens.shape[0], tokens.shape[1] - 1
-        nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(B, L1)
-        nll = nll.masked_fill(~valid[:, 1:], 0.0).sum(dim=-1, dtype=wide_float(tokens.device))  # (B,)
-        return nll[:, None].repeat(1, samples), valid[:, 1:].sum(dim=-1).to(wide_float(tokens.device))
+        nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(B, L - 1)
+        nll = nll.masked_fill(~counted[:, 1:], 0.0).sum(dim=-1, dtype=wide_float(tokens.device))  # (B,)
+        return nll[:, None].expand(B, noise.samples).contiguous()
 
 
 def build_ar(

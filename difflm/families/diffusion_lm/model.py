@@ -18,7 +18,7 @@ The path that worked in the project's journal, as the default:
 ``nll_sum`` (``val/nll``) is a variational upper bound on -log p(w) in nats per token, so a
 sweep can set it beside mdlm's NELBO. Per token:
 ``L_t / P(t) + CE(x_start @ EMB^T, w) + KL(q(x_{T-1} | x_start) || N(0, I))`` with one t ~ P per
-sequence (uniform, P = 1/T, in training; in eval mode an importance distribution, see below),
+sequence (uniform, P = 1/T, in training; in validation an importance distribution, see below),
 where for t >= 1 ``L_t = KL(q(x_{t-1} | x_t, x_start) || p(x_{t-1} | x_t))`` with p's variance
 fixed to the true posterior's (then it is ``(SNR(t-1) - SNR(t)) / 2 * ||x_start - x0_hat||^2``),
 and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
@@ -31,8 +31,10 @@ and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
   module in eval mode) draws t from ``GaussianSchedule.bound_proposal`` (each step's share of the
   bound for unit-Gaussian data, most mass on the first steps) and weights by 1 / q(t): still
   unbiased, measured std per sequence 20 vs 213 nats with uniform t on a trained tiny model.
-  Still noisier than mdlm's; the fixed val seed makes evals of one run comparable. (The
-  ``train/nelbo`` metric keeps the uniform-t estimator of the training draws: far noisier.)
+  Still noisier than mdlm's. Validation (:meth:`DiffusionLM.val_nll`) takes its K stratified
+  steps from the shared val noise's rates and its Gaussian draws from per-sequence seeds, so
+  two diffusion_lm models are compared with common random numbers. (The ``train/nelbo``
+  metric keeps the uniform-t estimator of the training draws: far noisier.)
 * Not what is trained: the loss is the unweighted x0 MSE (+ prior + rounding), not the bound,
   and the reverse variances are fixed (not learned). Both make the bound looser than the best
   this model class could reach; mdlm trains its bound directly. With fixed variances a squared
@@ -43,7 +45,8 @@ and for t = 0 ``L_0 = E[log q(x_start | w) - log p(x_start | x_0)]`` with
 * The bound is on the joint of the whole block (every term factorises over positions), divided
   by the number of real tokens: the same unit as mdlm's NELBO (nats per token, discrete data).
   Both are bounds (discrete T here, continuous time there); neither is an exact likelihood, unlike ar.
-* Padding (``valid`` False) stays clean context: neither noised nor counted.
+* Positions that do not count (``valid`` False: BOS, the packer's block-final EOS, padding; see
+  :func:`difflm.evaluation.counted_positions`) stay clean context: neither noised nor counted.
 
 Sampling (:meth:`DiffusionLM.sample`): ancestral sampling with x0-prediction from x_{T-1} ~ N(0, I),
 optionally strided to ``steps`` steps (exact posterior for any stride), optionally with the
@@ -52,7 +55,7 @@ step), ending with rounding: the argmax of the tied decoder logits. ``difflm sam
 :meth:`DiffusionLM.samplers`: ``ancestral`` and ``ancestral_clamp`` with prompts (inpainting),
 temperature (DDIM eta) and a step count (:mod:`difflm.families.diffusion_lm.samplers`). ``difflm denoise``
 uses :meth:`DiffusionLM.denoise` (noise at one step, one-shot or sampled reconstruction, cosine
-similarity), ``difflm eval --samples K`` :meth:`DiffusionLM.nll_samples` (K stratified step draws
+similarity), validation and ``difflm eval`` :meth:`DiffusionLM.val_nll` (K stratified step draws
 per sequence). Validation diagnostics live in :mod:`difflm.families.diffusion_lm.diagnostics`.
 """
 
@@ -60,7 +63,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,9 @@ from difflm.models.config import ModelConfig
 from difflm.families.diffusion_lm.denoiser import DiTDenoiser
 from difflm.families.diffusion_lm import samplers as ds
 from difflm.sampling.core import Sampler
+
+if TYPE_CHECKING:
+    from difflm.evaluation import ValNoise
 
 
 class TiedEmbedding(nn.Module):
@@ -183,9 +189,15 @@ class DiffusionLM(Family):
             u = (u + torch.arange(n, device=device, dtype=fdt) / n) % 1  # (n,)
         else:
             u = torch.rand(n, generator=generator, device=device, dtype=fdt)  # (n,)
+        return self.steps_from_uniform(u, importance)
+
+    def steps_from_uniform(self, u: Tensor, importance: bool) -> tuple[Tensor, Tensor]:
+        """Uniforms u in [0, 1) (n,) -> steps t (n,) int64 and weights 1 / P(t) (n,), by the inverse CDF of
+        the uniform step distribution or (``importance``) of the schedule's ``bound_proposal``."""
+        device, n = u.device, u.shape[0]
         if not importance:
             t = (u * self.T).long().clamp(max=self.T - 1)  # (n,)
-            return t, torch.full((n,), float(self.T), device=device, dtype=fdt)
+            return t, torch.full((n,), float(self.T), device=device, dtype=u.dtype)
         cdf = self.schedule.on("bound_proposal_cdf", device)  # (T,)
         t = torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp(max=self.T - 1)  # (n,)
         return t, 1.0 / self.schedule.on("bound_proposal", device)[t]
@@ -221,15 +233,21 @@ class DiffusionLM(Family):
         t: Tensor,
         generator: torch.Generator | None = None,
         t_weight: Tensor | None = None,
+        noise: tuple[Tensor, Tensor] | None = None,
     ) -> Terms:
         """Noise clean tokens (B, L) at given steps t (B,) and compute every per-token term (no host sync).
 
-        t_weight (B,): 1 / P(t), the Monte Carlo weight of the step term in the bound; None: T (uniform t)."""
+        t_weight (B,): 1 / P(t), the Monte Carlo weight of the step term in the bound; None: T (uniform t).
+        noise: the two standard-normal draws (B, L, E) of x_start and x_t, given (validation's common
+        random numbers); None: drawn here from ``generator``."""
         B, L = tokens.shape
         dtype, device = self.float_dtype(), tokens.device
         emb = self.embed(tokens).to(dtype)  # (B, L, E)
-        eps0 = torch.randn(emb.shape, generator=generator, device=device, dtype=dtype)  # (B, L, E)
-        eps = torch.randn(emb.shape, generator=generator, device=device, dtype=dtype)  # (B, L, E)
+        if noise is None:
+            eps0 = torch.randn(emb.shape, generator=generator, device=device, dtype=dtype)  # (B, L, E)
+            eps = torch.randn(emb.shape, generator=generator, device=device, dtype=dtype)  # (B, L, E)
+        else:
+            eps0, eps = (z.to(device=device, dtype=dtype) for z in noise)  # (B, L, E) each
         t0 = torch.zeros_like(t)
         x_start = emb + self.table("sqrt_one_minus_alpha_bar", t0, dtype) * eps0  # (B, L, E)
         x_t = self.q_sample(x_start, t, eps)  # (B, L, E)
@@ -338,23 +356,26 @@ class DiffusionLM(Family):
     # ---- evaluation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def nll_samples(
-        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
-    ) -> tuple[Tensor, Tensor]:
-        """K = ``samples`` draws of the bound per sequence: per-sequence sums (B, K) float64 and token counts (B,).
+    def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
+        """K draws of the variational bound per sequence: (B, K) sums over counted tokens, common random numbers.
 
-        The batch is tiled K times (row k*B + b is sequence b) and the K*B steps come from
-        :meth:`sample_t` exactly as in ``forward`` (importance-sampled in eval mode, uniform in
-        training mode). With antithetic sampling the uniforms are (u + i/(KB)) mod 1, so sequence b
-        gets (u + b/(KB) + k/K) mod 1: K draws stratified over [0, 1) (through the inverse CDF of the
-        step distribution) for every sequence. With K = 1 this is exactly ``forward``'s draw: the
-        sums add up to its ``nll_sum`` (up to float64 summation order)."""
-        B = tokens.shape[0]
-        t, t_weight = self.sample_t(samples * B, tokens.device, generator, importance=not self.training)
-        terms = self.terms(tokens.repeat(samples, 1), valid.repeat(samples, 1), t, generator, t_weight)
+        Draw k's step comes from the stratified rate ``noise.rates[:, k]``, rescaled to a uniform
+        u = (m - rate_min) / span in [0, 1) and mapped through the inverse CDF of the importance
+        distribution (weight 1 / q(t)), so the K steps of a sequence are stratified too. The two
+        Gaussian draws of x_start and x_t come from a CPU generator per sequence seeded by
+        ``noise.seeds``, drawn in draw order: a sequence gets the same noise in any batch, worker
+        or device. The masks of ``noise`` are not used: Gaussian noise touches every counted position."""
+        B, L = tokens.shape
         wide = wide_float(tokens.device)
-        per = terms.bound.sum(dim=-1, dtype=wide).view(samples, B).T  # (B, K)
-        return per.contiguous(), valid.sum(dim=-1).to(wide)
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in noise.seeds.tolist()]
+        out = torch.empty(B, noise.samples, dtype=wide, device=tokens.device)  # (B, K)
+        for k in range(noise.samples):
+            u = ((noise.rates[:, k] - noise.rate_min) / noise.span).clamp(0.0, 1.0 - 1e-12)  # (B,)
+            t, t_weight = self.steps_from_uniform(u, importance=True)  # (B,), (B,)
+            z = torch.stack([torch.randn(2, L, self.embed_dim, generator=g) for g in gens])  # (B, 2, L, E)
+            terms = self.terms(tokens, counted, t, None, t_weight, noise=(z[:, 0], z[:, 1]))
+            out[:, k] = terms.bound.sum(dim=-1, dtype=wide)  # (B,)
+        return out
 
     def denoise_step_index(self, t: float) -> int:
         """The integer step of noise level t in [0, 1]: round(t * (T - 1))."""

@@ -9,13 +9,16 @@ token x0 at every position; SUBS substitutes two facts into that prediction:
   so it contributes exactly 0 to the loss and gets no gradient.
 
 The continuous-time NELBO is then, per masked token, ``dsigma/expm1(sigma) * -log p(x0|xt)``
-(1/t for loglinear), normalised by the number of real tokens.
+(1/t for loglinear), normalised by the number of counted tokens (never BOS or the packer's
+block-final EOS: :func:`difflm.evaluation.counted_positions`). That is the training loss, with
+the schedule's own time sampling. Validation (:meth:`MDLM.val_nll`) integrates the same NELBO
+over the masking rate on one range for every schedule, with the shared val noise.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,9 @@ from difflm.models.config import ModelConfig
 from difflm.families.mdlm import samplers as ms
 from difflm.sampling.core import SampleOptions, Sampler
 from difflm.schedules import NoiseSchedule, get_schedule, sample_times
+
+if TYPE_CHECKING:
+    from difflm.evaluation import ValNoise
 
 
 class MDLM(Family):
@@ -107,7 +113,8 @@ class MDLM(Family):
 
     def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
         """Loss on clean tokens (B, L) (every id in [0, vocab_size), pads included); only ``valid`` positions
-        are noised and counted. Pads stay visible as clean context. No host sync."""
+        are noised and counted (the trainer passes counted_positions); the others stay visible as clean
+        context. No host sync."""
         t = self.sample_times(tokens.shape[0], tokens.device, generator)  # (B,)
         nelbo_tok, ce, masked = self.nelbo_terms(tokens, valid, t, generator)  # (B, L) each
 
@@ -128,21 +135,32 @@ class MDLM(Family):
             },
         )
 
-    @torch.no_grad()
-    def nll_samples(
-        self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None, samples: int
-    ) -> tuple[Tensor, Tensor]:
-        """K = ``samples`` NELBO draws per sequence: per-sequence sums (B, K) float64 and token counts (B,).
+    # ---- validation --------------------------------------------------------------------------
 
-        The batch is tiled K times (row k*B + b is sequence b) and the K*B times come from
-        :meth:`sample_times`; with antithetic sampling t = (u + i/(KB)) mod 1, so sequence b gets
-        t = (u + b/(KB) + k/K) mod 1: K times stratified over [0, 1) for every sequence. With K = 1
-        this is exactly ``forward``'s draw."""
-        B = tokens.shape[0]
-        t = self.sample_times(samples * B, tokens.device, generator)  # (K*B,)
-        nelbo_tok, _, _ = self.nelbo_terms(tokens.repeat(samples, 1), valid.repeat(samples, 1), t, generator)
-        per = nelbo_tok.sum(dim=-1, dtype=wide_float(tokens.device)).view(samples, B).T  # (B, K)
-        return per.contiguous(), valid.sum(dim=-1).to(wide_float(tokens.device))
+    @torch.no_grad()
+    def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
+        """K NELBO draws per sequence in masking-rate space: (B, K) sums over counted tokens.
+
+        With masking rate m (move chance), the continuous-time NELBO is, whatever the schedule,
+        ``integral over m of (1/m) E[sum over masked tokens of -log p(x0 | x_m)] dm`` (substitute
+        m = move_chance(t) in the time integral: dsigma/expm1(sigma) dt = dm/m). Draw k uses
+        m = ``noise.rates[:, k]`` (uniform on the common range, density 1/span) and the mask
+        ``noise.masked(k, counted)``, so its estimate is ``span / m * sum_masked CE``. A
+        time-conditioned model sees sigma = -log(1 - m): the sigma its schedule gives at the t
+        where move_chance(t) = m, so no schedule is needed here. One forward of (B, L) per draw."""
+        B, L = tokens.shape
+        wide = wide_float(tokens.device)
+        out = torch.empty(B, noise.samples, dtype=wide, device=tokens.device)  # (B, K)
+        for k in range(noise.samples):
+            m = noise.rates[:, k]  # (B,)
+            masked = noise.masked(k, counted)  # (B, L)
+            xm = torch.where(masked, self.mask_id, tokens)  # (B, L)
+            sigma = (-torch.log1p(-m)).to(self.float_dtype())  # (B,)
+            logits = self.subs_logits(xm, sigma)  # (B, L, V+1)
+            ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, L)  # (B, L)
+            ce = ce.masked_fill(~masked, 0.0)  # SUBS: unmasked tokens cost exactly 0
+            out[:, k] = ce.sum(dim=-1, dtype=wide) * (noise.span / m.to(wide))  # (B,)
+        return out
 
     # ---- sampling ------------------------------------------------------------------------------
 
