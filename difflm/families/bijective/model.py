@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.evaluation import ValNoise
 from difflm.families.base import Diagnostics, LossOutput, wide_float
 from difflm.families.bijective.flow import BijectiveBackbone, check_coupling_dims
 from difflm.families.config import DiffusionConfig
@@ -104,24 +103,6 @@ class Bijective(MDLM):
         t = self.sample_times(tokens.shape[0], tokens.device, generator)  # (B,)
         u = torch.rand(tokens.shape, generator=generator, device=tokens.device, dtype=t.dtype)  # (B, L)
         return self.loss_at(tokens, valid, t, u)
-
-    @torch.no_grad()
-    def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
-        """Masked-diffusion NELBO per sequence (B, K) float64, exactly mdlm's estimator: draw k masks
-        ``noise.masked(k, counted)`` at rate m, conditions on sigma = -log(1 - m) and estimates
-        ``span * (1/m) * sum_masked -log p(x0 | x_m)``. The flow term is not part of it."""
-        B, L = tokens.shape
-        wide = wide_float(tokens.device)
-        out = torch.empty(B, noise.samples, dtype=wide, device=tokens.device)
-        for k in range(noise.samples):
-            m = noise.rates[:, k]  # (B,) float64
-            masked = noise.masked(k, counted)  # (B, L)
-            xt = torch.where(masked, self.mask_id, tokens)
-            logits = self.subs_logits(xt, (-torch.log1p(-m)).to(self.float_dtype()))  # (B, L, V+1)
-            ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, L)
-            per_seq = torch.where(masked, ce, 0.0).sum(dim=-1, dtype=wide)  # (B,)
-            out[:, k] = noise.span * per_seq / m.to(wide)
-        return out
 
     @torch.no_grad()
     def diagnostics(
