@@ -140,5 +140,6 @@ register_family(
         build=build_ar,
         schedules=(),
         description="Autoregressive baseline: same backbone, causal attention, exact next-token NLL.",
+        reads=frozenset(),  # no noise process: every diffusion.* field and time conditioning are ignored
     )
 )

@@ -258,5 +258,10 @@ register_family(
         build=build_mdlm,
         schedules=MDLM_SCHEDULES,
         description="Masked (absorbing-state) diffusion, SUBS parameterization, continuous-time NELBO (MDLM).",
+        # continuous time: no diffusion.timesteps; no embedding diffusion: no model.embed_dim
+        reads=frozenset({
+            "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
+            "diffusion.likelihood_weight", "diffusion.sample_steps", "model.time_conditioning",
+        }),
     )
 )
