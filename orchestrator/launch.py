@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from difflm.atomic import atomic_write_text
 from difflm.data import load_prepared, prepare_data
 from difflm.families import build_model
 from orchestrator.console import TrainConsole
@@ -86,21 +87,35 @@ def local_resources() -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------ workers
-def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs inside each Ray Train worker: build model + engine, run the loop, report to Ray."""
-    import tempfile
+def _broadcast(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank (the Train worker group's torch process group)."""
+    if world <= 1:
+        return obj
+    import torch.distributed as dist
 
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs inside each Ray Train worker: build model + engine, resume, run the loop, report to Ray."""
     import ray.train
     from ray.train import Checkpoint
 
     from orchestrator.checkpoints import special_ids
+    from orchestrator.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, update_links
     from orchestrator.engine import build_engine
+    from orchestrator.errors import TrainingStopped
+    from orchestrator.failures import worker_log_path
     from orchestrator.metrics import NullLogger, TensorBoardLogger
+    from orchestrator.run_folder import write_stop
     from orchestrator.runner import Runner, WorkerContext
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     spec = spec_from_dict(config["spec"])
     queue = config.get("queue")
+    run_dir = Path(config["run_dir"])
     ctx_ray = ray.train.get_context()
     rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
     device_kind = config["device"]
@@ -111,13 +126,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         device = torch.device(device_kind)
 
-    def emit(kind: str, payload: dict[str, Any]) -> None:
-        if queue is not None and rank == 0:
+    def put(kind: str, payload: dict[str, Any]) -> None:
+        if queue is not None:
             try:
                 queue.put_nowait((kind, payload))
             except Exception:  # a full or gone queue must never stop training
                 pass
 
+    def emit(kind: str, payload: dict[str, Any]) -> None:
+        if rank == 0:
+            put(kind, payload)
+
+    # Every rank says where its log goes, so a failure names the right file.
+    put("worker", {"rank": rank, "pid": os.getpid(), "log": worker_log_path()})
     torch.manual_seed(spec.train.seed)
     data = load_prepared(Path(config["data_dir"]))
     model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
@@ -127,22 +148,49 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         if spec.scaling.deepspeed and engine.backend == "torch":
             emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch"})
+        elif engine.backend == "torch":
+            emit("log", {"message": f"engine: torch ({'DDP' if world > 1 else 'single process'}) on {device}, {world} worker(s)"})
         else:
-            emit("log", {"message": f"engine: {engine.backend} (ZeRO-{spec.scaling.zero_stage}) on {device}, {world} worker(s)"})
+            emit("log", {"message": f"engine: deepspeed (ZeRO-{spec.scaling.zero_stage}) on {device}, {world} worker(s)"})
     logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
 
-    resume = ray.train.get_checkpoint()
-
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        # Rank 0 names the folder (Ray syncs the name to every rank); "checkpoint_time" ranks checkpoints
+        # for Ray's retention: it keeps train.keep_checkpoints most recent ones.
+        name = checkpoint_dir_name(run_dir, int(metrics["step"])) if rank == 0 else None
+        ray.train.report({**metrics, "checkpoint_time": time.time()},
+                         checkpoint=Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
+        name = _broadcast(name, world)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank's files are in place before rank 0 links them
+        if rank == 0:
+            update_links(run_dir, run_dir / name, is_best=metrics["val/nll"] <= metrics["val/best_nll"])
 
     runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
-    if resume is not None:
-        with resume.as_directory() as d:
-            runner.load(Path(d))
-        emit("log", {"message": f"resumed from step {runner.step}"})
-    summary = runner.run()
+    preferred = ray.train.get_checkpoint()
+    chosen = None
+    if rank == 0:
+        log = lambda msg: emit("log", {"message": msg})  # noqa: E731
+        info = pick_resume_checkpoint(run_dir, Path(preferred.path) if preferred is not None else None, log)
+        chosen = str(info.path) if info is not None else None
+    chosen = _broadcast(chosen, world)
+    if chosen is not None:
+        runner.load(Path(chosen))
+    emit("start", {"step": runner.step, "checkpoint": chosen})
+    if chosen is not None:
+        emit("log", {"message": f"resumed from step {runner.step} ({Path(chosen).name})"})
+    try:
+        summary = runner.run()
+    except TrainingStopped as exc:  # not retried: a restart would reach the same point again
+        if rank == 0:
+            write_stop(run_dir, str(exc), runner.step)
+        logger.close()
+        return {}
     emit("done", summary)
     return summary
 
@@ -158,13 +206,19 @@ class TrainResult:
 
 
 def init_ray(address: str | None) -> None:
-    """Start (or join) Ray quietly; dashboard on localhost (Tune needs its state API to free stopped trials)."""
+    """Start (or join) Ray quietly. A private instance (no ``address``) has token authentication on
+    (``RAY_AUTH_MODE=token``: every RPC and dashboard request needs the token Ray keeps in
+    ``~/.ray/auth_token``) and its dashboard on 127.0.0.1 (Tune needs its state API to free stopped
+    trials). Ray's own gRPC servers (GCS, raylet, workers) listen on all interfaces whatever the
+    node address; the token is what keeps others out (see docs/architecture.md)."""
     import ray
 
     if ray.is_initialized():
         return
     env = dict(RAY_ENV)
     os.environ.update(env)
+    if address is None:
+        os.environ["RAY_AUTH_MODE"] = "token"  # before ray.init: read by the processes it starts
     kwargs: dict[str, Any] = dict(
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -201,14 +255,6 @@ def _quiet_worker_startup_warning() -> None:
     ray_worker.print_to_stdstream = filtered
 
 
-def _link(target: Path | None, link: Path) -> None:
-    if target is None:
-        return
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
-
-
 def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole) -> tuple[Any, str, float, float]:
     """Driver set-up shared by train and sweep: check resources, tokenize (cached), start or join Ray.
 
@@ -232,13 +278,27 @@ def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole)
     return prepared, device, cpus, gpus
 
 
-def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainConsole | None = None) -> TrainResult:
-    """Prepare data, check resources, run the TorchTrainer, link best/last checkpoints, return the result."""
+def launch_train(
+    spec: RunSpec,
+    *,
+    address: str | None = None,
+    console: TrainConsole | None = None,
+    resume: bool = False,
+    allow_spec_change: bool = False,
+) -> TrainResult:
+    """Check the run folder, prepare data, check resources, run the TorchTrainer, return the result.
+
+    ``resume``: continue the run in the spec's folder (Ray restores its latest checkpoint; difflm falls
+    back to an older one if that is damaged). Without it a folder that holds a run is an error.
+    """
+    from orchestrator.run_folder import STOP_FILE, check_run_folder
+
     console = console or TrainConsole()
     name = spec.run_name()
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": name})})
     storage = Path(spec.output.dir).expanduser().resolve()
     run_dir = storage / name
+    check_run_folder(run_dir, spec.model_dump(mode="json"), resume=resume, allow_spec_change=allow_spec_change)
 
     prepared, device, _, _ = prepare_and_place(spec, address, console)
     console.info(
@@ -249,11 +309,13 @@ def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainCon
     s, t = spec.scaling, spec.train
     global_batch = t.micro_batch_size * t.grad_accum * s.num_workers
     console.info(
-        f"run: {run_dir}\nbatch: {t.micro_batch_size} micro x {s.num_workers} workers x {t.grad_accum} accum = "
-        f"{global_batch} sequences ({global_batch * spec.data.seq_len:,} tokens) per step, {t.max_steps} steps"
+        f"run: {run_dir}{' (resuming)' if resume else ''}\nbatch: {t.micro_batch_size} micro x {s.num_workers} workers "
+        f"x {t.grad_accum} accum = {global_batch} sequences ({global_batch * spec.data.seq_len:,} tokens) per step, "
+        f"{t.max_steps} steps"
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec_yaml(spec))
+    atomic_write_text(run_dir / "spec.yaml", spec_yaml(spec))
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a previous session's stop reason is not this one's
     tb_dir = run_dir / "tensorboard"
     result = _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console)
     return result
@@ -277,6 +339,7 @@ def build_trainer(
             "spec": spec.model_dump(mode="json"),
             "device": device,
             "data_dir": str(data_dir),
+            "run_dir": str(run_dir),
             "tb_dir": str(tb_dir),
             "queue": queue,
         },
@@ -286,33 +349,36 @@ def build_trainer(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             callbacks=callbacks or [],
+            # The most recent train.keep_checkpoints (by report time); the best survives as a hard-linked
+            # copy in RUN_DIR/checkpoints/best (ckpt_files.update_links), which Ray's score cannot express.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val/nll", checkpoint_score_order="min"
+                num_to_keep=spec.train.keep_checkpoints,
+                checkpoint_score_attribute="checkpoint_time",
+                checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
         ),
     )
 
 
-def link_checkpoints(result: Any, run_dir: Path) -> tuple[Path | None, Path | None]:
-    """Point RUN_DIR/checkpoints/{best,last} at Ray's checkpoint folders; return (best, last)."""
-    last = Path(result.checkpoint.path) if result.checkpoint else None
-    best = None
-    if result.best_checkpoints:
-        best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1].get("val/nll", float("inf")))
-        best = Path(best_ckpt.path)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    _link(best, ckpt_dir / "best")
-    _link(last, ckpt_dir / "last")
-    return best, last
+def read_links(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """(best, last) checkpoint folders from RUN_DIR/checkpoints/{best,last} (kept by rank 0 as it goes)."""
+    out = []
+    for name in ("best", "last"):
+        link = run_dir / "checkpoints" / name
+        out.append(link.resolve() if link.exists() else None)
+    return out[0], out[1]
 
 
 def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, console: TrainConsole) -> TrainResult:
     from ray.util.queue import Empty, Queue
 
+    from orchestrator.errors import TrainingStopped
+    from orchestrator.failures import explain_fit_error, failure_line, failure_reporter
+    from orchestrator.run_folder import read_stop
+
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue)
+    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, callbacks=[failure_reporter(queue)])
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -324,6 +390,9 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
     thread = threading.Thread(target=target, name="difflm-fit", daemon=True)
     thread.start()
     summary: dict[str, Any] = {}
+    workers: dict[int, dict[str, Any]] = {}  # rank -> pid, log of the current worker group
+    starts, failure_shown = 0, True
+    max_failures = spec.scaling.max_failures
     try:
         while thread.is_alive() or not queue.empty():
             try:
@@ -332,17 +401,33 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
                 continue
             if kind == "done":
                 summary = payload
+            elif kind == "worker":
+                workers[int(payload["rank"])] = payload
+            elif kind == "start":
+                starts += 1
+                failure_shown = False
+            elif kind == "failure":
+                if not failure_shown:  # Ray polls a failed group more than once: one line per failure
+                    failure_shown = True
+                    left = "no limit" if max_failures < 0 else f"{max(0, max_failures - (starts - 1))} left"
+                    console.info(f"worker failure: {failure_line(payload['errors'], workers)} "
+                                 f"(restarts so far: {starts - 1}, {left})")
             else:
                 console.handle(kind, payload)
     finally:
         console.close()
     thread.join()
-    if "error" in box:
-        raise box["error"]
+    error = box.get("error") or getattr(box.get("result"), "error", None)
+    if error is not None:
+        raise explain_fit_error(error, workers) or error
     result = box["result"]
-    if result.error is not None:
-        raise result.error
-    best, last = link_checkpoints(result, run_dir)
+    best, last = read_links(run_dir)
     summary = summary or dict(result.metrics or {})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["restarts"] = max(0, starts - 1)
+    stop = read_stop(run_dir)
+    if stop is not None:
+        summary["stopped"] = stop["reason"]
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    if stop is not None:
+        raise TrainingStopped(stop["reason"])
     return TrainResult(run_dir, summary, best, last, tb_dir)

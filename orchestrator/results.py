@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from difflm.atomic import atomic_path, atomic_write_text
 from orchestrator.errors import SpecError
 
 
@@ -163,8 +164,8 @@ def write_tables(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult
         rec = {k: v for k, v in asdict(t).items() if k not in ("history", "params")}
         rec = {"rank": rank, **{p: t.params.get(p) for p in params}, **rec}
         records.append(rec)
-    (sweep_dir / "results.json").write_text(json.dumps(records, indent=2, default=str))
-    with open(sweep_dir / "results.csv", "w", newline="") as f:
+    atomic_write_text(sweep_dir / "results.json", json.dumps(records, indent=2, default=str))
+    with atomic_path(sweep_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["rank"])
         writer.writeheader()
         writer.writerows(records)
@@ -220,7 +221,8 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(sweep_dir / "val_nll_vs_step.png")
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 4), squeeze=False)
@@ -238,7 +240,8 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
         ax.set_ylabel(f"best {metric}")
     fig.tight_layout()
     paths.append(sweep_dir / "params_vs_objective.png")
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return paths
 
