@@ -31,6 +31,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _new_temp(target: Path) -> Path:
+    """An empty file beside ``target`` with a fresh name; mode 0o666 minus the umask, like open() gives
+    (mkstemp's 0o600 would leave spec.yaml and summary.json unreadable to anyone else)."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{next(tempfile._get_candidate_names())}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {target}")  # pragma: no cover
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success fsync it and rename it onto ``target``.
@@ -40,9 +53,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp(target)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -197,6 +197,39 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(path, target)
 
 
+def _ray_kept(run_dir: Path) -> set[str] | None:
+    """The checkpoint folder names Ray's run snapshot references (None: unreadable, so touch nothing)."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        names = {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
+        latest = snap.get("latest_checkpoint_result")
+        if latest:
+            names.add(latest["checkpoint_dir_name"])
+        return names
+    except Exception:
+        return None
+
+
+def prune_orphans(run_dir: Path) -> list[Path]:
+    """Delete checkpoint folders Ray does not know that are older than every checkpoint it keeps.
+
+    Ray deletes the checkpoints it retires itself; an orphan is a folder whose ``ray.train.report``
+    never completed (a worker killed while saving). Folders Ray references are never touched, so
+    its run snapshot stays valid for ``difflm resume``; and only folders older than all of them go,
+    so a checkpoint Ray has not registered yet (its controller polls) is safe. Returns what was removed.
+    """
+    kept = _ray_kept(run_dir)
+    if not kept:
+        return []
+    oldest_kept = min(_step_of(run_dir / name) for name in kept)
+    removed = []
+    for d in checkpoint_dirs(run_dir):
+        if d.name not in kept and _step_of(d) < oldest_kept:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def update_links(run_dir: Path, checkpoint: Path, is_best: bool) -> None:
     """``checkpoints/last`` -> ``checkpoint``; when it is the best so far, refresh ``checkpoints/best``.
 

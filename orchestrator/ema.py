@@ -39,20 +39,28 @@ class EMA:
         self.shadow = [t.detach().float().clone() for t in self.live]
         self.decay = decay
         self.partitioned = partitioned
-        self.updates = 0
+        device = self.live[0].device if self.live else torch.device("cpu")
+        self._n = torch.zeros((), device=device)  # applied updates, on the device (no sync to count)
         self._after_swap = after_swap
 
-    def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+    @property
+    def updates(self) -> int:
+        return int(self._n.item())
+
+    @updates.setter
+    def updates(self, n: int) -> None:
+        self._n.fill_(float(n))
 
     @torch.no_grad()
-    def update(self) -> None:
-        """shadow <- shadow + (1 - d) * (live - shadow); no host sync. A skipped (non-finite) step left
-        the weights as they were, so following them stays finite."""
-        weight = 1.0 - self.current_decay()
+    def update(self, skipped: Tensor | None = None) -> None:
+        """shadow <- shadow + w (live - shadow), w = (1 - d) * (1 - skipped): a skipped (non-finite) step
+        changes neither the average nor the warm-up count. All on the device: no host sync."""
+        decay = torch.clamp((1 + self._n) / (10 + self._n), max=self.decay)
+        keep = 1.0 - skipped if skipped is not None else torch.ones_like(self._n)
+        weight = (1.0 - decay) * keep
         live = [t.detach() if t.dtype == torch.float32 else t.detach().float() for t in self.live]
-        torch._foreach_lerp_(self.shadow, live, weight)
-        self.updates += 1
+        torch._foreach_lerp_(self.shadow, live, [weight] * len(live))  # 0-d weights broadcast; no .item()
+        self._n += keep
 
     @contextlib.contextmanager
     @torch.no_grad()

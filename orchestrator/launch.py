@@ -104,7 +104,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from ray.train import Checkpoint
 
     from orchestrator.checkpoints import special_ids
-    from orchestrator.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, update_links
+    from orchestrator.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, prune_orphans, update_links
     from orchestrator.engine import build_engine
     from orchestrator.errors import TrainingStopped
     from orchestrator.failures import worker_log_path
@@ -170,6 +170,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             dist.barrier()  # every rank's files are in place before rank 0 links them
         if rank == 0:
             update_links(run_dir, run_dir / name, is_best=metrics["val/nll"] <= metrics["val/best_nll"])
+            prune_orphans(run_dir)
 
     runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
     preferred = ray.train.get_checkpoint()
@@ -217,8 +218,13 @@ def init_ray(address: str | None) -> None:
         return
     env = dict(RAY_ENV)
     os.environ.update(env)
-    if address is None:
-        os.environ["RAY_AUTH_MODE"] = "token"  # before ray.init: read by the processes it starts
+    if address is None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        # Read by every process ray.init starts; Ray caches its config at import, so refresh it
+        # the way Ray's own default-enabling code does (ray._private.authentication).
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")
     kwargs: dict[str, Any] = dict(
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -234,11 +240,13 @@ def init_ray(address: str | None) -> None:
 
 
 def _quiet_worker_startup_warning() -> None:
-    """Drop the raylet's "N worker processes have been started" warning from the console.
+    """Drop two raylet messages from the console.
 
-    Tune trials hold a 0.01-CPU actor each (see sweep.py), which the raylet reads as
-    "too many workers for the CPU count" and announces on every sweep; it is expected
-    here and hides the sweep table. Every other raylet message still prints.
+    "N worker processes have been started": Tune trials hold a 0.01-CPU actor each (see
+    sweep.py), which the raylet reads as "too many workers for the CPU count" and announces
+    on every sweep; it is expected here and hides the sweep table. "A worker died or was
+    killed ...": a 600-character paragraph per dead worker, which orchestrator.failures
+    replaces with one line. Every other raylet message still prints.
     """
     import ray._private.worker as ray_worker
 
@@ -247,8 +255,11 @@ def _quiet_worker_startup_warning() -> None:
         return
 
     def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
-        if data.get("pid") == "raylet" and any("worker processes have been started" in ln for ln in data.get("lines", [])):
-            return
+        lines = data.get("lines", [])
+        if data.get("pid") == "raylet" and any(
+            "worker processes have been started" in ln or "A worker died or was killed" in ln for ln in lines
+        ):
+            return  # a dead worker: the driver prints one line with its rank, cause and log instead
         original(data, ignore_prefix)
 
     filtered._difflm_filtered = True  # type: ignore[attr-defined]

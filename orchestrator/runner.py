@@ -151,7 +151,7 @@ class Runner:
             reached = (self._streak >= self.spec.train.max_nonfinite) & (self._stop_step < 0)
             self._stop_step = torch.where(reached, float(self.step), self._stop_step)
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(skipped)
 
     def _gather_train_metrics(self, elapsed: float, steps: int) -> dict[str, float]:
         """One host sync: averages since the last log point, LR, grad norm, throughput, skipped steps."""

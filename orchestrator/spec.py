@@ -13,7 +13,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from difflm._config import StrictModel
 from difflm.data.config import DataConfig, TokenizerConfig
@@ -123,6 +123,9 @@ class RunSpec(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and cadence.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers, device, DeepSpeed.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Run folder and logging.")
+    #: diffusion.schedule was filled in with the family's default (a sweep's trials of other families
+    #: must not inherit it: see SweepFile.base_raw)
+    _schedule_defaulted: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _family_and_schedule(self) -> "RunSpec":
@@ -132,6 +135,7 @@ class RunSpec(StrictModel):
             raise ValueError(exc.args[0]) from None
         if self.diffusion.schedule is None and fam.schedules:
             self.diffusion.schedule = fam.schedules[0]  # the family's default
+            self._schedule_defaulted = True
         if fam.schedules and self.diffusion.schedule not in fam.schedules:
             raise ValueError(
                 f"diffusion.schedule {self.diffusion.schedule!r} is not a {fam.name} schedule; "
