@@ -25,8 +25,11 @@ for fp16. At each accumulation boundary the engine sets ``found_inf`` from a dev
   ``clip_grad_norm_`` computes anyway) non-finite;
 * DeepSpeed: any micro-batch loss non-finite. Its gradients live in ZeRO partitions and
   buckets that the engine cannot read before ``step()`` without reaching into DeepSpeed's
-  internals; a finite loss with non-finite gradients needs an overflow past the fp32 range
-  (bf16 shares it), and fp32 ZeRO-1/2 already skips an invalid gradient norm itself.
+  internals. DeepSpeed 0.19 itself skips a step whose global gradient norm is inf/nan under
+  ZeRO-1/2/3 and with bf16 (``bf16.check_grad_overflow``, a host read it makes anyway); the
+  device flag is what protects fp32 ZeRO-0, and such a DeepSpeed skip (read from its own host
+  counter, ``skipped_steps``) is counted as a skipped step too, except under fp16, where
+  skipping overflows is how the loss scale calibrates itself.
 
 With several workers the flag is all-reduced (max) first, so every rank skips together
 (a one-element collective, queued on the device like the gradient all-reduce; no ``.item()``).
@@ -295,6 +298,7 @@ class DeepSpeedEngine:
         self.module: Family = self.engine.module
         self.device = device
         self.zero_stage = spec.scaling.zero_stage
+        self._fp16 = spec.train.precision == "fp16"
         # The torch AdamW DeepSpeed's wrappers (ZeRO, bf16) step on their fp32 partitions.
         self._basic = self.engine.basic_optimizer
         self._fused = is_fused(self._basic)
@@ -318,7 +322,10 @@ class DeepSpeedEngine:
         flag = all_reduce_max(self._bad.float())
         if self._fused:
             self._basic.found_inf = flag  # the fused kernel makes the update a no-op when 1
+        ds_skipped = self.engine.skipped_steps
         self.engine.step()
+        if self.engine.skipped_steps > ds_skipped and not self._fp16:  # DeepSpeed skipped it itself (host int)
+            flag = torch.ones_like(flag)
         self.last_skipped = flag
         self._bad = torch.zeros_like(self._bad)
 

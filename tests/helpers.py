@@ -82,17 +82,20 @@ def single_process_group() -> None:
 
 
 class InjectNaN(Family):
-    """Test-only family: wraps another and multiplies the loss by NaN on chosen training calls.
+    """Test-only family: wraps another and makes the loss non-finite on chosen training calls.
 
-    ``bad(call)`` gets the 1-based count of training forward passes (micro-batches); validation
-    (eval mode or no grad) is never touched unless ``nan_val`` is set. A test hook, never a spec field.
+    ``bad(call)`` gets the 1-based count of training forward passes (micro-batches). By default the
+    loss is multiplied by NaN (gradients NaN too); ``add_inf`` adds +inf instead, a constant, so the
+    loss is inf while the gradients stay finite. Validation (eval mode or no grad) is never touched
+    unless ``nan_val`` is set. A test hook, never a spec field.
     """
 
-    def __init__(self, inner: Family, bad: Callable[[int], bool], nan_val: bool = False) -> None:
+    def __init__(self, inner: Family, bad: Callable[[int], bool], nan_val: bool = False, add_inf: bool = False) -> None:
         super().__init__()
         self.inner = inner
         self.bad = bad
         self.nan_val = nan_val
+        self.add_inf = add_inf
         self.calls = 0
         self.name = inner.name
 
@@ -101,7 +104,8 @@ class InjectNaN(Family):
         if self.training and torch.is_grad_enabled():
             self.calls += 1
             if self.bad(self.calls):
-                out = dataclasses.replace(out, loss=out.loss * float("nan"))
+                bad = out.loss + float("inf") if self.add_inf else out.loss * float("nan")
+                out = dataclasses.replace(out, loss=bad)
         elif self.nan_val:
             out = dataclasses.replace(out, nll_sum=out.nll_sum * float("nan"))
         return out

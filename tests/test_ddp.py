@@ -1,7 +1,7 @@
 """`scaling.deepspeed: false` with several workers: two real processes (gloo), TorchEngine under DDP.
 
 Each rank reads different batches and draws different noise, so unsynchronised replicas would drift
-apart at the first step; DDP keeps them identical. A NaN on one rank only is skipped on both.
+apart at the first step; DDP keeps them identical. A non-finite loss on one rank only is skipped on both.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def _worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
     spec = RunSpec.model_validate(raw)
     data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
     torch.manual_seed(spec.train.seed)
+    # step 3 (micro-batches 5 and 6), rank 1 only: an inf loss whose gradients stay finite, so DDP's average
+    # alone would not tell rank 0; the all-reduced skip flag must.
     model = InjectNaN(build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size),
-                      lambda call: rank == 1 and call in (5, 6))  # step 3 (micro-batches 5 and 6), rank 1 only
+                      lambda call: rank == 1 and call in (5, 6), add_inf=True)
     cpu = torch.device("cpu")
     engine = TorchEngine(model, spec.train, cpu)
     runner = Runner(spec, data, engine, WorkerContext(rank, world, cpu))
@@ -69,7 +71,7 @@ def test_ddp_replicas_stay_identical_and_only_rank0_writes_shared_files(tmp_path
     assert torch.equal(s0, s1)  # the same weights on both ranks after every step
     moved = [(s0[i + 1] - s0[i]).abs().max().item() for i in range(4)]
     assert moved[0] > 0 and moved[1] > 0 and moved[3] > 0
-    assert moved[2] == 0.0  # rank 1's NaN at step 3 skipped the update on both ranks
+    assert moved[2] == 0.0  # rank 1's inf loss at step 3 skipped the update on both ranks
     assert r0["skipped"] == r1["skipped"] == 1.0
     ck0, ck1 = tmp_path / "rank0", tmp_path / "rank1"
     assert {"engine_state.pt", "model.safetensors", "spec.yaml", "trainer_state.json"} <= {p.name for p in ck0.iterdir()}
