@@ -79,6 +79,7 @@ def _launch(spec: Any, address: str | None, *, resume: bool, allow_spec_change: 
     from orchestrator.launch import launch_train
 
     console = TrainConsole()
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": spec.run_name()})})  # fix the name
     try:
         result = launch_train(spec, address=address, console=console, resume=resume, allow_spec_change=allow_spec_change)
     except KeyboardInterrupt:

@@ -418,11 +418,14 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
                 starts += 1
                 failure_shown = False
             elif kind == "failure":
-                if not failure_shown:  # Ray polls a failed group more than once: one line per failure
+                restarts_left = max_failures < 0 or starts - 1 < max_failures
+                # Ray polls a failed group more than once: one line per failure; the last one, after which
+                # Ray gives up, is the error the CLI prints.
+                if not failure_shown and restarts_left:
                     failure_shown = True
-                    left = "no limit" if max_failures < 0 else f"{max(0, max_failures - (starts - 1))} left"
+                    left = "no limit" if max_failures < 0 else f"{max_failures - (starts - 1)} left"
                     console.info(f"worker failure: {failure_line(payload['errors'], workers)} "
-                                 f"(restarts so far: {starts - 1}, {left})")
+                                 f"(restarting from the latest checkpoint; restarts so far: {starts - 1}, {left})")
             else:
                 console.handle(kind, payload)
     finally:

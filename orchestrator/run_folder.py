@@ -34,17 +34,21 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / SPEC_FILE).is_file() or (run_dir / RAY_SNAPSHOT).exists() or any(run_dir.glob("checkpoint_*"))
 
 
-def describe_run(run_dir: Path) -> str:
-    """``"at step 30 of 30, finished"``-style summary of the latest checkpoint, for messages."""
+def latest_step(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint whose trainer_state.json reads (None: no checkpoint yet)."""
     from orchestrator.ckpt_files import checkpoint_dirs
 
-    steps = None
     for d in checkpoint_dirs(run_dir):
         try:
-            steps = int(json.loads((d / "trainer_state.json").read_text())["step"])
-            break
+            return int(json.loads((d / "trainer_state.json").read_text())["step"])
         except Exception:
             continue
+    return None
+
+
+def describe_run(run_dir: Path) -> str:
+    """``"checkpointed at step 30 of 30, finished"``-style summary of the latest checkpoint, for messages."""
+    steps = latest_step(run_dir)
     total = None
     try:
         import yaml
@@ -93,6 +97,12 @@ def check_run_folder(run_dir: Path, spec_dump: dict[str, Any], *, resume: bool, 
         return
     if not exists:
         raise SpecError(f"nothing to resume: {run_dir} holds no run; start it without --resume")
+    step, max_steps = latest_step(run_dir), int(spec_dump["train"]["max_steps"])
+    if step is not None and step >= max_steps:
+        raise SpecError(
+            f"{run_dir} is checkpointed at step {step} and train.max_steps is {max_steps}: nothing to train; "
+            f"to train it longer: `difflm resume {run_dir} --set train.max_steps=N` with N > {step}"
+        )
     saved_file = run_dir / SPEC_FILE
     if not saved_file.is_file():
         return  # a run that died before writing its spec: nothing to compare with

@@ -263,6 +263,10 @@ class Runner:
         with atomic_path(directory / "rng" / f"rank{rank}.pt") as tmp:
             torch.save(rng, tmp)
         full = self.engine.full_state_dict()  # collective under ZeRO-3
+        if rank == 0:  # before the EMA is swapped in: `full` may share storage with the live weights
+            with atomic_path(directory / WEIGHTS) as tmp:
+                save_file({k: v.detach().cpu().contiguous().clone() for k, v in full.items()}, str(tmp))
+        del full
         ema_full: dict[str, Tensor] | None = None
         if self.ema is not None:
             if self.ema.partitioned:
@@ -271,8 +275,6 @@ class Runner:
             with self.ema.swapped_in():
                 ema_full = {k: v.detach().cpu().contiguous().clone() for k, v in self.engine.full_state_dict().items()}
         if rank == 0:
-            with atomic_path(directory / WEIGHTS) as tmp:
-                save_file({k: v.detach().cpu().contiguous().clone() for k, v in full.items()}, str(tmp))
             if ema_full is not None:
                 with atomic_path(directory / EMA_FILE) as tmp:
                     save_file(ema_full, str(tmp))

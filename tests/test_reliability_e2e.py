@@ -83,8 +83,9 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
     lines = [ln for ln in out.splitlines() if ln.startswith("worker failure:")]
     assert len(lines) == 1, out
     assert f"worker rank 0 (pid {killed}) died (killed by a signal such as SIGKILL" in lines[0]
-    log = Path(lines[0].split("its log: ")[1].split(" (restarts")[0])
+    log = Path(lines[0].split("its log: ")[1].split(" (restarting")[0])
     assert log.is_file() and str(killed) in log.name
+    assert "restarting from the latest checkpoint; restarts so far: 0, 2 left" in lines[0]
     assert "A worker died or was killed" not in out and "Traceback" not in out  # Ray's paragraph is gone
     resumed = [ln for ln in out.splitlines() if ln.startswith("resumed from step")]
     assert len(resumed) == 1 and 10 <= int(resumed[0].split()[3]) < 80, resumed  # continued, not from scratch

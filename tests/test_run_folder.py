@@ -72,6 +72,14 @@ def test_resume_refuses_a_changed_spec_unless_told(run: tuple[Path, Path]) -> No
     check_run_folder(run_dir, changed.model_dump(mode="json"), resume=True, allow_spec_change=True)  # told: fine
 
 
+def test_resuming_a_finished_run_says_how_to_train_longer(run: tuple[Path, Path]) -> None:
+    run_dir, _ = run
+    code, out = _cli("resume", str(run_dir), "--set", "train.max_steps=2")
+    assert code == 2, out
+    assert f"{run_dir} is checkpointed at step 2 and train.max_steps is 2: nothing to train" in out
+    assert f"`difflm resume {run_dir} --set train.max_steps=N` with N > 2" in out
+
+
 def test_resume_needs_a_run_or_sweep_folder(run: tuple[Path, Path], tmp_path: Path) -> None:
     run_dir, spec_file = run
     code, out = _cli("resume", str(tmp_path / "nothing"))
