@@ -101,6 +101,10 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
         status = "FAILED" if trial.status == "ERROR" else trial.status
         ckpts = [r for r in rows if r.get("checkpoint_path") and Path(r["checkpoint_path"]).exists()]
         best_ckpt_row = min(ckpts, key=lambda r: sign * r.get(metric, math.inf)) if ckpts else None
+        # Ray keeps the most recent checkpoints; the best by val/nll survives as the trial run's checkpoints/best
+        best_link = tdir / "train" / "checkpoints" / "best"
+        by_val_nll = metric == "val/nll" and mode == "min" and best_link.exists()
+        best_ckpt = str(best_link.resolve()) if by_val_nll else (best_ckpt_row or {}).get("checkpoint_path")
         out.append(
             TrialResult(
                 trial_id=trial.trial_id,
@@ -114,7 +118,7 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
                 stopped_early=status == "TERMINATED" and 0 < steps < max_steps,
                 wall_time_s=float(last.get("time_total_s", 0.0)),
                 error=_error_text(tdir, trial) if status == "FAILED" else None,
-                best_checkpoint=best_ckpt_row["checkpoint_path"] if best_ckpt_row else None,
+                best_checkpoint=best_ckpt,
                 trial_dir=str(tdir),
                 history=[(int(r["step"]), float(r[metric])) for r in scored if "step" in r],
             )

@@ -109,6 +109,7 @@ class Runner:
         self._skipped = torch.zeros((), device=ctx.device)  # steps whose update was skipped, all run
         self._streak = torch.zeros((), device=ctx.device)  # skipped steps in a row, up to now
         self._stop_step = torch.full((), -1.0, device=ctx.device)  # step where the streak reached the limit
+        self._stop_at = -1  # _stop_step as read at the last log point
         self.ema: EMA | None = None
         if t.ema:
             targets, partitioned = engine.ema_targets()
@@ -172,7 +173,7 @@ class Runner:
         return out
 
     def _check_stop(self) -> None:
-        if getattr(self, "_stop_at", -1) >= 0:
+        if self._stop_at >= 0:
             k = self.spec.train.max_nonfinite
             raise TrainingStopped(
                 f"non-finite loss at step {self._stop_at} ({k} steps in a row skipped, none reached the weights); "

@@ -53,6 +53,21 @@ def _train_workers(driver: int) -> list[psutil.Process]:
     return out
 
 
+def _ray_exposure(driver: int) -> tuple[set[str], set[str]]:
+    """(RAY_AUTH_MODE of the GCS server, addresses the dashboard's HTTP server listens on) under this driver."""
+    modes, listen = set(), set()
+    for proc in psutil.Process(driver).children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+            if "gcs_server" in cmd:
+                modes.add(proc.environ().get("RAY_AUTH_MODE", "unset"))
+            if "dashboard/dashboard.py" in cmd:
+                listen |= {c.laddr.ip for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass
+    return modes, listen
+
+
 def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_path: Path) -> None:
     spec = tmp_path / "kill.yaml"
     spec.write_text(KILL_SPEC % {"cache": tmp_path / "cache"})
@@ -66,6 +81,7 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
             if last.exists():  # the step-10 checkpoint is registered: kill the worker mid-run
                 workers = _train_workers(driver.pid)
                 if workers:
+                    exposure = _ray_exposure(driver.pid)
                     killed = workers[0].pid
                     os.kill(killed, signal.SIGKILL)
                     break
@@ -76,6 +92,7 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
             driver.kill()
     assert killed is not None, "never saw a checkpoint and a worker to kill"
     assert driver.returncode == 0, out
+    assert exposure == ({"token"}, {"127.0.0.1"}), exposure  # the private Ray: token auth, dashboard on loopback
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 80 and summary["restarts"] == 1, summary
     assert "restarts        1" in out
