@@ -14,3 +14,8 @@ class SpecError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself for a reason a restart cannot fix (a run of non-finite losses, a non-finite
+    val metric). Not retried by Ray: the worker catches it, records it and ends; the CLI exits 1 with it."""

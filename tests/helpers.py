@@ -1,15 +1,17 @@
-"""Scaffolding shared by tests: random init of zero-initialised layers, a recording metrics logger and
-run dirs trained in-process (no Ray)."""
+"""Scaffolding shared by tests: random init of zero-initialised layers, a recording metrics logger,
+run dirs trained in-process (no Ray), a one-process gloo group for DeepSpeed in-process, and a
+NaN-injecting test family."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from difflm.data import prepare_data
-from difflm.families import build_model
+from difflm.families import Family, LossOutput, build_model
 from orchestrator.train.checkpoints import special_ids
 from orchestrator.train.engine import TorchEngine
 from orchestrator.train.runner import Runner, WorkerContext
@@ -68,3 +70,60 @@ def make_run_dir(root: Path, name: str, spec_raw: dict[str, Any], steps: int = 8
     for link in ("best", "last"):
         (run_dir / "checkpoints" / link).symlink_to(f"../{CKPT_NAME}")
     return run_dir
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def single_process_group() -> None:
+    """A world-size-1 gloo process group in this process, for DeepSpeed in-process on the CPU.
+
+    Created once and kept for the session (a process group cannot be re-created). DeepSpeed also
+    wants LOCAL_RANK in the environment: set it with monkeypatch in the test that builds the engine.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+class InjectNaN(Family):
+    """Test-only family: wraps another and makes the loss non-finite on chosen training calls.
+
+    ``bad(call)`` gets the 1-based count of training forward passes (micro-batches). By default the
+    loss is multiplied by NaN (gradients NaN too); ``add_inf`` adds +inf instead, a constant, so the
+    loss is inf while the gradients stay finite. Validation (eval mode or no grad) is never touched
+    unless ``nan_val`` is set. A test hook, never a spec field.
+    """
+
+    def __init__(self, inner: Family, bad: Callable[[int], bool], nan_val: bool = False, add_inf: bool = False) -> None:
+        super().__init__()
+        self.inner = inner
+        self.bad = bad
+        self.nan_val = nan_val
+        self.add_inf = add_inf
+        self.calls = 0
+        self.name = inner.name
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        out = self.inner(tokens, valid, generator)
+        if self.training and torch.is_grad_enabled():
+            self.calls += 1
+            if self.bad(self.calls):
+                bad = out.loss + float("inf") if self.add_inf else out.loss * float("nan")
+                out = dataclasses.replace(out, loss=bad)
+        elif self.nan_val:
+            out = dataclasses.replace(out, nll_sum=out.nll_sum * float("nan"))
+        return out
+
+    def val_nll(self, tokens: torch.Tensor, counted: torch.Tensor, noise: Any) -> torch.Tensor:
+        out = self.inner.val_nll(tokens, counted, noise)  # (B, K)
+        return out * float("nan") if self.nan_val else out
+
+    def sample(self, num: int, length: int, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.inner.sample(num, length, steps, generator)

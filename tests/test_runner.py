@@ -80,10 +80,13 @@ def test_run_logs_and_reports_checkpoints(tmp_path: Path) -> None:
     summary = _runner(_spec(tmp_path), log, report).run()
     assert summary["steps"] == 12
     assert [int(m["step"]) for m, _ in reports] == [0, 6, 12]
-    assert reports[-1][1] == ["engine_state.pt", "model.safetensors", "rng", "spec.yaml", "tokenizer", "trainer_state.json"]
+    assert reports[-1][1] == [
+        "engine_state.pt", "manifest", "model.safetensors", "rng", "spec.yaml", "tokenizer", "trainer_state.json"
+    ]
     assert reports[0][1] == [] and reports[1][1] == []  # checkpoint only every 12 steps
     assert [s for s, _ in log.scalars["train/loss"]] == [3, 6, 9, 12]
-    assert {"train/lr", "train/grad_norm", "train/tokens_per_sec", "train/nelbo", "val/ppl"} <= set(log.scalars)
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_sec", "train/nelbo", "train/skipped_steps", "val/ppl"} <= set(log.scalars)
+    assert [v for _, v in log.scalars["train/skipped_steps"]] == [0, 0, 0, 0]
     assert len(log.texts["samples/text"]) == 3
     assert summary["best_val_nll"] == min(v for _, v in log.scalars["val/nll"])
 

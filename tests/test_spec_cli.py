@@ -56,6 +56,17 @@ def test_overrides_are_typed_and_revalidated(tmp_path: Path) -> None:
         ("diffusion:\n  schedule: cosinus\n", r"schedule 'cosinus' is not a mdlm schedule; choose one of loglinear, linear, cosine"),
         ("scaling:\n  device: tpu\n", r"scaling\.device: Input should be 'auto', 'cuda', 'mps' or 'cpu'"),
         ("train:\n  eval_every: 30\n  checkpoint_every: 100\n", r"must be a multiple of eval_every"),
+        # fields the chosen family or engine would silently ignore
+        ("model:\n  family: ar\ndiffusion:\n  schedule: bogus\n", r"diffusion\.schedule: not used by family ar"),
+        ("model:\n  family: ar\ndiffusion:\n  schedule: loglinear\n", r"diffusion\.schedule: not used by family ar"),
+        ("model:\n  family: ar\n  time_conditioning: true\n", r"model\.time_conditioning: not used by family ar"),
+        ("model:\n  family: diffusion_lm\ndiffusion:\n  eps: 0.01\n  sampling_eps: 0.1\n",
+         r"diffusion\.eps, diffusion\.sampling_eps: not used by family diffusion_lm"),
+        ("model:\n  family: diffusion_lm\n  time_conditioning: true\n", r"model\.time_conditioning: not used by family diffusion_lm"),
+        ("model:\n  family: mdlm\n  embed_dim: 32\n", r"model\.embed_dim: not used by family mdlm"),
+        ("diffusion:\n  clamp_sampling: true\n", r"diffusion\.clamp_sampling: not used by family mdlm"),
+        ("diffusion:\n  timesteps: 100\n", r"diffusion\.timesteps: not used by family mdlm"),
+        ("scaling:\n  deepspeed: false\n  zero_stage: 2\n", r"scaling\.zero_stage 2 needs DeepSpeed, but scaling\.deepspeed is false"),
     ],
 )
 def test_bad_specs_exit_2_with_message(tmp_path: Path, text: str, expected: str) -> None:
@@ -67,6 +78,29 @@ def test_bad_specs_exit_2_with_message(tmp_path: Path, text: str, expected: str)
         import re
 
         assert re.search(expected, out), out
+
+
+def test_family_fields_read_declared_in_the_registry() -> None:
+    """The check is registry-driven: a family declaring nothing accepts every field; a declared field
+    outside the family-specific set is refused at registration; values equal to the default pass."""
+    from difflm.families.registry import _REGISTRY, FamilySpec, get_family, register_family, unread_fields
+    from difflm.families.config import DiffusionConfig
+    from difflm.models.config import ModelConfig
+
+    mdlm = get_family("mdlm")
+    try:
+        register_family(FamilySpec(name="t_open", build=mdlm.build, schedules=mdlm.schedules, description="t"))
+        spec = RunSpec.model_validate({"model": {"family": "t_open", "embed_dim": 32}, "diffusion": {"timesteps": 9}})
+        assert spec.model.embed_dim == 32
+        with pytest.raises(ValueError, match=r"declares reads \['diffusion\.nope'\]"):
+            register_family(FamilySpec(name="t_bad", build=mdlm.build, schedules=(), description="t",
+                                       reads=frozenset({"diffusion.nope"})))
+    finally:
+        _REGISTRY.pop("t_open", None)
+        _REGISTRY.pop("t_bad", None)
+    assert unread_fields(get_family("ar"), ModelConfig(family="ar", time_conditioning=False),
+                         DiffusionConfig(sample_steps=128)) == []  # written, but the default
+    assert RunSpec.model_validate({"train": {"ema": 0}}).train.ema is None  # 0 = off, spelled null
 
 
 def test_missing_file_exit_2(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def test_run_spec_given_to_sweep_and_missing_resume(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["sweep", str(p), "--resume"])
     assert res.exit_code == 2 and "nothing to resume" in res.output
     res = CliRunner().invoke(main, ["resume", str(tmp_path)])
-    assert res.exit_code == 2 and "no sweep state here" in res.output
+    assert res.exit_code == 2 and "neither a run folder" in res.output and "nor a sweep folder" in res.output
 
 
 def test_trial_spec_assembly_linked_and_labels(tmp_path: Path) -> None:
@@ -117,3 +117,17 @@ def test_shipped_sweeps_cover_their_questions() -> None:
         assert f.read_text().startswith("#"), f"{f.name} must say in a comment what it answers"
     with pytest.raises(SpecError):
         load_sweep_file(str(root / "runs" / "quickstart.yaml"))
+
+
+def test_family_grid_trials_resolve_their_own_schedule(tmp_path: Path) -> None:
+    """The base family's default schedule does not leak into trials of another family (ar has none and
+    rejects any); a schedule written in the base file is kept, and ar trials then fail validation."""
+    sweep = load_sweep_file(str(_file(tmp_path, "  search:\n    model.family: {grid: [mdlm, ar, diffusion_lm]}")))
+    got = {f: RunSpec.model_validate(trial_raw(sweep.base_raw(), {"model.family": f}, {})).diffusion.schedule
+           for f in ("mdlm", "ar", "diffusion_lm")}
+    assert got == {"mdlm": "loglinear", "ar": None, "diffusion_lm": "sqrt"}
+    p = tmp_path / "explicit.yaml"
+    p.write_text(_file(tmp_path, "  search:\n    model.family: {grid: [mdlm, ar]}").read_text()
+                 .replace("model: {family: mdlm, size: tiny}", "model: {family: mdlm, size: tiny}\ndiffusion: {schedule: cosine}"))
+    with pytest.raises(SpecError, match=r"model\.family='ar': diffusion\.schedule: not used by family ar"):
+        load_sweep_file(str(p))

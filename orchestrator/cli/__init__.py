@@ -1,8 +1,8 @@
 """The ``difflm`` command line: this module only assembles the command groups.
 
-    difflm train SPEC            orchestrator/cli/train.py      (+ tensorboard)
+    difflm train | resume | tensorboard   orchestrator/cli/train.py
     difflm validate | schema     orchestrator/cli/spec.py
-    difflm sweep | resume | results   orchestrator/cli/sweep.py
+    difflm sweep | results            orchestrator/cli/sweep.py
     difflm sample | eval | denoise    orchestrator/cli/inference.py
     difflm bench asha | sampling      orchestrator/cli/bench.py
 
@@ -29,7 +29,7 @@ for _cmd in (
     spec.validate,
     spec.schema,
     sweep.sweep,
-    sweep.resume,
+    train.resume,
     sweep.results,
     inference.sample,
     inference.eval_cmd,

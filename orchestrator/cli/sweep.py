@@ -1,4 +1,4 @@
-"""CLI commands for sweeps: `difflm sweep`, `difflm resume`, `difflm results`."""
+"""CLI commands for sweeps: `difflm sweep`, `difflm results`, and the sweep half of `difflm resume`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 
 from orchestrator.cli.common import user_errors
 from orchestrator.errors import SpecError
+from orchestrator.train.run_folder import SWEEP_STATE as STATE_FILE
 
 
 def _finish(sweep_dir: Path) -> bool:
@@ -42,7 +43,7 @@ def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str
 
     console = TrainConsole()
     sweep_dir = sweep_dir_for(sweep, str(spec_file))
-    resume_cmd = f"difflm sweep {spec_file}{''.join(f' --set {o}' for o in overrides)} --resume"
+    resume_cmd = f"difflm resume {sweep_dir}"
     interrupted = "\ninterrupted: trials stopped, state saved in {}\nresume with: {}"
     try:
         elapsed = run_sweep(sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides)
@@ -70,15 +71,11 @@ def sweep(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: st
     _run(spec_file, overrides, resume, address)
 
 
-@click.command()
-@click.argument("sweep_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--address", help="Join an existing Ray cluster instead of starting one.")
-@user_errors
-def resume(sweep_dir: Path, address: str | None) -> None:
-    """Continue the sweep in SWEEP_DIR (same as `difflm sweep SPEC --resume`)."""
-    state = sweep_dir / "difflm_sweep.json"
+def resume_sweep(sweep_dir: Path, address: str | None) -> None:
+    """Continue the sweep in SWEEP_DIR (same as `difflm sweep SPEC --resume`); `difflm resume` calls it."""
+    state = sweep_dir / STATE_FILE
     if not state.exists():
-        raise SpecError(f"{sweep_dir}: no sweep state here (difflm_sweep.json); give the folder `difflm sweep` printed")
+        raise SpecError(f"{sweep_dir}: no sweep state here ({STATE_FILE}); give the folder `difflm sweep` printed")
     saved = json.loads(state.read_text())
     overrides = (
         *saved.get("overrides", []),

@@ -1,10 +1,12 @@
-"""`difflm train` and `difflm tensorboard`: run a spec as a Ray Train job and watch it.
+"""`difflm train`, `difflm resume` and `difflm tensorboard`: run a spec as a Ray Train job, continue it, watch it.
 
     difflm train sweeps/runs/quickstart.yaml --set train.max_steps=200
+    difflm resume runs/quickstart --set train.max_steps=400     # a run or a sweep folder
     difflm tensorboard runs/
 
-Bad input (spec, overrides, data, resources) prints one message and exits 2,
-before Ray starts; a failure inside training exits 1 with the worker's error.
+Bad input (spec, overrides, data, resources, a run folder that already holds a run)
+prints one message and exits 2, before Ray starts; a failure inside training exits 1
+with one line: the worker's error (or that it died) and the path of its log.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ from orchestrator.errors import SpecError
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Parent folder for the run (output.dir).")
 @click.option("--name", help="Run folder name (output.name).")
 @click.option("--address", help="Join an existing Ray cluster (e.g. 10.0.0.1:6379 or 'auto') instead of starting one.")
+@click.option("--resume", is_flag=True, help="Continue the run already in the run folder (same as `difflm resume RUN_DIR`).")
+@click.option("--allow-spec-change", is_flag=True, help="With --resume: accept a spec that differs from the run's "
+              "spec.yaml beyond max_steps, cadence and locations.")
 @user_errors
-def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, address: str | None) -> None:
+def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, address: str | None,
+          resume: bool, allow_spec_change: bool) -> None:
     """Train the run described by SPEC_FILE as a Ray Train + DeepSpeed job."""
     from orchestrator.spec.run import load_run_spec
 
@@ -38,22 +44,68 @@ def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name
     if name is not None:
         extra.append(f"output.name={name}")
     spec = load_run_spec(spec_file, extra)
+    _launch(spec, address, resume=resume, allow_spec_change=allow_spec_change)
 
+
+def _launch(spec: Any, address: str | None, *, resume: bool, allow_spec_change: bool) -> None:
     from orchestrator.train.console import TrainConsole
+    from orchestrator.errors import TrainingStopped
+    from orchestrator.train.failures import TrainingFailed
     from orchestrator.train.launch import launch_train
 
     console = TrainConsole()
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": spec.run_name()})})  # fix the name
     try:
-        result = launch_train(spec, address=address, console=console)
+        result = launch_train(spec, address=address, console=console, resume=resume, allow_spec_change=allow_spec_change)
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: training stopped.", err=True)
+        run_dir = Path(spec.output.dir).expanduser().resolve() / spec.run_name()
+        click.echo(f"\ninterrupted: training stopped; continue it with `difflm resume {run_dir}`", err=True)
         sys.exit(130)
     except SpecError:
         raise
-    except Exception as exc:  # worker failures arrive wrapped by Ray
+    except TrainingStopped as exc:
+        click.echo(f"error: training stopped: {exc}", err=True)
+        sys.exit(1)
+    except TrainingFailed as exc:
+        click.echo(f"error: training failed: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # other failures arrive wrapped by Ray
         click.echo(f"error: training failed: {_root_cause(exc)}", err=True)
         sys.exit(1)
     _print_summary(result)
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Runs only: change a field of the saved spec, e.g. train.max_steps=600.")
+@click.option("--allow-spec-change", is_flag=True, help="Runs only: accept --set changes beyond max_steps, cadence "
+              "and locations.")
+@click.option("--address", help="Join an existing Ray cluster instead of starting one.")
+@user_errors
+def resume(directory: Path, overrides: tuple[str, ...], allow_spec_change: bool, address: str | None) -> None:
+    """Continue the run or sweep in DIRECTORY (a run folder, or a sweep folder) from its last checkpoint."""
+    from orchestrator.train.run_folder import SPEC_FILE, holds_run
+    from orchestrator.cli.sweep import STATE_FILE, resume_sweep
+
+    directory = directory.expanduser().resolve()
+    if (directory / STATE_FILE).is_file():
+        if overrides or allow_spec_change:
+            raise SpecError(f"{directory} is a sweep: --set and --allow-spec-change apply to runs only")
+        resume_sweep(directory, address)
+        return
+    if not directory.is_dir() or not holds_run(directory):
+        raise SpecError(
+            f"{directory}: neither a run folder ({SPEC_FILE}, checkpoint_*) nor a sweep folder ({STATE_FILE}); "
+            "give the folder `difflm train` or `difflm sweep` printed"
+        )
+    if not (directory / SPEC_FILE).is_file():
+        raise SpecError(f"{directory / SPEC_FILE}: missing; resume with `difflm train SPEC --name "
+                        f"{directory.name} --output {directory.parent} --resume`")
+    from orchestrator.spec.run import load_run_spec
+
+    spec = load_run_spec(directory / SPEC_FILE, [*overrides, f"output.dir={directory.parent}", f"output.name={directory.name}"])
+    _launch(spec, address, resume=True, allow_spec_change=allow_spec_change)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -75,6 +127,10 @@ def _print_summary(result: Any) -> None:
         "done.",
         f"  steps           {s.get('steps')}",
     ]
+    if s.get("restarts"):
+        lines.append(f"  restarts        {s['restarts']} (worker group restarted from its latest checkpoint)")
+    if s.get("skipped_steps"):
+        lines.append(f"  skipped steps   {s['skipped_steps']} (non-finite loss or gradient; no update applied)")
     if best is not None and math.isfinite(best):
         se = s.get("best_val_nll_se")
         pm = f" ± {se:.4f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""

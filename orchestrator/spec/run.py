@@ -13,12 +13,12 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from difflm._config import StrictModel
 from difflm.data.config import DataConfig, TokenizerConfig
 from difflm.families.config import DiffusionConfig
-from difflm.families.registry import family_names, get_family
+from difflm.families.registry import family_names, get_family, unread_fields
 from difflm.models.config import ModelConfig
 from orchestrator.errors import SpecError
 from orchestrator.spec.yamlio import apply_overrides, read_yaml, validate_as
@@ -61,7 +61,23 @@ class TrainConfig(StrictModel):
         1234, description="Seed of the val noise: sequence i's rates and masks depend on (eval_seed, i) only."
     )
     checkpoint_every: int = Field(500, ge=1, description="Checkpoint every this many steps; a multiple of eval_every.")
-    log_every: int = Field(10, ge=1, description="Gather train metrics (one host sync) every this many steps.")
+    log_every: int = Field(
+        10, ge=1, description="Gather train metrics (one host sync) every this many steps; also where a run of "
+        "non-finite steps is noticed."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=1000, description="Keep this many most recent checkpoints (plus the best by val/nll, "
+        "RUN_DIR/checkpoints/best); a corrupted latest one falls back to the one before."
+    )
+    ema: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Decay of an exponential moving average of the weights, used for "
+        "validation, samples and `difflm sample|eval`; saved and resumed. null or 0 = off (tiny runs); "
+        "0.9999 is typical for long runs (warmed up as min(decay, (1+n)/(10+n)) over the first updates)."
+    )
+    max_nonfinite: int = Field(
+        5, ge=1, le=10000, description="Stop the run after this many optimizer steps in a row with a non-finite "
+        "loss or gradient (each one is skipped: no update reaches the weights; counted in train/skipped_steps)."
+    )
     num_samples: int = Field(4, ge=0, le=64, description="Text samples logged to TensorBoard at each eval.")
     seed: int = Field(0, description="Seed for init, data order and training noise.")
 
@@ -85,7 +101,14 @@ class ScalingConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per worker.")
     gpus_per_worker: float = Field(1.0, ge=0.0, description="GPUs Ray reserves per worker when the device is cuda.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
-    deepspeed: bool = Field(True, description="Wrap the model in DeepSpeed; off (or on MPS) runs plain PyTorch.")
+    deepspeed: bool = Field(
+        True, description="Wrap the model in DeepSpeed; off (or on MPS) runs plain PyTorch, with "
+        "DistributedDataParallel across several workers."
+    )
+    max_failures: int = Field(
+        3, ge=-1, le=1000, description="Restart the worker group from the latest checkpoint after this many "
+        "worker failures (a killed process, a lost node) before the run fails; -1 = no limit, 0 = never."
+    )
 
 
 class OutputConfig(StrictModel):
@@ -113,6 +136,9 @@ class RunSpec(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and cadence.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers, device, DeepSpeed.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Run folder and logging.")
+    #: diffusion.schedule was filled in with the family's default (a sweep's trials of other families
+    #: must not inherit it: see SweepFile.base_raw)
+    _schedule_defaulted: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _family_and_schedule(self) -> "RunSpec":
@@ -122,6 +148,7 @@ class RunSpec(StrictModel):
             raise ValueError(exc.args[0]) from None
         if self.diffusion.schedule is None and fam.schedules:
             self.diffusion.schedule = fam.schedules[0]  # the family's default
+            self._schedule_defaulted = True
         if fam.schedules and self.diffusion.schedule not in fam.schedules:
             raise ValueError(
                 f"diffusion.schedule {self.diffusion.schedule!r} is not a {fam.name} schedule; "
@@ -136,6 +163,21 @@ class RunSpec(StrictModel):
             fam.check(self.model, fam.resolve(self.diffusion))  # ValueError naming the field to change
         if self.train.precision == "fp16" and self.scaling.device in ("cpu", "mps"):
             raise ValueError(f"train.precision fp16 needs CUDA; use bf16 or fp32 on {self.scaling.device}")
+        unread = unread_fields(fam, self.model, self.diffusion)
+        if unread:
+            reads = ", ".join(sorted(fam.reads or ())) or "none of them"
+            raise ValueError(
+                f"{', '.join(unread)}: not used by family {fam.name} (it would be silently ignored); remove "
+                f"{'it' if len(unread) == 1 else 'them'} or pick a family that reads {'it' if len(unread) == 1 else 'them'} "
+                f"(family-specific fields {fam.name} reads: {reads})"
+            )
+        if not self.scaling.deepspeed and self.scaling.zero_stage != 0:
+            raise ValueError(
+                f"scaling.zero_stage {self.scaling.zero_stage} needs DeepSpeed, but scaling.deepspeed is false "
+                "(plain PyTorch / DDP keeps a full copy per worker); set zero_stage: 0 or deepspeed: true"
+            )
+        if self.train.ema == 0.0:
+            self.train.ema = None  # 0 means off, like null: one spelling in saved specs
         return self
 
     def run_name(self) -> str:

@@ -31,12 +31,14 @@ from typing import Any
 
 from difflm.data import prepare_data
 from orchestrator.errors import SpecError
+from difflm.atomic import atomic_write_text
 from orchestrator.train.launch import build_trainer, prepare_and_place
+from orchestrator.train.run_folder import SWEEP_STATE, read_stop
 from orchestrator.spec.run import RunSpec
 from orchestrator.sweep.spec import SweepFile, trial_dirname, trial_raw
 from orchestrator.spec.yamlio import spec_yaml, validate_as
 
-STATE_FILE = "difflm_sweep.json"
+STATE_FILE = SWEEP_STATE
 
 
 # ------------------------------------------------------------------- trial
@@ -55,7 +57,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str,
         spec = validate_as(RunSpec, trial_raw(base, params, linked), source=f"trial {trial_dir.name}")
     except SpecError as exc:
         raise ValueError(f"sampled spec rejected: {exc}") from None
-    (trial_dir / "params.json").write_text(json.dumps(params, indent=2, default=str))
+    atomic_write_text(trial_dir / "params.json", json.dumps(params, indent=2, default=str))
     prepared = prepare_data(spec.data, spec.tokenizer, log=lambda _msg: None)
     trainer = build_trainer(
         spec,
@@ -69,6 +71,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str,
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    stop = read_stop(trial_dir / "train")
+    if stop is not None:  # a run of non-finite losses, a non-finite val metric: the trial fails with it
+        raise RuntimeError(f"training stopped: {stop['reason']}")
 
 
 # ------------------------------------------------------------------ driver
@@ -157,8 +162,8 @@ def run_sweep(
         raise SpecError(f"nothing to resume: {sweep_dir} has no sweep state (start it without --resume)")
     if not resume and state.exists():
         raise SpecError(
-            f"{sweep_dir} already holds a sweep; resume it with `difflm sweep {spec_path} --resume` "
-            f"or choose another folder with --set output.name=..."
+            f"{sweep_dir} already holds a sweep; resume it with `difflm resume {sweep_dir}` "
+            f"(or `difflm sweep {spec_path} --resume`) or choose another folder with --set output.name=..."
         )
     base_spec = validate_as(RunSpec, sweep.base_raw(), source=spec_path)
     # Tokenize once on the driver (trials hit the cache); data errors stop here, before Ray.
@@ -169,10 +174,10 @@ def run_sweep(
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.yaml").write_text(spec_yaml(sweep))
+    atomic_write_text(sweep_dir / "sweep.yaml", spec_yaml(sweep))
     if not resume:
-        state.write_text(
-            json.dumps({"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides)}, indent=2)
+        atomic_write_text(
+            state, json.dumps({"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides)}, indent=2)
         )
     from orchestrator.sweep import console as sweep_console
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from difflm.atomic import atomic_path, atomic_write_text
 from orchestrator.errors import SpecError
 from orchestrator.sweep.ranking import MIXED_NOTE, Candidate, Ranking, draws_at, fmt_diff, fmt_pm, rank_candidates
 
@@ -132,6 +133,10 @@ def collect_ranked(sweep_dir: Path) -> tuple[tuple[dict[str, Any], list[TrialRes
         status = "FAILED" if trial.status == "ERROR" else trial.status
         ckpts = [r for r in rows if r.get("checkpoint_path") and Path(r["checkpoint_path"]).exists()]
         best_ckpt_row = min(ckpts, key=lambda r: sign * r.get(metric, math.inf)) if ckpts else None
+        # Ray keeps the most recent checkpoints; the best by val/nll survives as the trial run's checkpoints/best
+        best_link = tdir / "train" / "checkpoints" / "best"
+        by_val_nll = metric == "val/nll" and mode == "min" and best_link.exists()
+        best_ckpt = str(best_link.resolve()) if by_val_nll else (best_ckpt_row or {}).get("checkpoint_path")
         params = {k: v for k, v in trial.config.items()}
         best_step = int(best_row["step"]) if best_row and "step" in best_row else None
         best_se = best_row.get(f"{metric}_se") if best_row else None
@@ -147,7 +152,7 @@ def collect_ranked(sweep_dir: Path) -> tuple[tuple[dict[str, Any], list[TrialRes
             stopped_early=status == "TERMINATED" and 0 < steps < max_steps,
             wall_time_s=float(last.get("time_total_s", 0.0)),
             error=_error_text(tdir, trial) if status == "FAILED" else None,
-            best_checkpoint=best_ckpt_row["checkpoint_path"] if best_ckpt_row else None,
+            best_checkpoint=best_ckpt,
             trial_dir=str(tdir),
             history=[(int(r["step"]), float(r[metric])) for r in scored if "step" in r],
             family=trial_family(meta, params),
@@ -223,8 +228,8 @@ def write_tables(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult
         rec = {k: v for k, v in asdict(t).items() if k not in ("history", "params")}
         rec = {"rank": rank, **{p: t.params.get(p) for p in params}, **rec}
         records.append(rec)
-    (sweep_dir / "results.json").write_text(json.dumps(records, indent=2, default=str))
-    with open(sweep_dir / "results.csv", "w", newline="") as f:
+    atomic_write_text(sweep_dir / "results.json", json.dumps(records, indent=2, default=str))
+    with atomic_path(sweep_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["rank"])
         writer.writeheader()
         writer.writerows(records)
@@ -281,7 +286,8 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(sweep_dir / "val_nll_vs_step.png")
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 4), squeeze=False)
@@ -301,7 +307,8 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
         ax.set_ylabel(f"best {metric} ± SE")
     fig.tight_layout()
     paths.append(sweep_dir / "params_vs_objective.png")
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return paths
 

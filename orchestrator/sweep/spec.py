@@ -182,6 +182,8 @@ class SweepFile(RunSpec):
     def base_raw(self) -> dict[str, Any]:
         """The run spec every trial starts from (sweep section dropped, budget and resources applied)."""
         raw = self.model_dump(mode="json", exclude={"sweep"})
+        if self._schedule_defaulted:  # each trial's family picks its own default (ar: none at all)
+            raw["diffusion"]["schedule"] = None
         r = self.sweep.resources
         raw["train"]["max_steps"] = self.trial_max_steps()
         for key, val in (

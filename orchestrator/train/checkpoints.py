@@ -9,6 +9,8 @@ A reference may be any of:
     runs/q/checkpoint_2026...  a checkpoint folder (holds ``model.safetensors``)
 
 Nothing found raises :class:`~orchestrator.errors.SpecError` (exit 2) listing every path tried.
+Only safetensors, YAML and JSON are read here: nothing is unpickled. When the run kept an EMA of
+its weights (``train.ema``) the EMA is loaded, as validation used it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from orchestrator.spec.run import RunSpec, spec_from_dict
 __all__ = ["LoadedCheckpoint", "resolve_checkpoint", "load_checkpoint", "special_ids"]
 
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"  # the EMA of the weights (train.ema), what validation used: preferred here
 NAMES = ("best", "last")
 
 
@@ -42,6 +45,7 @@ class LoadedCheckpoint:
     tokenizer: Tokenizer
     trainer_state: dict[str, Any]
     device: torch.device
+    weights: str = WEIGHTS  # the file the weights came from: ema.safetensors when the run kept an EMA
 
     @property
     def step(self) -> int | None:
@@ -56,7 +60,8 @@ class LoadedCheckpoint:
 
     def describe(self) -> str:
         step = f", step {self.step}" if self.step is not None else ""
-        return f"{self.path} ({self.spec.model.family}{step}, {self.device.type})"
+        ema = ", EMA weights" if self.weights == EMA_WEIGHTS else ""
+        return f"{self.path} ({self.spec.model.family}{step}{ema}, {self.device.type})"
 
 
 def _is_checkpoint(p: Path) -> bool:
@@ -121,11 +126,15 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "auto") -> Loa
         model = build_model(spec.model, spec.diffusion, tokenizer.vocab_size, **special_ids(tokenizer))
     except (KeyError, ValueError) as exc:
         raise SpecError(f"{spec_file}: cannot build the model: {exc.args[0] if exc.args else exc}") from None
+    weights = EMA_WEIGHTS if (path / EMA_WEIGHTS).is_file() else WEIGHTS
     try:
-        model.load_state_dict(load_file(str(path / WEIGHTS), device="cpu"))
+        model.load_state_dict(load_file(str(path / weights), device="cpu"))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise SpecError(f"{path / WEIGHTS} does not match the model its spec.yaml describes: {first}") from None
+        raise SpecError(f"{path / weights} does not match the model its spec.yaml describes: {first}") from None
+    except Exception as exc:  # a truncated or corrupted safetensors file
+        raise SpecError(f"{path / weights}: unreadable ({exc}); truncated or corrupted, try RUN_DIR/last or "
+                        "another checkpoint") from None
     model = model.to(dev).eval()
     return LoadedCheckpoint(path=path, spec=spec, model=model, tokenizer=tokenizer, trainer_state=trainer_state,
-                            device=dev)
+                            device=dev, weights=weights)

@@ -1,4 +1,4 @@
-"""Training engines: DeepSpeed where it runs, plain PyTorch otherwise (Apple MPS, or by choice).
+"""Training engines: DeepSpeed where it runs, plain PyTorch (DDP across workers) otherwise.
 
 Both expose the same small surface, so :class:`orchestrator.train.runner.Runner` never
 branches on the backend:
@@ -6,11 +6,35 @@ branches on the backend:
     out = engine.forward(tokens, valid)      # LossOutput
     engine.backward(out.loss)                # loss scaled by 1/grad_accum inside
     engine.step()                            # every micro-batch; updates at the accumulation boundary
+    engine.last_skipped                      # device flag: 1.0 when that update was skipped (non-finite)
     engine.lr, engine.grad_norm()            # read at log points only
-    engine.save(dir) / engine.load(dir)      # optimizer + scheduler + weights
+    engine.save(dir) / engine.load(dir)      # optimizer + scheduler (+ weights for DeepSpeed)
+    engine.ema_targets()                     # the tensors an EMA of the weights follows on this rank
 
 DeepSpeed, like the torch engine here, scales the loss by 1/grad_accum and steps the
 LR scheduler once per optimizer step.
+
+Non-finite guard, without a host sync per step
+----------------------------------------------
+The optimizer is ``torch.optim.AdamW(fused=True)``, whose fused kernel takes a ``found_inf``
+device tensor and makes the whole update a no-op on the device when it is 1 (weights, both
+moments and the step count stay as they were): the mechanism ``torch.amp.GradScaler`` uses
+for fp16. At each accumulation boundary the engine sets ``found_inf`` from a device flag:
+
+* torch engine: any micro-batch loss non-finite, or the total gradient norm (which
+  ``clip_grad_norm_`` computes anyway) non-finite;
+* DeepSpeed: any micro-batch loss non-finite. Its gradients live in ZeRO partitions and
+  buckets that the engine cannot read before ``step()`` without reaching into DeepSpeed's
+  internals. DeepSpeed 0.19 itself skips a step whose global gradient norm is inf/nan under
+  ZeRO-1/2/3 and with bf16 (``bf16.check_grad_overflow``, a host read it makes anyway); the
+  device flag is what protects fp32 ZeRO-0, and such a DeepSpeed skip (read from its own host
+  counter, ``skipped_steps``) is counted as a skipped step too, except under fp16, where
+  skipping overflows is how the loss scale calibrates itself.
+
+With several workers the flag is all-reduced (max) first, so every rank skips together
+(a one-element collective, queued on the device like the gradient all-reduce; no ``.item()``).
+The runner counts the flags on the device and reads them at log points. Without a fused
+AdamW for the device, the torch engine falls back to reading the flag on the host.
 """
 
 from __future__ import annotations
@@ -18,14 +42,24 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from difflm.atomic import atomic_path, atomic_write_text
 from difflm.families.base import Family, LossOutput
+from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec, TrainConfig
+
+ENGINE_STATE = "engine_state.pt"
+
+
+class UnsafeCheckpointError(SpecError):
+    """A checkpoint file holds pickled Python objects where difflm only ever writes tensors and numbers."""
 
 
 def lr_lambda(train: TrainConfig):
@@ -44,21 +78,58 @@ def lr_lambda(train: TrainConfig):
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW with decay on matrices only, and the LambdaLR schedule."""
+    """AdamW with decay on matrices only (fused where the device has the kernel), and the LambdaLR schedule."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas)
+    try:
+        opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, fused=True)
+    except RuntimeError:  # no fused kernel for this device / dtype
+        opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
     return opt, sched
+
+
+def is_fused(opt: torch.optim.Optimizer) -> bool:
+    return bool(opt.param_groups and opt.param_groups[0].get("fused"))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_max(flag: Tensor) -> Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
+def load_tensors(path: Path, device: torch.device | str = "cpu") -> Any:
+    """``torch.load`` that unpickles nothing but tensors and plain containers (``weights_only=True``).
+
+    A file that needs more (a crafted pickle that would run code on load) is refused with
+    :class:`UnsafeCheckpointError` naming it; difflm never writes such files.
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load: it holds pickled Python objects, not plain tensors and numbers "
+            f"({first}). difflm never writes such a file; do not resume from a checkpoint you did not create"
+        ) from None
 
 
 class Engine(Protocol):
     module: Family
     backend: str
+    last_skipped: Tensor | None
 
     def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput: ...
     def backward(self, loss: Tensor) -> None: ...
@@ -69,10 +140,18 @@ class Engine(Protocol):
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
     def train(self, mode: bool = True) -> None: ...
+    def full_state_dict(self) -> dict[str, Tensor]: ...
+    def ema_targets(self) -> tuple[list[tuple[str, Tensor]], bool]: ...
+    def after_weight_swap(self) -> None: ...
 
 
 class TorchEngine:
-    """Plain PyTorch: AdamW, grad accumulation, clipping, autocast for bf16/fp16."""
+    """Plain PyTorch: AdamW, grad accumulation, clipping, autocast for bf16/fp16, DDP across workers.
+
+    With a process group of several ranks the model is wrapped in DistributedDataParallel, so
+    gradients are averaged and every replica takes the same step; rank 0 alone writes the
+    (identical) optimizer state.
+    """
 
     backend = "torch"
 
@@ -81,9 +160,20 @@ class TorchEngine:
         self.device = device
         self.accum = train.grad_accum
         self.clip = train.grad_clip
+        self.rank, self.world_size = world()
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        if self.world_size > 1:
+            # broadcast_buffers off: families' buffers are constants (rotary tables), and eval/sampling
+            # calls self.module directly so no collective hides in them.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
         self.optimizer, self.scheduler = make_optimizer(self.module, train)
+        self._fused = is_fused(self.optimizer)
         self._micro = 0
         self._last_norm: Tensor | None = None
+        self._bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.last_skipped: Tensor | None = None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
         self._autocast = (
             (lambda: torch.autocast(device_type=device.type, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -94,10 +184,16 @@ class TorchEngine:
         self.module.train(mode)
 
     def forward(self, tokens: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        model: torch.nn.Module = self.module
+        if self.ddp is not None and self.module.training and torch.is_grad_enabled():
+            # Gradients are all-reduced only on the micro-batch that ends the accumulation (no_sync).
+            self.ddp.require_backward_grad_sync = (self._micro + 1) % self.accum == 0
+            model = self.ddp
         with self._autocast():
-            return self.module(tokens, valid, generator)
+            return model(tokens, valid, generator)
 
     def backward(self, loss: Tensor) -> None:
+        self._bad = self._bad | ~torch.isfinite(loss.detach())
         loss = loss / self.accum
         (self._scaler.scale(loss) if self._scaler else loss).backward()
 
@@ -109,13 +205,22 @@ class TorchEngine:
             self._scaler.unscale_(self.optimizer)
         # Returned as a tensor: no host sync here; read at log points.
         self._last_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        bad = self._bad if self._scaler else self._bad | ~torch.isfinite(self._last_norm)
+        flag = all_reduce_max(bad.float())  # 0-d float32 on the device: 1.0 = skip this update
         if self._scaler:
+            # The scaler skips inf/nan gradients itself (found_inf on the fused kernel, its own otherwise);
+            # an overflow while it calibrates its scale is not a bad step, so only the loss counts here.
             self._scaler.step(self.optimizer)
             self._scaler.update()
-        else:
+        elif self._fused:
+            self.optimizer.found_inf = flag  # type: ignore[attr-defined]
+            self.optimizer.step()
+        elif not bool(flag):  # no fused kernel here: one host read per optimizer step
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.last_skipped = flag
+        self._bad = torch.zeros_like(self._bad)
 
     @property
     def lr(self) -> float:
@@ -124,20 +229,36 @@ class TorchEngine:
     def grad_norm(self) -> float | None:
         return None if self._last_norm is None else float(self._last_norm)
 
+    def full_state_dict(self) -> dict[str, Tensor]:
+        return self.module.state_dict()
+
+    def ema_targets(self) -> tuple[list[tuple[str, Tensor]], bool]:
+        """The parameters themselves (full on every rank); False: not partitioned."""
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad], False
+
+    def after_weight_swap(self) -> None:
+        pass
+
     def save(self, directory: Path) -> None:
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "micro": self._micro},
-            directory / "engine_state.pt",
-        )
+        """Optimizer + scheduler + micro-step counter: plain tensors and numbers, loadable with weights_only."""
+        if self.rank != 0:  # identical on every DDP rank: one writer
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "micro": self._micro}
+        if self._scaler is not None:
+            state["scaler"] = self._scaler.state_dict()
+        with atomic_path(directory / ENGINE_STATE) as tmp:
+            torch.save(state, tmp)
 
     def load(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
         self.module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(self.device)))
-        state = torch.load(directory / "engine_state.pt", map_location=self.device, weights_only=False)
+        state = load_tensors(directory / ENGINE_STATE, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self._micro = state["micro"]
+        if self._scaler is not None and "scaler" in state:
+            self._scaler.load_state_dict(state["scaler"])
+        self._micro = int(state["micro"])
 
 
 def deepspeed_config(spec: RunSpec) -> dict[str, Any]:
@@ -156,7 +277,12 @@ def deepspeed_config(spec: RunSpec) -> dict[str, Any]:
 
 
 class DeepSpeedEngine:
-    """``deepspeed.initialize`` around the family; ZeRO 0-3, bf16/fp16, clipping, accumulation."""
+    """``deepspeed.initialize`` around the family; ZeRO 0-3, bf16/fp16, clipping, accumulation.
+
+    DeepSpeed's own checkpoint files (``deepspeed/state/*.pt``) are pickles that DeepSpeed loads
+    with ``weights_only=False``; difflm loads them only from the run's own folder (see
+    orchestrator.train.ckpt_files), never from a path a user passes in.
+    """
 
     backend = "deepspeed"
 
@@ -171,6 +297,13 @@ class DeepSpeedEngine:
         )
         self.module: Family = self.engine.module
         self.device = device
+        self.zero_stage = spec.scaling.zero_stage
+        self._fp16 = spec.train.precision == "fp16"
+        # The torch AdamW DeepSpeed's wrappers (ZeRO, bf16) step on their fp32 partitions.
+        self._basic = self.engine.basic_optimizer
+        self._fused = is_fused(self._basic)
+        self._bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.last_skipped: Tensor | None = None
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
@@ -179,10 +312,22 @@ class DeepSpeedEngine:
         return self.engine(tokens, valid, generator)
 
     def backward(self, loss: Tensor) -> None:
+        self._bad = self._bad | ~torch.isfinite(loss.detach())
         self.engine.backward(loss)
 
     def step(self) -> None:
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # counts the micro-step; no update
+            return
+        flag = all_reduce_max(self._bad.float())
+        if self._fused:
+            self._basic.found_inf = flag  # the fused kernel makes the update a no-op when 1
+        ds_skipped = self.engine.skipped_steps
         self.engine.step()
+        if self.engine.skipped_steps > ds_skipped and not self._fp16:  # DeepSpeed skipped it itself (host int)
+            flag = torch.ones_like(flag)
+        self.last_skipped = flag
+        self._bad = torch.zeros_like(self._bad)
 
     @property
     def lr(self) -> float:
@@ -196,20 +341,39 @@ class DeepSpeedEngine:
         # Collective: every rank writes its ZeRO partition under directory/deepspeed.
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
         if self.engine.global_rank == 0:
-            (directory / "deepspeed_config.json").write_text(json.dumps(self.config, indent=2))
+            atomic_write_text(directory / "deepspeed_config.json", json.dumps(self.config, indent=2))
 
     def load(self, directory: Path) -> None:
-        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        if path is None:
+            raise FileNotFoundError(f"{directory / 'deepspeed'}: DeepSpeed found no checkpoint to load")
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """Whole fp32/bf16 weights on every rank (gathers ZeRO-3 partitions; collective)."""
-        if self.config["zero_optimization"]["stage"] == 3:
+        if self.zero_stage == 3:
             import deepspeed
 
             params = list(self.engine.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 return {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
         return self.engine.module.state_dict()
+
+    def ema_targets(self) -> tuple[list[tuple[str, Tensor]], bool]:
+        """ZeRO-3: each parameter's local partition (``ds_tensor``), so an EMA costs 1/world of the
+        weights per rank and never gathers; True: partitioned. Otherwise the full parameters."""
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        if self.zero_stage == 3:
+            return [(n, p.ds_tensor) for n, p in named], True
+        return named, False
+
+    def after_weight_swap(self) -> None:
+        """ZeRO-3 keeps small parameters gathered ("persistent"); after their partitions were written
+        (EMA swapped in or out) regather them, as DeepSpeed does after an optimizer step."""
+        if self.zero_stage != 3:
+            return
+        persistent = getattr(self.engine.optimizer, "persistent_parameters", None) or []
+        if persistent:
+            persistent[0].all_gather(persistent)
 
 
 def build_engine(model: Family, spec: RunSpec, device: torch.device) -> Engine:

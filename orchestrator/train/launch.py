@@ -4,7 +4,7 @@ Flow: the driver validates the spec, tokenizes (cached) so errors surface before
 Ray starts, checks resources, starts/joins Ray, then runs ``TorchTrainer`` with
 :func:`train_fn_per_worker` on ``scaling.num_workers`` workers. Each worker builds
 the family, wraps it in DeepSpeed (plain torch on MPS) and hands the loop to
-:class:`orchestrator.train.runner.Runner`. Rank 0 writes TensorBoard and sends progress
+:class:`orchestrator.runner.Runner`. Rank 0 writes TensorBoard and sends progress
 events through a Ray queue to the driver's console.
 """
 
@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
+from difflm.atomic import atomic_write_text
 from difflm.data import prepare_data
-from orchestrator.train.console import TrainConsole
 from orchestrator.devices import resolve_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
-from orchestrator.train.worker import train_fn_per_worker
 from orchestrator.spec.yamlio import spec_yaml
+from orchestrator.train.console import TrainConsole
+from orchestrator.train.worker import train_fn_per_worker
 
 # The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
 # default), which throttles ray.train.report; we report only at eval points, and
@@ -89,13 +90,24 @@ class TrainResult:
 
 
 def init_ray(address: str | None) -> None:
-    """Start (or join) Ray quietly; dashboard on localhost (Tune needs its state API to free stopped trials)."""
+    """Start (or join) Ray quietly. A private instance (no ``address``) has token authentication on
+    (``RAY_AUTH_MODE=token``: every RPC and dashboard request needs the token Ray keeps in
+    ``~/.ray/auth_token``) and its dashboard on 127.0.0.1 (Tune needs its state API to free stopped
+    trials). Ray's own gRPC servers (GCS, raylet, workers) listen on all interfaces whatever the
+    node address; the token is what keeps others out (see docs/architecture.md)."""
     import ray
 
     if ray.is_initialized():
         return
     env = dict(RAY_ENV)
     os.environ.update(env)
+    if address is None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        # Read by every process ray.init starts; Ray caches its config at import, so refresh it
+        # the way Ray's own default-enabling code does (ray._private.authentication).
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")
     kwargs: dict[str, Any] = dict(
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -111,11 +123,13 @@ def init_ray(address: str | None) -> None:
 
 
 def _quiet_worker_startup_warning() -> None:
-    """Drop the raylet's "N worker processes have been started" warning from the console.
+    """Drop two raylet messages from the console.
 
-    Tune trials hold a 0.01-CPU actor each (see sweep.py), which the raylet reads as
-    "too many workers for the CPU count" and announces on every sweep; it is expected
-    here and hides the sweep table. Every other raylet message still prints.
+    "N worker processes have been started": Tune trials hold a 0.01-CPU actor each (see
+    sweep.py), which the raylet reads as "too many workers for the CPU count" and announces
+    on every sweep; it is expected here and hides the sweep table. "A worker died or was
+    killed ...": a 600-character paragraph per dead worker, which orchestrator.train.failures
+    replaces with one line. Every other raylet message still prints.
     """
     import ray._private.worker as ray_worker
 
@@ -124,20 +138,15 @@ def _quiet_worker_startup_warning() -> None:
         return
 
     def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
-        if data.get("pid") == "raylet" and any("worker processes have been started" in ln for ln in data.get("lines", [])):
-            return
+        lines = data.get("lines", [])
+        if data.get("pid") == "raylet" and any(
+            "worker processes have been started" in ln or "A worker died or was killed" in ln for ln in lines
+        ):
+            return  # a dead worker: the driver prints one line with its rank, cause and log instead
         original(data, ignore_prefix)
 
     filtered._difflm_filtered = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = filtered
-
-
-def _link(target: Path | None, link: Path) -> None:
-    if target is None:
-        return
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
 def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole) -> tuple[Any, str, float, float]:
@@ -163,13 +172,27 @@ def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole)
     return prepared, device, cpus, gpus
 
 
-def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainConsole | None = None) -> TrainResult:
-    """Prepare data, check resources, run the TorchTrainer, link best/last checkpoints, return the result."""
+def launch_train(
+    spec: RunSpec,
+    *,
+    address: str | None = None,
+    console: TrainConsole | None = None,
+    resume: bool = False,
+    allow_spec_change: bool = False,
+) -> TrainResult:
+    """Check the run folder, prepare data, check resources, run the TorchTrainer, return the result.
+
+    ``resume``: continue the run in the spec's folder (Ray restores its latest checkpoint; difflm falls
+    back to an older one if that is damaged). Without it a folder that holds a run is an error.
+    """
+    from orchestrator.train.run_folder import STOP_FILE, check_run_folder
+
     console = console or TrainConsole()
     name = spec.run_name()
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": name})})
     storage = Path(spec.output.dir).expanduser().resolve()
     run_dir = storage / name
+    check_run_folder(run_dir, spec.model_dump(mode="json"), resume=resume, allow_spec_change=allow_spec_change)
 
     prepared, device, _, _ = prepare_and_place(spec, address, console)
     console.info(
@@ -180,11 +203,13 @@ def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainCon
     s, t = spec.scaling, spec.train
     global_batch = t.micro_batch_size * t.grad_accum * s.num_workers
     console.info(
-        f"run: {run_dir}\nbatch: {t.micro_batch_size} micro x {s.num_workers} workers x {t.grad_accum} accum = "
-        f"{global_batch} sequences ({global_batch * spec.data.seq_len:,} tokens) per step, {t.max_steps} steps"
+        f"run: {run_dir}{' (resuming)' if resume else ''}\nbatch: {t.micro_batch_size} micro x {s.num_workers} workers "
+        f"x {t.grad_accum} accum = {global_batch} sequences ({global_batch * spec.data.seq_len:,} tokens) per step, "
+        f"{t.max_steps} steps"
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec_yaml(spec))
+    atomic_write_text(run_dir / "spec.yaml", spec_yaml(spec))
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a previous session's stop reason is not this one's
     tb_dir = run_dir / "tensorboard"
     result = _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console)
     return result
@@ -208,6 +233,7 @@ def build_trainer(
             "spec": spec.model_dump(mode="json"),
             "device": device,
             "data_dir": str(data_dir),
+            "run_dir": str(run_dir),
             "tb_dir": str(tb_dir),
             "val_dir": str(run_dir / VAL_DIR),
             "queue": queue,
@@ -218,33 +244,36 @@ def build_trainer(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             callbacks=callbacks or [],
+            # The most recent train.keep_checkpoints (by report time); the best survives as a hard-linked
+            # copy in RUN_DIR/checkpoints/best (ckpt_files.update_links), which Ray's score cannot express.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val/nll", checkpoint_score_order="min"
+                num_to_keep=spec.train.keep_checkpoints,
+                checkpoint_score_attribute="checkpoint_time",
+                checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
         ),
     )
 
 
-def link_checkpoints(result: Any, run_dir: Path) -> tuple[Path | None, Path | None]:
-    """Point RUN_DIR/checkpoints/{best,last} at Ray's checkpoint folders; return (best, last)."""
-    last = Path(result.checkpoint.path) if result.checkpoint else None
-    best = None
-    if result.best_checkpoints:
-        best_ckpt, _ = min(result.best_checkpoints, key=lambda cm: cm[1].get("val/nll", float("inf")))
-        best = Path(best_ckpt.path)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    _link(best, ckpt_dir / "best")
-    _link(last, ckpt_dir / "last")
-    return best, last
+def read_links(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """(best, last) checkpoint folders from RUN_DIR/checkpoints/{best,last} (kept by rank 0 as it goes)."""
+    out = []
+    for name in ("best", "last"):
+        link = run_dir / "checkpoints" / name
+        out.append(link.resolve() if link.exists() else None)
+    return out[0], out[1]
 
 
 def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, console: TrainConsole) -> TrainResult:
     from ray.util.queue import Empty, Queue
 
+    from orchestrator.errors import TrainingStopped
+    from orchestrator.train.failures import explain_fit_error, failure_line, failure_reporter
+    from orchestrator.train.run_folder import read_stop
+
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue)
+    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, callbacks=[failure_reporter(queue)])
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -256,6 +285,9 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
     thread = threading.Thread(target=target, name="difflm-fit", daemon=True)
     thread.start()
     summary: dict[str, Any] = {}
+    workers: dict[int, dict[str, Any]] = {}  # rank -> pid, log of the current worker group
+    starts, failure_shown = 0, True
+    max_failures = spec.scaling.max_failures
     try:
         while thread.is_alive() or not queue.empty():
             try:
@@ -264,17 +296,36 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
                 continue
             if kind == "done":
                 summary = payload
+            elif kind == "worker":
+                workers[int(payload["rank"])] = payload
+            elif kind == "start":
+                starts += 1
+                failure_shown = False
+            elif kind == "failure":
+                restarts_left = max_failures < 0 or starts - 1 < max_failures
+                # Ray polls a failed group more than once: one line per failure; the last one, after which
+                # Ray gives up, is the error the CLI prints.
+                if not failure_shown and restarts_left:
+                    failure_shown = True
+                    left = "no limit" if max_failures < 0 else f"{max_failures - (starts - 1)} left"
+                    console.info(f"worker failure: {failure_line(payload['errors'], workers)} "
+                                 f"(restarting from the latest checkpoint; restarts so far: {starts - 1}, {left})")
             else:
                 console.handle(kind, payload)
     finally:
         console.close()
     thread.join()
-    if "error" in box:
-        raise box["error"]
+    error = box.get("error") or getattr(box.get("result"), "error", None)
+    if error is not None:
+        raise explain_fit_error(error, workers) or error
     result = box["result"]
-    if result.error is not None:
-        raise result.error
-    best, last = link_checkpoints(result, run_dir)
+    best, last = read_links(run_dir)
     summary = summary or dict(result.metrics or {})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["restarts"] = max(0, starts - 1)
+    stop = read_stop(run_dir)
+    if stop is not None:
+        summary["stopped"] = stop["reason"]
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    if stop is not None:
+        raise TrainingStopped(stop["reason"])
     return TrainResult(run_dir, summary, best, last, tb_dir)

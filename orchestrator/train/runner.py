@@ -9,10 +9,21 @@ on rank 0), ``report(metrics, checkpoint_dir)`` (``ray.train.report`` under Ray)
 Hot path: one optimizer step makes no host synchronisation. Train metrics are summed
 on the device and read (one sync) every ``log_every`` steps; validation, sampling
 and checkpoints happen at their own cadence.
+
+Non-finite steps: the engine skips the update on the device (see orchestrator.engine) and
+leaves a 0/1 flag; the runner counts skipped steps and the current run of them on the
+device, and reads the counts at log points. ``train.max_nonfinite`` skipped steps in a row
+stop the run with :class:`TrainingStopped` ("non-finite loss at step N"), noticed at the next
+log point (no update reached the weights meanwhile); so does a non-finite val/nll.
+
+Resume: :meth:`save` / :meth:`load` carry everything the next step depends on (weights,
+optimizer, LR schedule, EMA, step, data position, every generator, skipped-step counters), so a
+resumed run's losses equal the uninterrupted run's from the checkpoint on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -27,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from difflm.atomic import atomic_path, atomic_write_text
 from difflm.data import PreparedData, iterate_train_batches
 from difflm.evaluation import (
     RATE_MAX,
@@ -42,7 +54,10 @@ from difflm.evaluation import (
 )
 from difflm.families.base import Diagnostics
 from difflm.sampling.diagnostics import sample_diagnostics
-from orchestrator.train.engine import Engine
+from orchestrator.errors import TrainingStopped
+from orchestrator.train.ckpt_files import TRAINER_STATE, WEIGHTS, write_manifest
+from orchestrator.train.ema import EMA, EMA_FILE, rank_file
+from orchestrator.train.engine import Engine, load_tensors
 from orchestrator.train.metrics import MetricsLogger, NullLogger
 from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import spec_yaml
@@ -108,7 +123,16 @@ class Runner:
         self.last_draws: ValDraws | None = None
         self.tokens_per_step = t.micro_batch_size * t.grad_accum * ctx.world_size * spec.data.seq_len
         self._acc: dict[str, Tensor] = {}
-        self._acc_steps = 0
+        self._acc_count = torch.zeros((), device=ctx.device)  # finite micro-batches summed into _acc
+        # Non-finite bookkeeping, on the device (float32 counts are exact far beyond any run length).
+        self._skipped = torch.zeros((), device=ctx.device)  # steps whose update was skipped, all run
+        self._streak = torch.zeros((), device=ctx.device)  # skipped steps in a row, up to now
+        self._stop_step = torch.full((), -1.0, device=ctx.device)  # step where the streak reached the limit
+        self._stop_at = -1  # _stop_step as read at the last log point
+        self.ema: EMA | None = None
+        if t.ema:
+            targets, partitioned = engine.ema_targets()
+            self.ema = EMA(targets, t.ema, partitioned=partitioned, after_swap=engine.after_weight_swap)
 
     def _train_batches(self, start_batch: int):
         t = self.spec.train
@@ -126,34 +150,54 @@ class Runner:
         return torch.from_numpy(batch).to(self.ctx.device, non_blocking=True)  # (B, L) int64
 
     def train_step(self) -> None:
-        """One optimizer step (grad_accum micro-batches); metrics stay on the device."""
+        """One optimizer step (grad_accum micro-batches); metrics and non-finite counts stay on the device."""
         self.engine.train(True)
         for _ in range(self.spec.train.grad_accum):
             tokens = self._to_device(next(self._batches))
             out = self.engine.forward(tokens, self._valid, self._gen)
             self.engine.backward(out.loss)
             self.engine.step()
+            finite = torch.isfinite(out.loss.detach())
             parts = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.metrics.items()}}
             for key, val in parts.items():
-                val = val.float()
+                val = torch.where(finite, val.float(), 0.0)  # a skipped micro-batch must not turn the mean to NaN
                 self._acc[key] = self._acc[key] + val if key in self._acc else val
-            self._acc_steps += 1
+            self._acc_count = self._acc_count + finite.float()
         self.step += 1
+        skipped = self.engine.last_skipped
+        if skipped is not None:
+            self._skipped = self._skipped + skipped
+            self._streak = (self._streak + 1.0) * skipped  # back to 0 on a good step
+            reached = (self._streak >= self.spec.train.max_nonfinite) & (self._stop_step < 0)
+            self._stop_step = torch.where(reached, float(self.step), self._stop_step)
+        if self.ema is not None:
+            self.ema.update(skipped)
 
     def _gather_train_metrics(self, elapsed: float, steps: int) -> dict[str, float]:
-        """One host sync: averages since the last log point, LR, grad norm, throughput."""
+        """One host sync: averages since the last log point, LR, grad norm, throughput, skipped steps."""
         names = sorted(self._acc)
-        stacked = torch.stack([self._acc[n] for n in names]) / max(1, self._acc_steps)
-        stacked = _all_reduce_sum(stacked, self.ctx.world_size) / self.ctx.world_size
-        values = stacked.tolist()
-        self._acc, self._acc_steps = {}, 0
-        out = {f"train/{n}": v for n, v in zip(names, values)}
+        sums = torch.stack([*(self._acc[n] for n in names), self._acc_count])
+        sums = _all_reduce_sum(sums, self.ctx.world_size)
+        *totals, count = sums.tolist()
+        counters = torch.stack([self._skipped, self._stop_step]).tolist()  # identical on every rank
+        self._acc, self._acc_count = {}, torch.zeros_like(self._acc_count)
+        out = {f"train/{n}": (v / count if count else math.nan) for n, v in zip(names, totals)}
         out["train/lr"] = self.engine.lr
         norm = self.engine.grad_norm()
         if norm is not None:
             out["train/grad_norm"] = norm
         out["train/tokens_per_sec"] = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        out["train/skipped_steps"] = counters[0]
+        self._stop_at = int(counters[1])
         return out
+
+    def _check_stop(self) -> None:
+        if self._stop_at >= 0:
+            k = self.spec.train.max_nonfinite
+            raise TrainingStopped(
+                f"non-finite loss at step {self._stop_at} ({k} steps in a row skipped, none reached the weights); "
+                "lower train.lr, raise train.warmup_steps, use fp32, or check the data"
+            )
 
     # ------------------------------------------------------------- validation
     @torch.no_grad()
@@ -227,42 +271,102 @@ class Runner:
 
     # ------------------------------------------------------------ checkpoints
     def save(self, directory: Path) -> None:
-        """Weights (safetensors), optimizer + scheduler, step, resolved spec, tokenizer."""
+        """Weights (safetensors), optimizer + scheduler, EMA, generators, loop state, spec, tokenizer.
+
+        Collective (ZeRO partitions, ZeRO-3 gathers): every rank calls it, each with its own folder
+        under Ray (merged on upload). Files every rank would write identically come from rank 0 only;
+        per-rank files carry the rank in their name. Each rank ends with its manifest (ckpt_files).
+        Nothing here is a pickle of Python objects: safetensors, JSON, and tensor-only ``.pt`` files.
+        """
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
+        rank = self.ctx.rank
         self.engine.save(directory)
-        # Each rank's noise generator, so a resumed run draws the same times and masks.
-        (directory / "rng").mkdir(exist_ok=True)
-        torch.save(self._gen.get_state(), directory / "rng" / f"rank{self.ctx.rank}.pt")
-        full = getattr(self.engine, "full_state_dict", None)
-        state = full() if full else self.engine.module.state_dict()
-        if self.ctx.rank != 0:
-            return
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(directory / "model.safetensors"))
-        (directory / "spec.yaml").write_text(spec_yaml(self.spec))
-        self.data.tokenizer.save(directory / "tokenizer")
-        trainer_state = {"step": self.step, "best_val_nll": self.best_val_nll,
-                         "best_val_nll_se": self.best_val_nll_se, "val": self.last_val}
-        (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        rng: dict[str, Tensor] = {"generator": self._gen.get_state(), "torch": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        with atomic_path(directory / "rng" / f"rank{rank}.pt") as tmp:
+            torch.save(rng, tmp)
+        full = self.engine.full_state_dict()  # collective under ZeRO-3
+        if rank == 0:  # before the EMA is swapped in: `full` may share storage with the live weights
+            with atomic_path(directory / WEIGHTS) as tmp:
+                save_file({k: v.detach().cpu().contiguous().clone() for k, v in full.items()}, str(tmp))
+        del full
+        ema_full: dict[str, Tensor] | None = None
+        if self.ema is not None:
+            if self.ema.partitioned:
+                with atomic_path(directory / rank_file(rank)) as tmp:
+                    save_file(self.ema.state_tensors(), str(tmp))
+            with self.ema.swapped_in():
+                ema_full = {k: v.detach().cpu().contiguous().clone() for k, v in self.engine.full_state_dict().items()}
+        if rank == 0:
+            if ema_full is not None:
+                with atomic_path(directory / EMA_FILE) as tmp:
+                    save_file(ema_full, str(tmp))
+            atomic_write_text(directory / "spec.yaml", spec_yaml(self.spec))
+            self.data.tokenizer.save(directory / "tokenizer")
+            skipped, streak = torch.stack([self._skipped, self._streak]).tolist()
+            trainer_state = {
+                "step": self.step,
+                "best_val_nll": self.best_val_nll,
+                "best_val_nll_se": self.best_val_nll_se,
+                "val": self.last_val,
+                "world_size": self.ctx.world_size,
+                "skipped_steps": int(skipped),
+                "nonfinite_streak": int(streak),
+                "ema_updates": self.ema.updates if self.ema is not None else None,
+            }
+            atomic_write_text(directory / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        write_manifest(directory, rank, self.ctx.world_size, self.step)
 
     def load(self, directory: Path) -> None:
-        """Restore engine (weights + optimizer + scheduler) and loop state from a checkpoint folder."""
+        """Restore everything :meth:`save` wrote (call :func:`ckpt_files.verify_checkpoint` first)."""
+        from safetensors.torch import load_file
+
         self.engine.load(directory)
+        state = json.loads((directory / TRAINER_STATE).read_text())
+        saved_world = int(state.get("world_size", self.ctx.world_size))
         rng = directory / "rng" / f"rank{self.ctx.rank}.pt"
-        if rng.exists():
-            self._gen.set_state(torch.load(rng, weights_only=True))
-        state = json.loads((directory / "trainer_state.json").read_text())
+        if rng.exists() and saved_world == self.ctx.world_size:
+            saved = load_tensors(rng)
+            saved = saved if isinstance(saved, dict) else {"generator": saved}  # before torch/cuda states were kept
+            self._gen.set_state(saved["generator"])
+            if "torch" in saved:
+                torch.set_rng_state(saved["torch"])
+            if "cuda" in saved and self.ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(saved["cuda"], self.ctx.device)
         self.step = int(state["step"])
         self.best_val_nll = float(state["best_val_nll"])
         self.best_val_nll_se = float(state.get("best_val_nll_se", math.nan))
         self.last_val = state.get("val", {})
+        dev = self.ctx.device
+        self._skipped = torch.tensor(float(state.get("skipped_steps", 0)), device=dev)
+        self._streak = torch.tensor(float(state.get("nonfinite_streak", 0)), device=dev)
+        self._stop_step = torch.full((), -1.0, device=dev)
+        if self.ema is not None:
+            source = directory / (rank_file(self.ctx.rank) if self.ema.partitioned else EMA_FILE)
+            if source.is_file():
+                self.ema.load_tensors(load_file(str(source)), source)
+                self.ema.updates = int(state.get("ema_updates") or 0)
+            else:  # EMA switched on for a run that had none: start it from the restored weights
+                targets, partitioned = self.engine.ema_targets()
+                self.ema = EMA(targets, self.ema.decay, partitioned=partitioned, after_swap=self.engine.after_weight_swap)
         # Continue the data stream where the checkpointed run left it, not from its start.
         self._batches = self._train_batches(self.step * self.spec.train.grad_accum)
 
     # ------------------------------------------------------------------- loop
     def _eval_point(self, checkpoint: bool) -> dict[str, float]:
-        val = self.validate()
+        # Validation, samples and diagnostics see the EMA weights when there is one.
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            val = self.validate()
+            if not math.isfinite(val["val/nll"]):
+                raise TrainingStopped(
+                    f"non-finite val/nll ({val['val/nll']}) at step {self.step}; the weights (or their EMA) hold "
+                    "inf/nan or overflow in the forward pass; lower train.lr or use fp32"
+                )
+            texts = self.sample_texts()
+            diag = self.diagnostics()
         self.last_val = val
         if val["val/nll"] < self.best_val_nll:
             self.best_val_nll, self.best_val_nll_se = val["val/nll"], val.get("val/nll_se", math.nan)
@@ -270,8 +374,6 @@ class Runner:
         if self.ctx.rank == 0 and self.val_dir is not None and self.last_draws is not None:
             # per-sequence draws: `difflm results` computes paired errors between trials from them
             save_val_draws(draws_path(self.val_dir, self.step), self.last_draws)
-        texts = self.sample_texts()
-        diag = self.diagnostics()
         if self.ctx.rank == 0:
             self.logger.log_scalars({**val, **{f"val/{k}": v for k, v in diag.scalars.items()}}, self.step)
             for name, text in diag.texts.items():
@@ -313,14 +415,10 @@ class Runner:
                 now = time.perf_counter()
                 metrics = self._gather_train_metrics(now - last_log_time, self.step - last_log_step)
                 last_log_time, last_log_step = now, self.step
-                loss = metrics["train/loss"]
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss ({loss}) at step {self.step}; lower train.lr or use fp32"
-                    )
                 if self.ctx.rank == 0:
                     self.logger.log_scalars(metrics, self.step)
                     self.emit("progress", {"step": self.step, "max_steps": t.max_steps, **metrics})
+                self._check_stop()
             final = self.step == t.max_steps
             if self.step % t.eval_every == 0 or final:
                 self._eval_point(checkpoint=final or self.step % t.checkpoint_every == 0)
@@ -332,4 +430,5 @@ class Runner:
             "final_val": self.last_val,
             "wall_time_s": time.perf_counter() - start,
             "tokens_per_step": self.tokens_per_step,
+            "skipped_steps": int(self._skipped.item()),
         }

@@ -15,6 +15,7 @@ register_family(
         build=build_ar,
         schedules=(),
         description="Autoregressive baseline: same backbone, causal attention, exact next-token NLL.",
+        reads=frozenset(),  # no noise process: every diffusion.* field and time conditioning are ignored
     )
 )
 

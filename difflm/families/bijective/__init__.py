@@ -28,6 +28,11 @@ register_family(
         "likelihood with an exact log-determinant.",
         defaults={"likelihood_weight": DEFAULT_LIKELIHOOD_WEIGHT},
         check=check_bijective,
+        # mdlm's fields (it is an MDLM with a flow term); model.bijective_blocks is its own model field
+        reads=frozenset({
+            "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
+            "diffusion.likelihood_weight", "diffusion.sample_steps", "model.time_conditioning",
+        }),
     )
 )
 

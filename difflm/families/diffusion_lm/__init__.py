@@ -19,6 +19,11 @@ register_family(
         description="Diffusion-LM: Gaussian diffusion on learned word embeddings, x0-prediction, tied rounding.",
         backbones=("transformer", "bart"),
         defaults={"likelihood_weight": 1.0},
+        # time conditioning is always on (model.time_conditioning ignored); no eps / sampling_eps (discrete T)
+        reads=frozenset({
+            "diffusion.schedule", "diffusion.timesteps", "diffusion.antithetic", "diffusion.likelihood_weight",
+            "diffusion.sample_steps", "diffusion.clamp_sampling", "model.embed_dim",
+        }),
     )
 )
 

@@ -17,6 +17,11 @@ register_family(
         schedules=MDLM_SCHEDULES,
         description="Masked (absorbing-state) diffusion, SUBS parameterization, continuous-time NELBO (MDLM).",
         defaults={"likelihood_weight": 1.0},
+        # continuous time: no diffusion.timesteps; no embedding diffusion: no model.embed_dim
+        reads=frozenset({
+            "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
+            "diffusion.likelihood_weight", "diffusion.sample_steps", "model.time_conditioning",
+        }),
     )
 )
 

@@ -20,6 +20,12 @@ register_family(
         schedules=tuple(SEDD_NOISES),
         description="Score-entropy discrete diffusion (SEDD): absorb or uniform graph, denoising score entropy.",
         check=check_sedd,
+        # geometric/loglinear noise from sigma_min/sigma_max or eps; no likelihood_weight (pure DSE loss)
+        reads=frozenset({
+            "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
+            "diffusion.sample_steps", "diffusion.graph", "diffusion.sigma_min", "diffusion.sigma_max",
+            "model.time_conditioning",
+        }),
     )
 )
 
