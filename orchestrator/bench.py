@@ -1,6 +1,7 @@
 """`difflm bench`: measurements that belong in docs/benchmarks.md, never in timed tests.
 
     difflm bench asha sweeps/noise_schedules.yaml --set sweep.budget.max_steps=200
+    difflm bench grid sweeps/noise_schedules.yaml --set sweep.budget.max_steps=200   # in-process, no Ray
     difflm bench sampling runs/quickstart --steps 1000 --length 128
 
 ``asha`` runs one sweep file twice in one Ray session — once as written (ASHA) and
@@ -87,7 +88,7 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
     for label, t in (("ASHA", a), ("full budget", f)):
         lines.append(
             f"| {label} | {t['trials']} | {t['stopped_early']} | {t['steps']:,} | {t['tokens']:,} | {t['wall_s']:.0f} | "
-            f"{t['best_params']} | {t['best_metric']:.4f} |"
+            f"{t['best_params']} | {'-' if t['best_metric'] is None else format(t['best_metric'], '.4f')} |"
         )
     saved = 1 - a["steps"] / max(1, f["steps"])
     lines += [
@@ -102,6 +103,11 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
         table, _ = report(output.resolve() / f"{sweep_file.stem}-{name}-{stamp}", write_hparams_data=False)
         lines += ["", f"{label} (`difflm results`):", "", table]
     click.echo("\n".join(lines))
+
+
+from orchestrator.bench_grid import grid  # noqa: E402
+
+bench.add_command(grid)
 
 
 @bench.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
