@@ -74,7 +74,7 @@ def asha_report(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> s
     for label, t in (("ASHA", a), ("full budget", f)):
         lines.append(
             f"| {label} | {t['trials']} | {t['stopped_early']} | {t['steps']:,} | {t['tokens']:,} | {t['wall_s']:.0f} | "
-            f"{t['best_params']} | {t['best_metric']:.4f} |"
+            f"{t['best_params']} | {'-' if t['best_metric'] is None else format(t['best_metric'], '.4f')} |"
         )
     saved = 1 - a["steps"] / max(1, f["steps"])
     lines += [

@@ -1,6 +1,7 @@
 """`difflm bench`: measurements that belong in docs/benchmarks.md, never in timed tests.
 
     difflm bench asha sweeps/noise_schedules.yaml --set sweep.budget.max_steps=200
+    difflm bench grid sweeps/noise_schedules.yaml --set sweep.budget.max_steps=200   # in-process, no Ray
     difflm bench sampling runs/quickstart --steps 1000 --length 128
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from orchestrator.bench.grid import grid
 from orchestrator.cli.common import user_errors
 
 
@@ -39,3 +41,6 @@ def sampling(ctx: click.Context) -> None:
     from orchestrator.bench.sampling import main as bench_main
 
     sys.exit(bench_main(list(ctx.args)))
+
+
+bench.add_command(grid)
