@@ -53,19 +53,23 @@ def _train_workers(driver: int) -> list[psutil.Process]:
     return out
 
 
-def _ray_exposure(driver: int) -> tuple[set[str], set[str]]:
-    """(RAY_AUTH_MODE of the GCS server, addresses the dashboard's HTTP server listens on) under this driver."""
-    modes, listen = set(), set()
+def _ray_exposure(driver: int) -> tuple[set[str], set[str], bool]:
+    """Under this driver: RAY_AUTH_MODE of the GCS server, the addresses the dashboard listens on, and
+    whether Ray processes' state-API address (RAY_API_SERVER_ADDRESS) is that dashboard."""
+    modes, listen, api = set(), set(), set()
     for proc in psutil.Process(driver).children(recursive=True):
         try:
             cmd = " ".join(proc.cmdline())
             if "gcs_server" in cmd:
                 modes.add(proc.environ().get("RAY_AUTH_MODE", "unset"))
+                api.add(proc.environ().get("RAY_API_SERVER_ADDRESS", "unset"))
             if "dashboard/dashboard.py" in cmd:
-                listen |= {c.laddr.ip for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+                listen |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections("tcp")
+                           if c.status == psutil.CONN_LISTEN}
         except psutil.Error:
             pass
-    return modes, listen
+    pinned = len(api) == 1 and api.pop().removeprefix("http://") in listen
+    return modes, {a.rsplit(":", 1)[0] for a in listen}, pinned
 
 
 def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_path: Path) -> None:
@@ -92,7 +96,8 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
             driver.kill()
     assert killed is not None, "never saw a checkpoint and a worker to kill"
     assert driver.returncode == 0, out
-    assert exposure == ({"token"}, {"127.0.0.1"}), exposure  # the private Ray: token auth, dashboard on loopback
+    # the private Ray: token auth, dashboard on loopback, the state API pinned to that dashboard
+    assert exposure == ({"token"}, {"127.0.0.1"}, True), exposure
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 80 and summary["restarts"] == 1, summary
     assert "restarts        1" in out

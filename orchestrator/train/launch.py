@@ -94,12 +94,19 @@ def init_ray(address: str | None) -> None:
     (``RAY_AUTH_MODE=token``: every RPC and dashboard request needs the token Ray keeps in
     ``~/.ray/auth_token``) and its dashboard on 127.0.0.1 (Tune needs its state API to free stopped
     trials). Ray's own gRPC servers (GCS, raylet, workers) listen on all interfaces whatever the
-    node address; the token is what keeps others out (see docs/architecture.md)."""
+    node address; the token is what keeps others out (see docs/reliability.md)."""
     import ray
 
     if ray.is_initialized():
         return
     env = dict(RAY_ENV)
+    dashboard_port = None
+    if address is None:
+        # Pin Ray's state API (which Ray Train's placement-group cleaner and Tune's trial clean-up call
+        # without an address) to this instance: with another user's Ray on the machine, its address
+        # lookup finds several instances and raises, leaving a stopped trial's CPUs reserved forever.
+        dashboard_port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     os.environ.update(env)
     if address is None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         # Read by every process ray.init starts; Ray caches its config at import, so refresh it
@@ -116,10 +123,19 @@ def init_ray(address: str | None) -> None:
     )
     if address is None:
         kwargs["dashboard_host"] = "127.0.0.1"
+        kwargs["dashboard_port"] = dashboard_port
     ray.init(address=address, **kwargs)
     _quiet_worker_startup_warning()
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _quiet_worker_startup_warning() -> None:

@@ -97,24 +97,23 @@ def check_run_folder(run_dir: Path, spec_dump: dict[str, Any], *, resume: bool, 
         return
     if not exists:
         raise SpecError(f"nothing to resume: {run_dir} holds no run; start it without --resume")
+    saved_file = run_dir / SPEC_FILE
+    if saved_file.is_file():  # (a run that died before writing its spec has nothing to compare with)
+        import yaml
+
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        diffs = spec_differences(saved, spec_dump)
+        if diffs and not allow_spec_change:
+            raise SpecError(
+                f"{run_dir}: the spec differs from the run's {SPEC_FILE} in {'; '.join(diffs)}. Resuming changes "
+                f"only {', '.join(sorted(p for p in RESUME_FREE if p.startswith('train.')))} freely; pass "
+                "--allow-spec-change to resume with the new values anyway, or drop the changes"
+            )
     step, max_steps = latest_step(run_dir), int(spec_dump["train"]["max_steps"])
     if step is not None and step >= max_steps:
         raise SpecError(
             f"{run_dir} is checkpointed at step {step} and train.max_steps is {max_steps}: nothing to train; "
             f"to train it longer: `difflm resume {run_dir} --set train.max_steps=N` with N > {step}"
-        )
-    saved_file = run_dir / SPEC_FILE
-    if not saved_file.is_file():
-        return  # a run that died before writing its spec: nothing to compare with
-    import yaml
-
-    saved = yaml.safe_load(saved_file.read_text()) or {}
-    diffs = spec_differences(saved, spec_dump)
-    if diffs and not allow_spec_change:
-        raise SpecError(
-            f"{run_dir}: the spec differs from the run's {SPEC_FILE} in {'; '.join(diffs)}. Resuming changes only "
-            f"{', '.join(sorted(p for p in RESUME_FREE if p.startswith('train.')))} freely; pass "
-            "--allow-spec-change to resume with the new values anyway, or drop the changes"
         )
 
 
