@@ -372,3 +372,45 @@ def test_results_table_and_live_table_show_se_paired_difference_and_ties(tmp_pat
     assert md[2].startswith(f"| 1 (best) | t1 | loglinear | {runs['t1'].nll:.4f} ± {runs['t1'].se:.4f} | best | tied |")
     assert "| 2 | t2 | linear |" in md[3] and md[3].count("tied") == 1 and "| +0.00" in md[3]
     assert "| 3 | t3 | cosine |" in md[4] and "tied" not in md[4]
+
+
+GRID = """
+model: {family: mdlm, size: null, d_model: 32, n_layers: 1, n_heads: 2, cond_dim: 16}
+data: {source: builtin, seq_len: 32, max_documents: 200, cache_dir: %s}
+train: {max_steps: 6, micro_batch_size: 8, warmup_steps: 1, eval_every: 3, checkpoint_every: 6, log_every: 3,
+        num_samples: 0, eval_samples: 4}
+scaling: {device: cpu}
+sweep:
+  scheduler: {kind: none}
+  search:
+    variant: {grid: [mdlm-loglinear, mdlm-linear, ar]}
+  linked:
+    variant:
+      mdlm-loglinear: {model.family: mdlm, diffusion.schedule: loglinear}
+      mdlm-linear: {model.family: mdlm, diffusion.schedule: linear}
+      ar: {model.family: ar}
+"""
+
+
+def test_bench_grid_ranks_every_grid_point_within_families(cache: Path, tmp_path: Path) -> None:
+    """`difflm bench grid`: the in-process full-budget ranking (no Ray) used for docs/benchmarks.md."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(GRID % cache)
+    res = CliRunner().invoke(main, ["bench", "grid", str(spec), "--output", str(tmp_path / "out")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| 1") or ln.startswith("| 2")]
+    ranked = [r.split(" | ")[:3] for r in rows]  # rank, family, trial
+    assert [(rank[2:], fam) for rank, fam, _ in ranked] == [("1 (best)", "ar"), ("1 (best)", "mdlm"), ("2", "mdlm")] \
+        or [(rank[2:], fam) for rank, fam, _ in ranked] == [("1 (best)", "mdlm"), ("2", "mdlm"), ("1 (best)", "ar")], \
+        res.stdout  # families in the order of their best; ranks within each
+    assert "overall (bounds differ)" in res.stdout and "mixed families: ranked within each family" in res.stdout
+    assert "ar: variant=ar is the only scored trial" in res.stdout
+    assert "mdlm: the winner variant=mdlm-" in res.stdout and "paired SE" in res.stdout
+    assert len(list((tmp_path / "out").glob("grid-*/variant=*/val/step_0000006.npz"))) == 3
+    bad = CliRunner().invoke(main, ["bench", "grid", str(spec), "--set", "sweep.search.variant={choice: [ar]}"])
+    assert bad.exit_code == 2 and "grid domains only" in bad.output, bad.output
