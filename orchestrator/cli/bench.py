@@ -43,4 +43,6 @@ def sampling(ctx: click.Context) -> None:
     sys.exit(bench_main(list(ctx.args)))
 
 
+# grid's click command lives with its logic in orchestrator/bench/grid.py; user errors exit 2 like the others
+grid.callback = user_errors(grid.callback)
 bench.add_command(grid)
