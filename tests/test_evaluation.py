@@ -379,7 +379,7 @@ model: {family: mdlm, size: null, d_model: 32, n_layers: 1, n_heads: 2, cond_dim
 data: {source: builtin, seq_len: 32, max_documents: 200, cache_dir: %s}
 train: {max_steps: 6, micro_batch_size: 8, warmup_steps: 1, eval_every: 3, checkpoint_every: 6, log_every: 3,
         num_samples: 0, eval_samples: 4}
-scaling: {device: cpu}
+scaling: {device: cpu, zero_stage: 2}   # as the shipped sweep files: bench grid must run them in plain PyTorch
 sweep:
   scheduler: {kind: none}
   search:

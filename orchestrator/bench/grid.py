@@ -49,7 +49,7 @@ def run_point(raw: dict[str, Any], out_dir: Path, threads: int) -> tuple[Any, fl
     from orchestrator.train.runner import Runner, WorkerContext
     from orchestrator.spec.run import spec_from_dict
 
-    raw = {**raw, "scaling": {**raw["scaling"], "device": "cpu", "deepspeed": False, "num_workers": 1}}
+    raw = {**raw, "scaling": {**raw["scaling"], "device": "cpu", "deepspeed": False, "zero_stage": 0, "num_workers": 1}}
     spec = spec_from_dict(raw, source=str(out_dir))
     torch.set_num_threads(threads)
     data = prepare_data(spec.data, spec.tokenizer, log=lambda _m: None)
