@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,8 +55,10 @@ def _train_workers(driver: int) -> list[psutil.Process]:
 
 
 def _ray_exposure(driver: int) -> tuple[set[str], set[str], bool]:
-    """Under this driver: RAY_AUTH_MODE of the GCS server, the addresses the dashboard listens on, and
-    whether Ray processes' state-API address (RAY_API_SERVER_ADDRESS) is that dashboard."""
+    """Under this driver: RAY_AUTH_MODE of the GCS server, the addresses the dashboard's HTTP port (its
+    ``--port``) listens on, and whether Ray processes' state-API address (RAY_API_SERVER_ADDRESS) is that
+    dashboard. Only the HTTP port: the dashboard process also serves Ray's gRPC, which, like every Ray
+    gRPC server, listens on all interfaces behind the token (docs/reliability.md)."""
     modes, listen, api = set(), set(), set()
     for proc in psutil.Process(driver).children(recursive=True):
         try:
@@ -64,8 +67,9 @@ def _ray_exposure(driver: int) -> tuple[set[str], set[str], bool]:
                 modes.add(proc.environ().get("RAY_AUTH_MODE", "unset"))
                 api.add(proc.environ().get("RAY_API_SERVER_ADDRESS", "unset"))
             if "dashboard/dashboard.py" in cmd:
+                http_port = int(re.search(r"--port[= ](\d+)", cmd).group(1))  # type: ignore[union-attr]
                 listen |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections("tcp")
-                           if c.status == psutil.CONN_LISTEN}
+                           if c.status == psutil.CONN_LISTEN and c.laddr.port == http_port}
         except psutil.Error:
             pass
     pinned = len(api) == 1 and api.pop().removeprefix("http://") in listen
