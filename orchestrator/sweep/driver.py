@@ -190,7 +190,7 @@ def run_sweep(
         state.write_text(
             json.dumps({"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides)}, indent=2)
         )
-    from orchestrator import sweep_console
+    from orchestrator.sweep import console as sweep_console
 
     sweep_console.ACTIVE["console"] = console
     table = sweep_console.SweepTable(sweep)
