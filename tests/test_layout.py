@@ -153,3 +153,46 @@ def test_every_module_is_named_in_architecture_doc() -> None:
 def test_no_folder_holds_more_than_twelve_modules(folder: Path) -> None:
     modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
     assert len(modules) <= 12, f"{folder.relative_to(ROOT)} holds {len(modules)} modules; split it by job"
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.If, ast.Try)):
+            names.update(_top_level_names(ast.Module(body=list(ast.iter_child_nodes(node)), type_ignores=[])))
+    return names
+
+
+def test_every_project_import_resolves() -> None:
+    """``from pkg import name`` (inside functions too) names a module or a top-level name of ``pkg``.
+
+    Importing every module only checks top-level imports; a late import of a moved module fails
+    only when its function runs (e.g. in a Ray worker), so check them statically."""
+    modules = project_modules()
+    trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    broken = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                root = node.module.split(".")[0]
+                if root not in PACKAGES:
+                    continue
+                if node.module not in modules:
+                    broken.append(f"{name}: from {node.module} import ... (no such module)")
+                    continue
+                defined = _top_level_names(trees[node.module])
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" not in modules and alias.name not in defined:
+                        broken.append(f"{name}: from {node.module} import {alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] in PACKAGES and alias.name not in modules:
+                        broken.append(f"{name}: import {alias.name}")
+    assert not broken, "imports that do not resolve:\n" + "\n".join(broken)
