@@ -58,6 +58,7 @@ def trial_dirname(trial_id: str, params: dict[str, Any]) -> str:
 # ------------------------------------------------------------------- trial
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str, Any], sweep_dir: str, device: str) -> None:
     """One Tune trial: validate the sampled spec, prepare data (cached), run the inner TorchTrainer."""
+    started_at = time.time()
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -81,6 +82,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str,
         trial_dir / "tensorboard",
         queue=None,
         callbacks=[TuneReportCallback()],
+        started_at=started_at,
     )
     result = trainer.fit()
     if result.error is not None:

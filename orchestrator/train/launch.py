@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from orchestrator.train.console import TrainConsole
 from orchestrator.devices import resolve_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
+from orchestrator.train.startup import describe, process_start_time, seconds_since, thread_env
 from orchestrator.train.worker import train_fn_per_worker
 from orchestrator.spec.yamlio import spec_yaml
 
@@ -35,6 +37,8 @@ RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray's own processes (controller, queue, Tune trial actors) need no thread pools; training workers
+    # override this with their cpus_per_worker (build_trainer's worker_runtime_env).
     "OMP_NUM_THREADS": "1",
     # Tune's own progress box and tables: `difflm sweep` draws its own.
     "RAY_AIR_NEW_OUTPUT": "0",
@@ -136,19 +140,25 @@ def _link(target: Path | None, link: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
-def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole) -> tuple[Any, str, float, float]:
+def prepare_and_place(
+    spec: RunSpec, address: str | None, console: TrainConsole, stamps: dict[str, float] | None = None
+) -> tuple[Any, str, float, float]:
     """Driver set-up shared by train and sweep: check resources, tokenize (cached), start or join Ray.
 
     Returns (prepared data, device, CPUs, GPUs). Order keeps user errors before Ray: this machine
     is checked before tokenizing; a cluster can only be checked after joining it. Tokenizing on
-    the driver makes data errors surface before Ray starts; workers read the cache.
+    the driver makes data errors surface before Ray starts; workers read the cache. ``stamps``
+    receives the wall times the data and Ray were ready (the start-up report).
     """
+    stamps = {} if stamps is None else stamps
     if address is None:
         cpus, gpus = local_resources()
         device = resolve_device(spec.scaling.device)
         check_resources(spec, device, cpus, gpus, "this machine")
     prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
+    stamps["data"] = time.time()
     init_ray(address)
+    stamps["ray"] = time.time()
     if address is not None:
         import ray
 
@@ -159,15 +169,26 @@ def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole)
     return prepared, device, cpus, gpus
 
 
-def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainConsole | None = None) -> TrainResult:
-    """Prepare data, check resources, run the TorchTrainer, link best/last checkpoints, return the result."""
+def launch_train(
+    spec: RunSpec,
+    *,
+    address: str | None = None,
+    console: TrainConsole | None = None,
+    started_at: float | None = None,
+) -> TrainResult:
+    """Prepare data, check resources, run the TorchTrainer, link best/last checkpoints, return the result.
+
+    ``started_at``: wall time the command started (default: this process's creation), the zero of
+    the start-up report (summary.json ``startup``)."""
+    started_at = process_start_time() if started_at is None else started_at
+    stamps = {"spec": time.time()}
     console = console or TrainConsole()
     name = spec.run_name()
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": name})})
     storage = Path(spec.output.dir).expanduser().resolve()
     run_dir = storage / name
 
-    prepared, device, _, _ = prepare_and_place(spec, address, console)
+    prepared, device, _, _ = prepare_and_place(spec, address, console, stamps)
     console.info(
         f"data: {len(prepared.train):,} train / {len(prepared.val):,} val blocks of {spec.data.seq_len} tokens, "
         f"vocab {prepared.tokenizer.vocab_size:,}"
@@ -182,14 +203,23 @@ def launch_train(spec: RunSpec, *, address: str | None = None, console: TrainCon
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec_yaml(spec))
     tb_dir = run_dir / "tensorboard"
-    result = _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console)
-    return result
+    return _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console, started_at, stamps)
 
 
 def build_trainer(
-    spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, queue: Any, callbacks: list[Any] | None = None
+    spec: RunSpec,
+    device: str,
+    data_dir: Path,
+    run_dir: Path,
+    tb_dir: Path,
+    queue: Any,
+    callbacks: list[Any] | None = None,
+    started_at: float | None = None,
 ) -> Any:
-    """The TorchTrainer for one run; Ray stores its checkpoints under ``run_dir`` (also used by each Tune trial)."""
+    """The TorchTrainer for one run; Ray stores its checkpoints under ``run_dir`` (also used by each Tune trial).
+
+    Workers get ``scaling.cpus_per_worker`` OpenMP/MKL threads through their runtime env (the job's
+    env pins Ray's own processes to one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -206,6 +236,7 @@ def build_trainer(
             "data_dir": str(data_dir),
             "tb_dir": str(tb_dir),
             "queue": queue,
+            "started_at": started_at,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -217,6 +248,7 @@ def build_trainer(
                 num_to_keep=1, checkpoint_score_attribute="val/nll", checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": thread_env(s.cpus_per_worker)},
         ),
     )
 
@@ -235,11 +267,20 @@ def link_checkpoints(result: Any, run_dir: Path) -> tuple[Path | None, Path | No
     return best, last
 
 
-def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, console: TrainConsole) -> TrainResult:
+def _fit(
+    spec: RunSpec,
+    device: str,
+    data_dir: Path,
+    run_dir: Path,
+    tb_dir: Path,
+    console: TrainConsole,
+    started_at: float,
+    stamps: dict[str, float],
+) -> TrainResult:
     from ray.util.queue import Empty, Queue
 
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue)
+    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, started_at=started_at)
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -259,6 +300,9 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
                 continue
             if kind == "done":
                 summary = payload
+            elif kind == "startup":  # rank 0 after its first optimizer step
+                stamps.update(payload)
+                console.info(describe(started_at, stamps))
             else:
                 console.handle(kind, payload)
     finally:
@@ -271,5 +315,6 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
         raise result.error
     best, last = link_checkpoints(result, run_dir)
     summary = summary or dict(result.metrics or {})
+    summary["startup"] = seconds_since(started_at, stamps)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return TrainResult(run_dir, summary, best, last, tb_dir)

@@ -8,6 +8,8 @@ Resumes from ``ray.train.get_checkpoint()`` when Ray hands one over.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +22,40 @@ from orchestrator.train.checkpoints import special_ids
 from orchestrator.train.engine import build_engine
 from orchestrator.train.metrics import NullLogger, TensorBoardLogger
 from orchestrator.train.runner import Runner, WorkerContext
+from orchestrator.train.startup import thread_env, worker_threads
+
+
+class _StampedRunner(Runner):
+    """A Runner that calls ``on_first_step(loop_start, step_end)`` once, after its first optimizer step.
+
+    The first ``train_step`` starts right after the step-0 eval (or the resume), so its start and end
+    stamp the last two start-up phases without touching the loop itself."""
+
+    def __init__(self, *args: Any, on_first_step: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_first_step = on_first_step
+
+    def train_step(self) -> None:
+        if self._on_first_step is None:
+            return super().train_step()
+        start = time.time()
+        super().train_step()
+        callback, self._on_first_step = self._on_first_step, None
+        callback(start, time.time())
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Runs inside each Ray Train worker: build model + engine, run the loop, report to Ray."""
-
+    entered = time.time()
     import ray.train
     from ray.train import Checkpoint
 
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     spec = spec_from_dict(config["spec"])
+    # The CPUs Ray reserved for this worker, as intra-op threads (the process env already says so: see
+    # build_trainer's worker_runtime_env; set here too in case torch started its pool earlier).
+    os.environ.update(thread_env(spec.scaling.cpus_per_worker))
+    torch.set_num_threads(worker_threads(spec.scaling.cpus_per_worker))
     queue = config.get("queue")
     ctx_ray = ray.train.get_context()
     rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
@@ -55,24 +80,40 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
     engine = build_engine(model, spec, device)
+    stamps = {"worker": entered, "engine": time.time()}
+    threads = f"{torch.get_num_threads()} thread(s) each"
     if rank == 0:
         if spec.scaling.deepspeed and engine.backend == "torch":
-            emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch"})
+            emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch, {threads}"})
         else:
-            emit("log", {"message": f"engine: {engine.backend} (ZeRO-{spec.scaling.zero_stage}) on {device}, {world} worker(s)"})
+            emit("log", {"message": f"engine: {engine.backend} (ZeRO-{spec.scaling.zero_stage}) on {device}, "
+                                    f"{world} worker(s), {threads}"})
     logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
 
     resume = ray.train.get_checkpoint()
 
+    started_at = config.get("started_at")
+
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        if started_at is not None and "step1" in stamps and "reported" not in stamps:
+            stamps["reported"] = time.time()  # once: how long the run (or sweep trial) took to its first step
+            metrics = {**metrics, "startup/first_step_s": stamps["step1"] - started_at}
         ray.train.report(metrics, checkpoint=ckpt)
 
-    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
+    def first_step(loop_start: float, step_end: float) -> None:
+        stamps.update(loop=loop_start, step1=step_end)
+        emit("startup", dict(stamps))
+
+    runner = _StampedRunner(
+        spec, data, engine, WorkerContext(rank, world, device),
+        logger=logger, report=report, emit=emit, on_first_step=first_step,
+    )
     if resume is not None:
         with resume.as_directory() as d:
             runner.load(Path(d))
         emit("log", {"message": f"resumed from step {runner.step}"})
     summary = runner.run()
+    summary["threads"] = torch.get_num_threads()
     emit("done", summary)
     return summary
