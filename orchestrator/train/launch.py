@@ -26,6 +26,7 @@ from orchestrator.train.console import TrainConsole
 from orchestrator.devices import resolve_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
+from orchestrator.train.precision import resolve_precision
 from orchestrator.train.startup import describe, process_start_time, seconds_since, thread_env
 from orchestrator.train.worker import train_fn_per_worker
 from orchestrator.spec.yamlio import spec_yaml
@@ -189,6 +190,10 @@ def launch_train(
     run_dir = storage / name
 
     prepared, device, _, _ = prepare_and_place(spec, address, console, stamps)
+    if address is None:  # this machine is where the workers run: name the precision in spec.yaml
+        spec, chosen = resolve_precision(spec, device)
+        if chosen:
+            console.info(chosen)
     console.info(
         f"data: {len(prepared.train):,} train / {len(prepared.val):,} val blocks of {spec.data.seq_len} tokens, "
         f"vocab {prepared.tokenizer.vocab_size:,}"

@@ -7,6 +7,7 @@ Resumes from ``ray.train.get_checkpoint()`` when Ray hands one over.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -17,10 +18,12 @@ import torch
 
 from difflm.data import load_prepared
 from difflm.families import build_model
+from orchestrator.devices import peak_memory_above, start_memory_window
 from orchestrator.spec.run import spec_from_dict
 from orchestrator.train.checkpoints import special_ids
 from orchestrator.train.engine import build_engine
 from orchestrator.train.metrics import NullLogger, TensorBoardLogger
+from orchestrator.train.precision import resolve_precision
 from orchestrator.train.runner import Runner, WorkerContext
 from orchestrator.train.startup import thread_env, worker_threads
 
@@ -74,6 +77,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             except Exception:  # a full or gone queue must never stop training
                 pass
 
+    spec, chosen = resolve_precision(spec, device.type)  # `auto` the driver could not resolve (remote GPUs)
+    if chosen and rank == 0:
+        emit("log", {"message": chosen})
+    # Peak memory of the run above this point (printed by `difflm bench`); what the optimizer and
+    # DeepSpeed import is loaded first, so library code does not count as the run's memory.
+    importlib.import_module("torch._dynamo")  # torch.optim imports it at the first optimizer
+
+    if spec.scaling.deepspeed and device.type != "mps":
+        importlib.import_module("deepspeed")
+    memory_baseline = start_memory_window(device)
     torch.manual_seed(spec.train.seed)
     data = load_prepared(Path(config["data_dir"]))
     model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
@@ -115,5 +128,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         emit("log", {"message": f"resumed from step {runner.step}"})
     summary = runner.run()
     summary["threads"] = torch.get_num_threads()
+    summary["peak_memory_bytes"] = peak_memory_above(device, memory_baseline)
     emit("done", summary)
     return summary
