@@ -86,14 +86,17 @@ def test_measured_peak_is_positive() -> None:
 
 
 @pytest.mark.parametrize(
-    ("native", "d_model", "want"),
-    [(True, 256, "bf16"), (True, 768, "bf16"), (True, 128, "fp32"), (False, 768, "fp32")],
+    ("native", "d_model", "vocab", "want"),
+    [(True, 256, 259, "bf16"), (True, 768, 50257, "bf16"), (True, 128, 259, "fp32"), (True, 128, 8192, "bf16"),
+     (True, 64, 8192, "fp32"), (False, 768, 50257, "fp32")],
 )
-def test_auto_precision_on_cpu(monkeypatch: pytest.MonkeyPatch, native: bool, d_model: int, want: str) -> None:
+def test_auto_precision_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, native: bool, d_model: int, vocab: int, want: str
+) -> None:
     monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: native)
     spec = RunSpec.model_validate({"model": {"size": None, "d_model": d_model, "n_layers": 1, "n_heads": 4},
                                    "train": {"precision": "auto"}})
-    resolved, why = prec.resolve_precision(spec, "cpu")
+    resolved, why = prec.resolve_precision(spec, "cpu", vocab)
     assert resolved.train.precision == want and why is not None and why.startswith(f"precision {want} (auto: ")
     assert spec.train.precision == "auto"  # a copy: the caller's spec is untouched
     explicit = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": "fp32"})})

@@ -257,13 +257,14 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.threads = torch.get_num_threads() if dev.type == "cpu" else (cfg.threads or 1)
-    spec, _ = resolve_precision(validate_as(RunSpec, run_spec_raw(cfg, dev.type, cfg.precision), "difflm bench"), dev.type)
-    precision = spec.train.precision
-    spec_raw = run_spec_raw(cfg, dev.type, precision)  # the `train` path gets the resolved precision too
+    spec = validate_as(RunSpec, run_spec_raw(cfg, dev.type, cfg.precision), "difflm bench")
     if "deepspeed" in cfg.paths and dev.type == "mps":
         raise SpecError("--paths deepspeed: DeepSpeed has no MPS accelerator; leave it out on Apple silicon")
     load_before = _loadavg()
     data = prepare_data(spec.data, spec.tokenizer, log=log)
+    spec, _ = resolve_precision(spec, dev.type, data.tokenizer.vocab_size)
+    precision = spec.train.precision
+    spec_raw = run_spec_raw(cfg, dev.type, precision)  # the `train` path gets the resolved precision too
     if len(data.train) < cfg.batch:
         raise SpecError(f"the corpus has {len(data.train)} training blocks, fewer than --batch {cfg.batch}")
     # Imported before any path is timed or measured, so no path pays (or counts) another's imports.

@@ -191,7 +191,7 @@ def launch_train(
 
     prepared, device, _, _ = prepare_and_place(spec, address, console, stamps)
     if address is None:  # this machine is where the workers run: name the precision in spec.yaml
-        spec, chosen = resolve_precision(spec, device)
+        spec, chosen = resolve_precision(spec, device, prepared.tokenizer.vocab_size)
         if chosen:
             console.info(chosen)
     console.info(

@@ -77,9 +77,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             except Exception:  # a full or gone queue must never stop training
                 pass
 
-    spec, chosen = resolve_precision(spec, device.type)  # `auto` the driver could not resolve (remote GPUs)
-    if chosen and rank == 0:
-        emit("log", {"message": chosen})
     # Peak memory of the run above this point (printed by `difflm bench`); what the optimizer and
     # DeepSpeed import is loaded first, so library code does not count as the run's memory.
     importlib.import_module("torch._dynamo")  # torch.optim imports it at the first optimizer
@@ -87,8 +84,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if spec.scaling.deepspeed and device.type != "mps":
         importlib.import_module("deepspeed")
     memory_baseline = start_memory_window(device)
-    torch.manual_seed(spec.train.seed)
     data = load_prepared(Path(config["data_dir"]))
+    # `auto` the driver could not resolve (a cluster's GPUs it cannot see)
+    spec, chosen = resolve_precision(spec, device.type, data.tokenizer.vocab_size)
+    if chosen and rank == 0:
+        emit("log", {"message": chosen})
+    torch.manual_seed(spec.train.seed)
     model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
     if rank == 0:
         emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
