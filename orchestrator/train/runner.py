@@ -239,7 +239,8 @@ class Runner:
         self.last_val = val
         self.best_val_nll = min(self.best_val_nll, val["val/nll"])
         metrics = {**val, "val/best_nll": self.best_val_nll, "step": float(self.step)}
-        texts = self.sample_texts()
+        # Samples of the untrained model are noise, and cost sample_steps forwards before the first step.
+        texts = self.sample_texts() if self.step > 0 else []
         diag = self.diagnostics()
         if self.ctx.rank == 0:
             self.logger.log_scalars({**val, **{f"val/{k}": v for k, v in diag.scalars.items()}}, self.step)
