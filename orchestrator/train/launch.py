@@ -44,6 +44,13 @@ RAY_ENV = {
     # Tune's own progress box and tables: `difflm sweep` draws its own.
     "RAY_AIR_NEW_OUTPUT": "0",
 }
+# Only for a Ray this command starts on one machine (each a process less to start on every run):
+# nothing drains a local node, so no preemption watcher actor; no dashboard/Prometheus reads Ray
+# Train's metrics. Set either variable yourself to keep the feature.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 
 
 # ---------------------------------------------------------------- resources
@@ -98,6 +105,8 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     env = dict(RAY_ENV)
+    if address is None:
+        env.update({k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ})
     os.environ.update(env)
     local_dashboard = dashboard and address is None
     kwargs: dict[str, Any] = dict(
