@@ -114,7 +114,7 @@ def test_worker_threads_follow_cpus_per_worker_and_startup_is_reported(tmp_path:
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
-    assert "engine: deepspeed (ZeRO-2) on cpu, 1 worker(s), 2 thread(s) each" in log
+    assert "engine: deepspeed (ZeRO-0) on cpu, 1 worker(s), 2 thread(s) each; ZeRO-2 partitions from 2 workers" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["threads"] == 2
     startup = summary["startup"]

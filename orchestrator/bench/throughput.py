@@ -148,7 +148,7 @@ class RunnerPath:
     def __init__(self, backend: str, spec: Any, data: Any, device: torch.device) -> None:
         from difflm.families import build_model
         from orchestrator.train.checkpoints import special_ids
-        from orchestrator.train.engine import DeepSpeedEngine, TorchEngine
+        from orchestrator.train.engine import DeepSpeedEngine, TorchEngine, effective_zero_stage
         from orchestrator.train.runner import Runner, WorkerContext
 
         self.name = backend
@@ -157,7 +157,7 @@ class RunnerPath:
         if backend == "deepspeed":
             _init_single_rank_group(device)
             engine: Any = DeepSpeedEngine(model, spec, device)
-            self.label = f"`Runner` + `DeepSpeedEngine` (ZeRO-{spec.scaling.zero_stage}), in-process"
+            self.label = f"`Runner` + `DeepSpeedEngine` (ZeRO-{effective_zero_stage(spec)}), in-process"
         else:
             engine = TorchEngine(model, spec.train, device)
             self.label = "`Runner` + `TorchEngine`, in-process"
@@ -251,6 +251,7 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
     from orchestrator.bench.peak import device_peak, step_flops
     from orchestrator.spec.run import RunSpec
     from orchestrator.spec.yamlio import validate_as
+    from orchestrator.train.engine import effective_zero_stage
     from orchestrator.train.precision import resolve_precision
 
     dev = local_device(cfg.device)
@@ -290,9 +291,9 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
         _timed_steps(path.step, cfg.warmup - 1, dev)
         live[name] = path
     if "train" in cfg.paths:
+        where = f"{cfg.threads} CPU(s)" if dev.type != "cuda" else "1 GPU"
         rows["train"] = {"path": "train", "first_step_s": [], "peak_memory": [], "times": [], "rounds": [],
-                         "label": f"`difflm train`, 1 Ray worker x {cfg.threads} CPU(s), DeepSpeed ZeRO-{cfg.zero_stage}"
-                         if dev.type != "cuda" else f"`difflm train`, 1 Ray worker (1 GPU), DeepSpeed ZeRO-{cfg.zero_stage}"}
+                         "label": f"`difflm train`, 1 Ray worker x {where}, DeepSpeed ZeRO-{effective_zero_stage(spec)}"}
 
     flops = step_flops(live["bare"].forward_backward) if "bare" in live else None
     order = list(cfg.paths)

@@ -21,7 +21,7 @@ from difflm.families import build_model
 from orchestrator.devices import peak_memory_above, start_memory_window
 from orchestrator.spec.run import spec_from_dict
 from orchestrator.train.checkpoints import special_ids
-from orchestrator.train.engine import build_engine
+from orchestrator.train.engine import build_engine, effective_zero_stage
 from orchestrator.train.metrics import NullLogger, TensorBoardLogger
 from orchestrator.train.precision import resolve_precision
 from orchestrator.train.runner import Runner, WorkerContext
@@ -100,8 +100,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if spec.scaling.deepspeed and engine.backend == "torch":
             emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch, {threads}"})
         else:
-            emit("log", {"message": f"engine: {engine.backend} (ZeRO-{spec.scaling.zero_stage}) on {device}, "
-                                    f"{world} worker(s), {threads}"})
+            stage = effective_zero_stage(spec)
+            note = "" if stage == spec.scaling.zero_stage else f"; ZeRO-{spec.scaling.zero_stage} partitions from 2 workers"
+            emit("log", {"message": f"engine: {engine.backend} (ZeRO-{stage}) on {device}, "
+                                    f"{world} worker(s), {threads}{note}"})
     logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
 
     resume = ray.train.get_checkpoint()
