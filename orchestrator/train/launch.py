@@ -36,6 +36,9 @@ from orchestrator.spec.yamlio import spec_yaml
 # a shorter interval keeps short runs and ASHA decisions snappy.
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray's 60 s for a worker process to come up is exceeded on a loaded 2-core box (seen: sweep trials
+    # failing with WorkerGroupStartupTimeoutError at load ~20); resources are checked before Ray starts.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # Ray's own processes (controller, queue, Tune trial actors) need no thread pools; training workers
