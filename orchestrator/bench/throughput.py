@@ -295,7 +295,10 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
         rows["train"] = {"path": "train", "first_step_s": [], "peak_memory": [], "times": [], "rounds": [],
                          "label": f"`difflm train`, 1 Ray worker x {where}, DeepSpeed ZeRO-{effective_zero_stage(spec)}"}
 
-    flops = step_flops(live["bare"].forward_backward) if "bare" in live else None
+    counter = live.get("bare") or BarePath(spec, data, dev)  # the model every path trains
+    flops = step_flops(counter.forward_backward)
+    counter.opt.zero_grad(set_to_none=True)  # the counted backward's gradients must not reach a timed step
+    parameters = counter.model.num_parameters()
     order = list(cfg.paths)
     for r in range(cfg.rounds):
         for name in order[r % len(order):] + order[: r % len(order)]:
@@ -327,7 +330,7 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
         "load_avg_1min": {"before": load_before, "after": _loadavg()},
         "config": {k: v for k, v in asdict(cfg).items() if k != "command"},
         "model": {
-            "family": cfg.family, "size": cfg.size, "parameters": live["bare"].model.num_parameters() if "bare" in live else None,
+            "family": cfg.family, "size": cfg.size, "parameters": parameters,
             "vocab": data.tokenizer.vocab_size, "seq_len": cfg.seq_len, "batch": cfg.batch,
             "tokens_per_step": tokens_per_step, "precision": precision, "device": str(dev),
         },

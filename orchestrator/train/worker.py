@@ -77,10 +77,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             except Exception:  # a full or gone queue must never stop training
                 pass
 
-    # Peak memory of the run above this point (printed by `difflm bench`); what the optimizer and
-    # DeepSpeed import is loaded first, so library code does not count as the run's memory.
-    importlib.import_module("torch._dynamo")  # torch.optim imports it at the first optimizer
-
+    # summary.json's peak_memory_bytes counts from here (`difflm bench` shows it). Libraries the run
+    # loads anyway are imported first so their code is not counted as the run's memory: torch.optim
+    # imports torch._dynamo with the first optimizer, the engine imports DeepSpeed.
+    importlib.import_module("torch._dynamo")
     if spec.scaling.deepspeed and device.type != "mps":
         importlib.import_module("deepspeed")
     memory_baseline = start_memory_window(device)
@@ -109,11 +109,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     resume = ray.train.get_checkpoint()
 
     started_at = config.get("started_at")
+    startup_reported = False
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        nonlocal startup_reported
         ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        if started_at is not None and "step1" in stamps and "reported" not in stamps:
-            stamps["reported"] = time.time()  # once: how long the run (or sweep trial) took to its first step
+        if started_at is not None and "step1" in stamps and not startup_reported:
+            # Once, with the first report after the first step: a sweep trial's start-up lands in Tune's results.
+            startup_reported = True
             metrics = {**metrics, "startup/first_step_s": stamps["step1"] - started_at}
         ray.train.report(metrics, checkpoint=ckpt)
 
