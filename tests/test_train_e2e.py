@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,14 +51,15 @@ TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec
 VAL_TAGS = {"val/nll", "val/nll_se", "val/ppl", "val/bpt"}
 
 
-def _train(tmp_path: Path, family: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+def _train(tmp_path: Path, family: str, *sets: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     spec = tmp_path / f"{family}.yaml"
     diffusion = "diffusion:\n  sample_steps: 16\n" if family != "ar" else ""  # ar reads no diffusion field
     spec.write_text(SPEC.format(family=family, cache=tmp_path / "cache", diffusion=diffusion))
     out = tmp_path / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    overrides = [arg for kv in sets for arg in ("--set", kv)]
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "train", str(spec), "--output", str(out), "--name", family],
+        [sys.executable, "-m", "orchestrator", "train", str(spec), "--output", str(out), "--name", family, *overrides],
         capture_output=True,
         text=True,
         timeout=600,
@@ -72,7 +74,7 @@ def test_train_two_workers_zero2(tmp_path: Path, family: str) -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "Traceback" not in log
-    assert "engine: deepspeed (ZeRO-2) on cpu, 2 worker(s)" in log
+    assert "engine: deepspeed (ZeRO-2) on cpu, 2 worker(s), 1 thread(s) each" in log
     assert "16 sequences" in log  # global batch = 8 micro x 2 workers x 1 accum
     assert "best val NLL" in log and f"difflm tensorboard {run_dir}" in log
 
@@ -111,3 +113,24 @@ def test_train_two_workers_zero2(tmp_path: Path, family: str) -> None:
         assert len(states) == 2, states
     state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["step"] == 40
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs for one 2-CPU worker")
+def test_worker_threads_follow_cpus_per_worker_and_startup_is_reported(tmp_path: Path) -> None:
+    """Ray's job env pins OMP_NUM_THREADS=1; a worker that reserved 2 CPUs must still compute on 2 threads.
+    The run also reports where its start-up went, in milestone order."""
+    proc, run_dir = _train(
+        tmp_path, "mdlm", "scaling.num_workers=1", "scaling.cpus_per_worker=2", "train.max_steps=2",
+        "train.eval_every=2", "train.checkpoint_every=2",
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "engine: deepspeed (ZeRO-0) on cpu, 1 worker(s), 2 thread(s) each; ZeRO-2 partitions from 2 workers" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["threads"] == 2
+    startup = summary["startup"]
+    assert list(startup) == ["spec", "data", "ray", "worker", "engine", "loop", "step1"]
+    times = list(startup.values())
+    assert all(0 < a <= b for a, b in zip(times, times[1:])), startup
+    shown = re.search(r"first optimizer step ([0-9.]+) s after start \(CLI \+ spec", log)
+    assert shown and float(shown.group(1)) == pytest.approx(startup["step1"], abs=0.051), log

@@ -39,8 +39,11 @@ class TrainConfig(StrictModel):
     )
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final LR of the cosine schedule, as a share of lr.")
     grad_clip: float = Field(1.0, gt=0.0, description="Gradient clipping by global norm.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Training precision. fp16 needs CUDA; bf16 works on CUDA and CPU."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training precision. auto: bf16 where it pays (a GPU with native bf16; a CPU with native bf16 "
+        "instructions and d_model >= 256, or >= 128 with a vocab of >= 4096), else fp32. fp16 needs CUDA; "
+        "bf16 works on CUDA and CPU.",
     )
     eval_every: int = Field(100, ge=1, description="Validate (and log text samples) every this many steps.")
     eval_batches: int | None = Field(

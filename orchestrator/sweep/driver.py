@@ -44,6 +44,7 @@ STATE_FILE = SWEEP_STATE
 # ------------------------------------------------------------------- trial
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str, Any], sweep_dir: str, device: str) -> None:
     """One Tune trial: validate the sampled spec, prepare data (cached), run the inner TorchTrainer."""
+    started_at = time.time()
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -67,6 +68,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str,
         trial_dir / "tensorboard",
         queue=None,
         callbacks=[TuneReportCallback()],
+        started_at=started_at,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -167,7 +169,7 @@ def run_sweep(
         )
     base_spec = validate_as(RunSpec, sweep.base_raw(), source=spec_path)
     # Tokenize once on the driver (trials hit the cache); data errors stop here, before Ray.
-    _, device, cpus, gpus = prepare_and_place(base_spec, address, console)
+    _, device, cpus, gpus = prepare_and_place(base_spec, address, console, dashboard=True)
     fits = fit_count(sweep, device, cpus, gpus)
     max_concurrent = min(sweep.sweep.resources.max_concurrent_trials or fits, fits)
     # Trial errors are shown in our table; keep Tune's tracebacks off the console.

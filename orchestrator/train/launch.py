@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import spec_yaml
 from orchestrator.train.console import TrainConsole
+from orchestrator.train.precision import resolve_precision
+from orchestrator.train.startup import describe, process_start_time, seconds_since, thread_env
 from orchestrator.train.worker import train_fn_per_worker
 
 # The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
@@ -34,11 +37,24 @@ from orchestrator.train.worker import train_fn_per_worker
 # a shorter interval keeps short runs and ASHA decisions snappy.
 RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray's 60 s for a worker process to come up is exceeded on a loaded 2-core box (seen: sweep trials
+    # failing with WorkerGroupStartupTimeoutError at load ~20); resources are checked before Ray starts.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray's own processes (controller, queue, Tune trial actors) need no thread pools; training workers
+    # override this with their cpus_per_worker (build_trainer's worker_runtime_env).
     "OMP_NUM_THREADS": "1",
     # Tune's own progress box and tables: `difflm sweep` draws its own.
     "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+# Only for a Ray this command starts on one machine (each a process less to start on every run):
+# nothing drains a local node, so no preemption watcher actor; no dashboard/Prometheus reads Ray
+# Train's metrics. Set either variable yourself to keep the feature.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 
 
@@ -89,11 +105,12 @@ class TrainResult:
     tensorboard_dir: Path
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, dashboard: bool = False) -> None:
     """Start (or join) Ray quietly. A private instance (no ``address``) has token authentication on
     (``RAY_AUTH_MODE=token``: every RPC and dashboard request needs the token Ray keeps in
-    ``~/.ray/auth_token``) and its dashboard on 127.0.0.1 (Tune needs its state API to free stopped
-    trials). Ray's own gRPC servers (GCS, raylet, workers) listen on all interfaces whatever the
+    ``~/.ray/auth_token``) and, with ``dashboard``, its dashboard on 127.0.0.1 (Tune needs its state
+    API to free stopped trials; a single run does without it and saves its processes' start-up: a
+    dashboard head and ten module processes, ~3 CPU-seconds on a 2-core box). Ray's own gRPC servers (GCS, raylet, workers) listen on all interfaces whatever the
     node address; the token is what keeps others out (see docs/reliability.md)."""
     import ray
 
@@ -101,7 +118,10 @@ def init_ray(address: str | None) -> None:
         return
     env = dict(RAY_ENV)
     dashboard_port = None
+    local_dashboard = dashboard and address is None
     if address is None:
+        env.update({k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ})
+    if local_dashboard:
         # Pin Ray's state API (which Ray Train's placement-group cleaner and Tune's trial clean-up call
         # without an address) to this instance: with another user's Ray on the machine, its address
         # lookup finds several instances and raises, leaving a stopped trial's CPUs reserved forever.
@@ -119,9 +139,9 @@ def init_ray(address: str | None) -> None:
         log_to_driver=False,
         logging_level=logging.WARNING,
         runtime_env={"env_vars": env},
-        include_dashboard=address is None,
+        include_dashboard=local_dashboard,
     )
-    if address is None:
+    if local_dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
         kwargs["dashboard_port"] = dashboard_port
     ray.init(address=address, **kwargs)
@@ -165,19 +185,29 @@ def _quiet_worker_startup_warning() -> None:
     ray_worker.print_to_stdstream = filtered
 
 
-def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole) -> tuple[Any, str, float, float]:
+def prepare_and_place(
+    spec: RunSpec,
+    address: str | None,
+    console: TrainConsole,
+    stamps: dict[str, float] | None = None,
+    dashboard: bool = False,
+) -> tuple[Any, str, float, float]:
     """Driver set-up shared by train and sweep: check resources, tokenize (cached), start or join Ray.
 
     Returns (prepared data, device, CPUs, GPUs). Order keeps user errors before Ray: this machine
     is checked before tokenizing; a cluster can only be checked after joining it. Tokenizing on
-    the driver makes data errors surface before Ray starts; workers read the cache.
+    the driver makes data errors surface before Ray starts; workers read the cache. ``stamps``
+    receives the wall times the data and Ray were ready (the start-up report).
     """
+    stamps = {} if stamps is None else stamps
     if address is None:
         cpus, gpus = local_resources()
         device = resolve_device(spec.scaling.device)
         check_resources(spec, device, cpus, gpus, "this machine")
     prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
-    init_ray(address)
+    stamps["data"] = time.time()
+    init_ray(address, dashboard)
+    stamps["ray"] = time.time()
     if address is not None:
         import ray
 
@@ -195,14 +225,19 @@ def launch_train(
     console: TrainConsole | None = None,
     resume: bool = False,
     allow_spec_change: bool = False,
+    started_at: float | None = None,
 ) -> TrainResult:
     """Check the run folder, prepare data, check resources, run the TorchTrainer, return the result.
 
     ``resume``: continue the run in the spec's folder (Ray restores its latest checkpoint; difflm falls
     back to an older one if that is damaged). Without it a folder that holds a run is an error.
+    ``started_at``: wall time the command started (default: this process's creation), the zero of
+    the start-up report (summary.json ``startup``).
     """
     from orchestrator.train.run_folder import STOP_FILE, check_run_folder
 
+    started_at = process_start_time() if started_at is None else started_at
+    stamps = {"spec": time.time()}
     console = console or TrainConsole()
     name = spec.run_name()
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": name})})
@@ -210,7 +245,11 @@ def launch_train(
     run_dir = storage / name
     check_run_folder(run_dir, spec.model_dump(mode="json"), resume=resume, allow_spec_change=allow_spec_change)
 
-    prepared, device, _, _ = prepare_and_place(spec, address, console)
+    prepared, device, _, _ = prepare_and_place(spec, address, console, stamps)
+    if address is None:  # this machine is where the workers run: name the precision in spec.yaml
+        spec, chosen = resolve_precision(spec, device, prepared.tokenizer.vocab_size)
+        if chosen:
+            console.info(chosen)
     console.info(
         f"data: {len(prepared.train):,} train / {len(prepared.val):,} val blocks of {spec.data.seq_len} tokens, "
         f"vocab {prepared.tokenizer.vocab_size:,}"
@@ -227,14 +266,23 @@ def launch_train(
     atomic_write_text(run_dir / "spec.yaml", spec_yaml(spec))
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a previous session's stop reason is not this one's
     tb_dir = run_dir / "tensorboard"
-    result = _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console)
-    return result
+    return _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console, started_at, stamps)
 
 
 def build_trainer(
-    spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, queue: Any, callbacks: list[Any] | None = None
+    spec: RunSpec,
+    device: str,
+    data_dir: Path,
+    run_dir: Path,
+    tb_dir: Path,
+    queue: Any,
+    callbacks: list[Any] | None = None,
+    started_at: float | None = None,
 ) -> Any:
-    """The TorchTrainer for one run; Ray stores its checkpoints under ``run_dir`` (also used by each Tune trial)."""
+    """The TorchTrainer for one run; Ray stores its checkpoints under ``run_dir`` (also used by each Tune trial).
+
+    Workers get ``scaling.cpus_per_worker`` OpenMP/MKL threads through their runtime env (the job's
+    env pins Ray's own processes to one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -253,9 +301,11 @@ def build_trainer(
             "tb_dir": str(tb_dir),
             "val_dir": str(run_dir / VAL_DIR),
             "queue": queue,
+            "started_at": started_at,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     worker_runtime_env={"env_vars": thread_env(s.cpus_per_worker)}),
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
@@ -281,7 +331,16 @@ def read_links(run_dir: Path) -> tuple[Path | None, Path | None]:
     return out[0], out[1]
 
 
-def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, console: TrainConsole) -> TrainResult:
+def _fit(
+    spec: RunSpec,
+    device: str,
+    data_dir: Path,
+    run_dir: Path,
+    tb_dir: Path,
+    console: TrainConsole,
+    started_at: float,
+    stamps: dict[str, float],
+) -> TrainResult:
     from ray.util.queue import Empty, Queue
 
     from orchestrator.errors import TrainingStopped
@@ -289,7 +348,8 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
     from orchestrator.train.run_folder import read_stop
 
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, callbacks=[failure_reporter(queue)])
+    trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, callbacks=[failure_reporter(queue)],
+                            started_at=started_at)
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -326,6 +386,9 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
                     left = "no limit" if max_failures < 0 else f"{max_failures - (starts - 1)} left"
                     console.info(f"worker failure: {failure_line(payload['errors'], workers)} "
                                  f"(restarting from the latest checkpoint; restarts so far: {starts - 1}, {left})")
+            elif kind == "startup":  # rank 0 after its first optimizer step
+                stamps.update(payload)
+                console.info(describe(started_at, stamps))
             else:
                 console.handle(kind, payload)
     finally:
@@ -338,6 +401,7 @@ def _fit(spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path
     best, last = read_links(run_dir)
     summary = summary or dict(result.metrics or {})
     summary["restarts"] = max(0, starts - 1)
+    summary["startup"] = seconds_since(started_at, stamps)
     stop = read_stop(run_dir)
     if stop is not None:
         summary["stopped"] = stop["reason"]

@@ -147,7 +147,12 @@ class Runner:
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch: np.ndarray) -> Tensor:
-        return torch.from_numpy(batch).to(self.ctx.device, non_blocking=True)  # (B, L) int64
+        tokens = torch.from_numpy(batch)  # (B, L) int64
+        if self.ctx.device.type == "cuda":
+            # From pageable memory CUDA syncs the stream before the copy, so the host would wait for the
+            # previous step's kernels every step; from pinned memory the copy is queued asynchronously.
+            tokens = tokens.pin_memory()
+        return tokens.to(self.ctx.device, non_blocking=True)
 
     def train_step(self) -> None:
         """One optimizer step (grad_accum micro-batches); metrics and non-finite counts stay on the device."""
@@ -365,7 +370,8 @@ class Runner:
                     f"non-finite val/nll ({val['val/nll']}) at step {self.step}; the weights (or their EMA) hold "
                     "inf/nan or overflow in the forward pass; lower train.lr or use fp32"
                 )
-            texts = self.sample_texts()
+            # Samples of the untrained model are noise, and cost sample_steps forwards before the first step.
+            texts = self.sample_texts() if self.step > 0 else []
             diag = self.diagnostics()
         self.last_val = val
         if val["val/nll"] < self.best_val_nll:

@@ -7,6 +7,7 @@ barrier in Train V2) and says where its log goes, so a failure names the right f
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -17,15 +18,37 @@ import torch
 
 from difflm.data import load_prepared
 from difflm.families import build_model
+from orchestrator.devices import peak_memory_above, start_memory_window
 from orchestrator.errors import TrainingStopped
 from orchestrator.spec.run import spec_from_dict
 from orchestrator.train.checkpoints import special_ids
 from orchestrator.train.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, prune_orphans, update_links
-from orchestrator.train.engine import build_engine
+from orchestrator.train.engine import build_engine, effective_zero_stage
 from orchestrator.train.failures import worker_log_path
 from orchestrator.train.metrics import NullLogger, TensorBoardLogger
+from orchestrator.train.precision import resolve_precision
 from orchestrator.train.run_folder import write_stop
 from orchestrator.train.runner import Runner, WorkerContext
+from orchestrator.train.startup import thread_env, worker_threads
+
+
+class _StampedRunner(Runner):
+    """A Runner that calls ``on_first_step(loop_start, step_end)`` once, after its first optimizer step.
+
+    The first ``train_step`` starts right after the step-0 eval (or the resume), so its start and end
+    stamp the last two start-up phases without touching the loop itself."""
+
+    def __init__(self, *args: Any, on_first_step: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_first_step = on_first_step
+
+    def train_step(self) -> None:
+        if self._on_first_step is None:
+            return super().train_step()
+        start = time.time()
+        super().train_step()
+        callback, self._on_first_step = self._on_first_step, None
+        callback(start, time.time())
 
 
 def _broadcast(obj: Any, world: int) -> Any:
@@ -41,11 +64,16 @@ def _broadcast(obj: Any, world: int) -> Any:
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Runs inside each Ray Train worker: build model + engine, resume, run the loop, report to Ray."""
+    entered = time.time()
     import ray.train
     from ray.train import Checkpoint
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     spec = spec_from_dict(config["spec"])
+    # The CPUs Ray reserved for this worker, as intra-op threads (the process env already says so: see
+    # build_trainer's worker_runtime_env; set here too in case torch started its pool earlier).
+    os.environ.update(thread_env(spec.scaling.cpus_per_worker))
+    torch.set_num_threads(worker_threads(spec.scaling.cpus_per_worker))
     queue = config.get("queue")
     run_dir = Path(config["run_dir"])
     ctx_ray = ray.train.get_context()
@@ -71,22 +99,46 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # Every rank says where its log goes, so a failure names the right file.
     put("worker", {"rank": rank, "pid": os.getpid(), "log": worker_log_path()})
-    torch.manual_seed(spec.train.seed)
+    # summary.json's peak_memory_bytes counts from here (`difflm bench` shows it). Libraries the run
+    # loads anyway are imported first so their code is not counted as the run's memory: torch.optim
+    # imports torch._dynamo with the first optimizer, the engine imports DeepSpeed.
+    importlib.import_module("torch._dynamo")
+    if spec.scaling.deepspeed and device.type != "mps":
+        importlib.import_module("deepspeed")
+    memory_baseline = start_memory_window(device)
     data = load_prepared(Path(config["data_dir"]))
+    # `auto` the driver could not resolve (a cluster's GPUs it cannot see)
+    spec, picked = resolve_precision(spec, device.type, data.tokenizer.vocab_size)
+    if picked and rank == 0:
+        emit("log", {"message": picked})
+    torch.manual_seed(spec.train.seed)
     model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
     if rank == 0:
         emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
     engine = build_engine(model, spec, device)
+    stamps = {"worker": entered, "engine": time.time()}
+    threads = f"{torch.get_num_threads()} thread(s) each"
     if rank == 0:
         if spec.scaling.deepspeed and engine.backend == "torch":
-            emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch"})
+            emit("log", {"message": f"DeepSpeed has no {device.type} accelerator: running plain PyTorch, {threads}"})
         elif engine.backend == "torch":
-            emit("log", {"message": f"engine: torch ({'DDP' if world > 1 else 'single process'}) on {device}, {world} worker(s)"})
+            mode = "DDP" if world > 1 else "single process"
+            emit("log", {"message": f"engine: torch ({mode}) on {device}, {world} worker(s), {threads}"})
         else:
-            emit("log", {"message": f"engine: deepspeed (ZeRO-{spec.scaling.zero_stage}) on {device}, {world} worker(s)"})
+            stage = effective_zero_stage(spec)
+            note = "" if stage == spec.scaling.zero_stage else f"; ZeRO-{spec.scaling.zero_stage} partitions from 2 workers"
+            emit("log", {"message": f"engine: deepspeed (ZeRO-{stage}) on {device}, {world} worker(s), {threads}{note}"})
     logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
 
+    started_at = config.get("started_at")
+    startup_reported = False
+
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        nonlocal startup_reported
+        if started_at is not None and "step1" in stamps and not startup_reported:
+            # Once, with the first report after the first step: a sweep trial's start-up lands in Tune's results.
+            startup_reported = True
+            metrics = {**metrics, "startup/first_step_s": stamps["step1"] - started_at}
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
@@ -104,8 +156,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             update_links(run_dir, run_dir / name, is_best=metrics["val/nll"] <= metrics["val/best_nll"])
             prune_orphans(run_dir)
 
-    runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit,
-                    val_dir=Path(config["val_dir"]) if config.get("val_dir") else None)
+    def first_step(loop_start: float, step_end: float) -> None:
+        stamps.update(loop=loop_start, step1=step_end)
+        emit("startup", dict(stamps))
+
+    runner = _StampedRunner(
+        spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit,
+        val_dir=Path(config["val_dir"]) if config.get("val_dir") else None, on_first_step=first_step,
+    )
     preferred = ray.train.get_checkpoint()
     chosen = None
     if rank == 0:
@@ -125,5 +183,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             write_stop(run_dir, str(exc), runner.step)
         logger.close()
         return {}
+    summary["threads"] = torch.get_num_threads()
+    summary["peak_memory_bytes"] = peak_memory_above(device, memory_baseline)
     emit("done", summary)
     return summary

@@ -29,6 +29,7 @@ from difflm.families.config import DiffusionConfig
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
 from difflm.families.mdlm import samplers as ms
+from difflm.losses import token_cross_entropy
 from difflm.sampling.core import SampleOptions, Sampler
 from difflm.schedules import NoiseSchedule, get_schedule, sample_times
 
@@ -104,8 +105,10 @@ class MDLM(Family):
         masked = (noise < move[:, None]) & valid  # (B, L)
         xt = torch.where(masked, self.mask_id, tokens)  # (B, L)
 
-        logits = self.subs_logits(xt, sigma)  # (B, L, V+1)
-        ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, L)  # (B, L)
+        # SUBS zero-masking: the mask logit is left out of the softmax (as if -inf, like subs_logits). The CE runs
+        # on the backbone's own dtype (bf16 under autocast) in float32 chunks: no float32 copy of (B, L, V+1).
+        logits = self.backbone(xt, sigma if self.time_conditioning else None)  # (B, L, V+1)
+        ce = token_cross_entropy(logits.flatten(0, 1), tokens.flatten(), classes=self.mask_id).view(B, L)  # (B, L)
         ce = ce.masked_fill(~masked, 0.0)  # SUBS carry-over: unmasked tokens cost exactly 0
         # Weight zeroed off the masked set first: at t == 0 it is inf and inf * 0 would be nan (also in backward).
         weight = torch.where(masked, self.schedule.nelbo_weight(t)[:, None], 0.0)  # (B, L)
