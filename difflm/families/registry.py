@@ -38,6 +38,9 @@ class FamilySpec:
     every builder must accept ``**special_ids``.
     schedules: the noise schedule names this family accepts (empty: it has none).
     backbones: the ``model.backbone`` values this family can build, default first.
+    switches: the ``diffusion`` fields the family applies in ``Family.configure`` between training
+    stages (mdlm: atat, likelihood_weight); a stage of a run spec may change only these, and a
+    family-specific option (``diffusion.atat``) may be switched on only for a family listing it.
     """
 
     name: str
@@ -45,6 +48,7 @@ class FamilySpec:
     schedules: tuple[str, ...]
     description: str
     backbones: tuple[str, ...] = ("transformer",)
+    switches: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

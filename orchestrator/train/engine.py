@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -28,23 +28,63 @@ from difflm.families.base import Family, LossOutput
 from orchestrator.spec.run import RunSpec, TrainConfig
 
 
-def lr_lambda(train: TrainConfig):
-    """Multiplier of the peak LR at optimizer step ``s``: linear warmup, then cosine or constant."""
+def _cosine(train: TrainConfig, start: int, step: int) -> float:
+    """Cosine from 1 at ``start`` down to min_lr_ratio at max_steps."""
+    span = max(1, train.max_steps - start)
+    progress = min(1.0, max(0.0, (step - start) / span))
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak LR at optimizer step ``s``: linear warmup, then cosine or constant;
+    or ``phases``: warmup until lr_phases[0] of max_steps, constant until lr_phases[1], then cosine."""
+
+    if train.lr_schedule == "phases":
+        lo, hi = train.lr_phases or (0.3, 0.7)
+        warm, decay = round(lo * train.max_steps), round(hi * train.max_steps)
+
+        def phases(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 1.0 if step < decay else _cosine(train, decay, step)
+
+        return phases
 
     def f(step: int) -> float:
         if train.warmup_steps and step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
         if train.lr_schedule == "constant":
             return 1.0
-        span = max(1, train.max_steps - train.warmup_steps)
-        progress = min(1.0, (step - train.warmup_steps) / span)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return _cosine(train, train.warmup_steps, step)
 
     return f
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW with decay on matrices only, and the LambdaLR schedule."""
+def run_lr_lambda(spec: RunSpec) -> Callable[[int], float]:
+    """The LR multiplier over the whole run's optimizer steps: ``lr_lambda`` of each stage over its own
+    steps (warmup restarts at a stage start), scaled by the stage's lr over the run's base lr.
+
+    A pure function of the step: the scheduler's checkpointed step count is all a resume needs."""
+    plan = spec.stage_plan()
+    if len(plan) == 1:
+        return lr_lambda(spec.train)
+    base = spec.train.lr
+    parts = [(st.start, st.end, st.spec.train.lr / base, lr_lambda(st.spec.train)) for st in plan]
+
+    def f(step: int) -> float:
+        for start, end, scale, fn in parts:
+            if step < end:
+                return scale * fn(step - start)
+        start, end, scale, fn = parts[-1]
+        return scale * fn(step - start)
+
+    return f
+
+
+def make_optimizer(
+    model: torch.nn.Module, train: TrainConfig, lr_fn: Callable[[int], float] | None = None
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with decay on matrices only, and the LambdaLR schedule (``lr_fn``, default ``lr_lambda(train)``)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
@@ -52,7 +92,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.op
         {"params": no_decay, "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn or lr_lambda(train))
     return opt, sched
 
 
@@ -76,12 +116,14 @@ class TorchEngine:
 
     backend = "torch"
 
-    def __init__(self, model: Family, train: TrainConfig, device: torch.device) -> None:
+    def __init__(
+        self, model: Family, train: TrainConfig, device: torch.device, lr_fn: Callable[[int], float] | None = None
+    ) -> None:
         self.module = model.to(device)
         self.device = device
         self.accum = train.grad_accum
         self.clip = train.grad_clip
-        self.optimizer, self.scheduler = make_optimizer(self.module, train)
+        self.optimizer, self.scheduler = make_optimizer(self.module, train, lr_fn)
         self._micro = 0
         self._last_norm: Tensor | None = None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
@@ -164,7 +206,7 @@ class DeepSpeedEngine:
         import deepspeed  # only here: difflm/ never imports it, and the CLI starts fast
 
         model = model.to(device)
-        opt, sched = make_optimizer(model, spec.train)
+        opt, sched = make_optimizer(model, spec.train, run_lr_lambda(spec))
         self.config = deepspeed_config(spec)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.config
@@ -216,4 +258,4 @@ def build_engine(model: Family, spec: RunSpec, device: torch.device) -> Engine:
     """DeepSpeed when asked for and possible; plain torch on MPS (DeepSpeed has no MPS accelerator)."""
     if spec.scaling.deepspeed and device.type != "mps":
         return DeepSpeedEngine(model, spec, device)
-    return TorchEngine(model, spec.train, device)
+    return TorchEngine(model, spec.train, device, run_lr_lambda(spec))

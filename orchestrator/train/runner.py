@@ -9,6 +9,13 @@ on rank 0), ``report(metrics, checkpoint_dir)`` (``ray.train.report`` under Ray)
 Hot path: one optimizer step makes no host synchronisation. Train metrics are summed
 on the device and read (one sync) every ``log_every`` steps; validation, sampling
 and checkpoints happen at their own cadence.
+
+Stages (``spec.stages``, ``orchestrator/spec/stages.py``): before every step the runner looks
+up the stage of the step, applies its switches when it changes (``Family.configure``) and tells
+the family how far into the stage it is (``Family.set_progress``, the ATAT curriculum). Every
+stage ends with a val point and a checkpoint; ``trainer_state.json`` names the stage. The LR
+schedule is the engine's (``engine.run_lr_lambda``). All of it is a function of the step, so
+``load`` restores the stage, the curriculum phase and the LR phase from the step alone.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from difflm.sampling.diagnostics import sample_diagnostics
 from orchestrator.train.engine import Engine
 from orchestrator.train.metrics import MetricsLogger, NullLogger
 from orchestrator.spec.run import RunSpec
+from orchestrator.spec.stages import Stage, stage_at
 from orchestrator.spec.yamlio import spec_yaml
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -90,6 +98,9 @@ class Runner:
         self.tokens_per_step = t.micro_batch_size * t.grad_accum * ctx.world_size * spec.data.seq_len
         self._acc: dict[str, Tensor] = {}
         self._acc_steps = 0
+        self.plan = spec.stage_plan()
+        self.stage: Stage | None = None
+        self._hist: dict[str, Tensor] = {}
 
     def _train_batches(self, start_batch: int):
         t = self.spec.train
@@ -106,8 +117,19 @@ class Runner:
     def _to_device(self, batch: np.ndarray) -> Tensor:
         return torch.from_numpy(batch).to(self.ctx.device, non_blocking=True)  # (B, L) int64
 
+    def _enter_stage(self, stage: Stage) -> None:
+        """Apply ``stage``'s switches to the family (weights, optimizer and data stream carry over)."""
+        self.engine.module.configure(stage.spec.diffusion)
+        self.stage = stage
+        if len(self.plan) > 1 and self.ctx.rank == 0:
+            self.emit("log", {"message": f"stage {stage.index} ({stage.name}): steps {stage.start}-{stage.end}"})
+
     def train_step(self) -> None:
-        """One optimizer step (grad_accum micro-batches); metrics stay on the device."""
+        """One optimizer step (grad_accum micro-batches) in the stage of the step; metrics stay on the device."""
+        stage = stage_at(self.plan, self.step)
+        if stage is not self.stage:
+            self._enter_stage(stage)
+        self.engine.module.set_progress(stage.progress(self.step))
         self.engine.train(True)
         for _ in range(self.spec.train.grad_accum):
             tokens = self._to_device(next(self._batches))
@@ -119,6 +141,7 @@ class Runner:
                 val = val.float()
                 self._acc[key] = self._acc[key] + val if key in self._acc else val
             self._acc_steps += 1
+            self._hist = out.histograms
         self.step += 1
 
     def _gather_train_metrics(self, elapsed: float, steps: int) -> dict[str, float]:
@@ -134,7 +157,17 @@ class Runner:
         if norm is not None:
             out["train/grad_norm"] = norm
         out["train/tokens_per_sec"] = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        if len(self.plan) > 1 and self.stage is not None:
+            out["train/stage"] = float(self.stage.index)
+        for name, values in self._hist.items():  # this rank's last micro-batch: a snapshot, not an average
+            q = torch.quantile(values.detach().float().cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+            out.update({f"train/{name}_p10": q[0], f"train/{name}_p50": q[1], f"train/{name}_p90": q[2]})
         return out
+
+    def _log_histograms(self) -> None:
+        """The latest per-token distributions (e.g. ATAT importance) as TensorBoard histograms (rank 0)."""
+        for name, values in self._hist.items():
+            self.logger.log_histogram(f"train/{name}", values.detach().float().cpu(), self.step)
 
     # ------------------------------------------------------------- validation
     @torch.no_grad()
@@ -217,7 +250,10 @@ class Runner:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(directory / "model.safetensors"))
         (directory / "spec.yaml").write_text(spec_yaml(self.spec))
         self.data.tokenizer.save(directory / "tokenizer")
-        trainer_state = {"step": self.step, "best_val_nll": self.best_val_nll, "val": self.last_val}
+        trainer_state: dict[str, Any] = {"step": self.step, "best_val_nll": self.best_val_nll, "val": self.last_val}
+        if len(self.plan) > 1:  # informational: a resume derives the stage from the step
+            done = stage_at(self.plan, max(self.step - 1, 0))
+            trainer_state["stage"] = {"index": done.index, "name": done.name, "start": done.start, "end": done.end}
         (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 
     def load(self, directory: Path) -> None:
@@ -289,10 +325,13 @@ class Runner:
                     )
                 if self.ctx.rank == 0:
                     self.logger.log_scalars(metrics, self.step)
+                    self._log_histograms()
                     self.emit("progress", {"step": self.step, "max_steps": t.max_steps, **metrics})
+            # Every stage ends with a val point and a checkpoint, so each stage's result is kept.
+            stage_end = self.stage is not None and self.step == self.stage.end and len(self.plan) > 1
             final = self.step == t.max_steps
-            if self.step % t.eval_every == 0 or final:
-                self._eval_point(checkpoint=final or self.step % t.checkpoint_every == 0)
+            if self.step % t.eval_every == 0 or final or stage_end:
+                self._eval_point(checkpoint=final or stage_end or self.step % t.checkpoint_every == 0)
         self.logger.close()
         return {
             "steps": self.step,

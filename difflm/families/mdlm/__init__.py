@@ -1,6 +1,7 @@
 """MDLM: masked (absorbing-state) diffusion with the SUBS parameterization (Sahoo et al., 2024).
 
-model.py: MDLM (loss, NELBO, denoise) and its builder; samplers.py: ddpm, ddpm_cache, analytic, remasking, semi-AR.
+model.py: MDLM (loss, NELBO, denoise) and its builder; samplers.py: ddpm, ddpm_cache, analytic, remasking, semi-AR;
+atat.py: ATAT importance head, adaptive masking, curriculum (training forward only).
 Importing this package registers the family.
 """
 
@@ -16,6 +17,7 @@ register_family(
         build=build_mdlm,
         schedules=MDLM_SCHEDULES,
         description="Masked (absorbing-state) diffusion, SUBS parameterization, continuous-time NELBO (MDLM).",
+        switches=("atat", "likelihood_weight"),
     )
 )
 
