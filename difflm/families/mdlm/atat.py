@@ -7,7 +7,8 @@ The pieces, all pure tensor maths except the head (docs/atat.md has the why and 
   sequence and predicting, per token, a logit whose sigmoid is the importance s in [0, 1].
 * :func:`importance_target`: what s is trained towards: ``1 - p(x0 | x_t)`` at the masked
   positions of the same step, detached, i.e. the probability that the denoiser gets that token
-  wrong. It is in [0, 1] by construction, so the head trains with binary cross-entropy.
+  wrong. It is in [0, 1] by construction, so the head trains with binary cross-entropy (logged as
+  the KL to the targets, :func:`head_loss`: 0 for a perfect estimator).
 * :func:`adaptive_mask_probs`: per-token masking probabilities biased by importance rank, whose
   mean over each sequence's real tokens is exactly ``move_chance(t)`` (a per-sequence logit shift
   found by bisection): the schedule still sets *how many* tokens are masked, ATAT only *which*.
@@ -69,12 +70,17 @@ def importance_target(ce: Tensor) -> Tensor:
 
 
 def head_loss(logits: Tensor, target: Tensor, where: Tensor) -> Tensor:
-    """Binary cross-entropy of importance logits (B, L) against targets (B, L), mean over ``where`` (B, L) bool.
+    """The head's loss: binary cross-entropy of importance logits (B, L) against soft targets (B, L) minus the
+    targets' own entropy, i.e. KL(Bernoulli(target) || Bernoulli(sigmoid(logits))), mean over ``where`` (B, L).
 
-    Zero (with a graph) when nothing is selected, so a batch without masked tokens cannot make nan."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")  # (B, L)
-    bce = bce.masked_fill(~where, 0.0)
-    return bce.sum() / where.sum().clamp(min=1)
+    Same gradient as the BCE (the entropy is a constant), but 0 for a perfect estimator, so the logged
+    ``importance_loss`` reads directly as "how far the head is from the targets" even while the targets
+    move as the denoiser learns. Zero (with a graph) when nothing is selected, so it never makes nan."""
+    y = target.clamp(1e-6, 1 - 1e-6)  # (B, L)
+    entropy = -(y * y.log() + (1 - y) * (1 - y).log())  # (B, L)
+    kl = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none") - entropy  # (B, L)
+    kl = kl.masked_fill(~where, 0.0)
+    return kl.sum() / where.sum().clamp(min=1)
 
 
 def rank_quantiles(scores: Tensor, valid: Tensor) -> Tensor:
