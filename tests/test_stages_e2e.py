@@ -21,7 +21,7 @@ SPEC = """
 model: {{family: mdlm, size: null, d_model: 32, n_layers: 2, n_heads: 2, cond_dim: 16}}
 diffusion:
   sample_steps: 4
-  atat: {{head_width: 16, head_layers: 1, head_heads: 2, curriculum_bounds: [0.34, 0.67]}}
+  atat: {{head_width: 16, head_layers: 1, head_heads: 2, curriculum_bounds: [0.3, 0.6]}}
 data: {{source: builtin, seq_len: 32, max_documents: 200, cache_dir: {cache}}}
 train: {{micro_batch_size: 4, lr: 2.0e-3, warmup_steps: 1, eval_every: 100, checkpoint_every: 100,
          log_every: 1, num_samples: 1}}
@@ -53,7 +53,7 @@ def test_staged_spec_runs_every_stage_in_one_command(tmp_path: Path) -> None:
     stage = dict(scalars["train/stage"])
     assert [stage[s] for s in range(1, 15)] == [0] * 4 + [1] * 4 + [2] * 6
     phase = dict(scalars["train/curriculum_phase"])
-    assert [phase[s] for s in range(9, 15)] == [0, 0, 1, 1, 2, 2]  # 6 steps, bounds 0.34 / 0.67
+    assert [phase[s] for s in range(9, 15)] == [0, 0, 1, 1, 2, 2]  # 6 steps, bounds 0.3 / 0.6 of them
     assert sorted(dict(scalars["train/importance_loss"])) == list(range(5, 15))
     assert read_histograms(run_dir / "tensorboard")["train/importance"] == list(range(5, 15))
     assert sorted(dict(scalars["val/nll"])) == [0, 4, 8, 14]  # a val point at the end of every stage
