@@ -66,6 +66,17 @@ def test_good_spec_passes_every_check(tmp_path: Path) -> None:
     assert "11 PASS, 0 WARN, 0 FAIL" in out
 
 
+def test_shipped_staged_atat_example_passes(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "sweeps" / "runs" / "atat_staged.yaml"
+    code, out = doctor(str(example), "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "scaling.device=cpu")
+    assert code == 0, out
+    status = status_of(out)
+    assert set(status.values()) == {"PASS"} and status["stages"] == "PASS", out
+    assert "3 stages in one run: plain (100 steps), importance (100 steps), adaptive (200 steps)" in out
+    # 7 backbone groups + 4 of the importance head, every one with a gradient (PASS: none missing)
+    assert "11 layer groups" in next(ln for ln in out.splitlines() if ln.startswith("PASS  gradients"))
+
+
 def test_learning_rate_of_1e3_fails_memorisation(tmp_path: Path) -> None:
     code, out = doctor(str(write_spec(tmp_path)), "--set", "train.lr=1e3")
     assert code == 1, out
