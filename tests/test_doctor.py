@@ -119,6 +119,13 @@ def test_spec_error_exits_2_before_any_check(tmp_path: Path) -> None:
     assert code == 2 and "train.lr" in out and "PASS" not in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_fails_and_stops(tmp_path: Path) -> None:
+    code, out = doctor(str(write_spec(tmp_path)), "--set", "scaling.device=cuda")
+    assert code == 1, out
+    assert status_of(out) == {"device": "FAIL"} and "has no GPU" in out
+
+
 def test_gradient_verdicts() -> None:
     assert gradient_verdict({"a": 0.5, "b": 0.2}, 20).status == "PASS"
     nan = gradient_verdict({"a": 0.5, "b": math.nan}, 3)
