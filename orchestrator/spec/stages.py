@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from difflm._config import StrictModel
+from difflm.families.config import DiffusionConfig
 from orchestrator.spec.yamlio import set_path
 
 if TYPE_CHECKING:
@@ -68,6 +69,12 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _is_section(field: str) -> bool:
+    """Is ``diffusion.<field>`` a sub-config (e.g. atat) rather than a value?"""
+    info = DiffusionConfig.model_fields.get(field)
+    return info is not None and isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+
+
 def check_stage_key(key: str, switches: tuple[str, ...], family: str) -> None:
     """ValueError unless a stage may set ``key`` (see the module docstring)."""
     parts = key.split(".")
@@ -76,7 +83,8 @@ def check_stage_key(key: str, switches: tuple[str, ...], family: str) -> None:
     if key in BUILD_TIME_KEYS:
         raise ValueError(f"{key} sizes the importance head, which every stage shares; set it outside stages:")
     if not (allowed_switch or allowed_train):
-        keys = [f"diffusion.{s}[.*]" for s in switches] + [f"train.{k}" for k in STAGE_TRAIN_KEYS]
+        keys = [f"diffusion.{s}" + (".*" if _is_section(s) else "") for s in switches]
+        keys += [f"train.{k}" for k in STAGE_TRAIN_KEYS]
         raise ValueError(
             f"{key} cannot change between stages (one model, one data stream); a stage of family {family!r} may "
             f"set only: {', '.join(keys)}"
