@@ -13,7 +13,7 @@ import torch
 from difflm.data import prepare_data
 from difflm.families import Family, LossOutput, build_model
 from orchestrator.train.checkpoints import special_ids
-from orchestrator.train.engine import TorchEngine
+from orchestrator.train.engine import TorchEngine, run_lr_lambda
 from orchestrator.train.runner import Runner, WorkerContext
 from orchestrator.spec.run import RunSpec
 
@@ -37,6 +37,7 @@ class RecordingLogger:
     def __init__(self) -> None:
         self.scalars: dict[str, list[tuple[int, float]]] = {}
         self.texts: dict[str, list[str]] = {}
+        self.histograms: dict[str, list[tuple[int, torch.Tensor]]] = {}
 
     def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:
         for k, v in metrics.items():
@@ -44,6 +45,9 @@ class RecordingLogger:
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         self.texts.setdefault(tag, []).append(text)
+
+    def log_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        self.histograms.setdefault(tag, []).append((step, values.clone()))
 
     def flush(self) -> None:
         pass
@@ -58,8 +62,8 @@ def make_run_dir(root: Path, name: str, spec_raw: dict[str, Any], steps: int = 8
     spec = RunSpec.model_validate(spec_raw)
     data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
     torch.manual_seed(0)
-    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
-    runner = Runner(spec, data, TorchEngine(model, spec.train, CPU), WorkerContext(0, 1, CPU))
+    model = build_model(spec.model, spec.build_diffusion(), data.tokenizer.vocab_size, **special_ids(data.tokenizer))
+    runner = Runner(spec, data, TorchEngine(model, spec.train, CPU, run_lr_lambda(spec)), WorkerContext(0, 1, CPU))
     for _ in range(steps):
         runner.train_step()
     runner.last_val = runner.validate()

@@ -138,9 +138,10 @@ def test_schema_lists_sections_and_descriptions() -> None:
     code, out = _run(["schema"])
     assert code == 0
     schema = json.loads(out)
-    assert set(schema["properties"]) == {"model", "diffusion", "data", "tokenizer", "train", "scaling", "output"}
-    train = schema["$defs"]["TrainConfig"]["properties"]
-    assert all("description" in f for f in train.values())
+    assert set(schema["properties"]) == {"model", "diffusion", "data", "tokenizer", "train", "scaling", "output", "stages"}
+    for section in ("TrainConfig", "AtatConfig", "StageConfig"):
+        fields = schema["$defs"][section]["properties"]
+        assert all("description" in f for f in fields.values()), section
 
 
 def test_every_field_has_a_description() -> None:

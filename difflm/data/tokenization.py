@@ -97,6 +97,11 @@ class Tokenizer(ABC):
         return self._pad
 
     @property
+    def unk_id(self) -> int | None:
+        """The unknown-token id, or None when every text is representable (byte-level tokenizers)."""
+        return None
+
+    @property
     def special_ids(self) -> frozenset[int]:
         """BOS, EOS and PAD (some may coincide, e.g. GPT-2)."""
         return frozenset((self.bos_id, self.eos_id, self.pad_id))
@@ -218,6 +223,11 @@ class HFTokenizer(Tokenizer):
         self._backend = getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
         if self._backend is not None:
             self._backend.encode_special_tokens = True  # "<|endoftext|>" inside a document is text
+
+    @property
+    def unk_id(self) -> int | None:
+        unk = getattr(self.hf, "unk_token_id", None)
+        return int(unk) if unk is not None else None
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]

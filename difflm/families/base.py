@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from difflm.evaluation import ValNoise
+    from difflm.families.config import DiffusionConfig
     from difflm.sampling.core import SampleOptions, SampleOutput, Sampler
 
 
@@ -39,12 +40,15 @@ class LossOutput:
                 in nats (the training draw's estimate; validation uses :meth:`Family.val_nll`).
     num_tokens: int64 scalar, how many counted tokens ``nll_sum`` covers.
     metrics:    extra scalar tensors for logging (e.g. ``nelbo``, ``ce``); detached.
+    histograms: detached 1-D tensors of per-token values (e.g. mdlm ATAT's ``importance``); the runner
+                logs the latest as TensorBoard histograms and quantiles at its log points.
     """
 
     loss: Tensor
     nll_sum: Tensor
     num_tokens: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    histograms: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +108,16 @@ class Family(nn.Module, ABC):
         self, num: int, length: int, steps: int, generator: torch.Generator | None = None
     ) -> Tensor:
         """Draw ``num`` unconditional samples of ``length`` token ids (num, length) in ``steps`` steps."""
+
+    # ---- training stages --------------------------------------------------------------------------
+
+    def configure(self, diffusion: DiffusionConfig) -> None:
+        """Apply a training stage's switches: the ``diffusion`` fields this family lists in
+        ``FamilySpec.switches`` (spec validation lets a stage change only those). None by default."""
+
+    def set_progress(self, fraction: float) -> None:
+        """Share of the current training stage's steps done, in [0, 1], set before every train step
+        (for curricula, e.g. mdlm's ATAT). Ignored by default."""
 
     @torch.no_grad()
     def diagnostics(

@@ -9,6 +9,85 @@ from pydantic import Field, model_validator
 from difflm._config import StrictModel
 
 
+class AtatConfig(StrictModel):
+    """ATAT: importance estimator, importance-biased (adaptive) masking, easy -> hard curriculum (mdlm only).
+
+    All off by default (plain MDLM). Everything here changes only the *training* forward: validation,
+    ``difflm eval`` and sampling always use plain, unbiased masking, so ATAT runs compare with plain
+    mdlm on the same val NELBO. The maths is in ``difflm/families/mdlm/atat.py``; docs/atat.md explains it.
+    """
+
+    importance_head: bool = Field(
+        False,
+        description="Build and train the importance estimator: a small transformer reading the backbone's "
+        "final hidden states of the clean sequence and predicting, per token, in [0, 1], how likely the "
+        "denoiser is to get that token wrong when it is masked (target: 1 - p(x0 | x_t), detached). "
+        "Costs one extra no-grad backbone pass per training micro-batch.",
+    )
+    head_width: int = Field(256, ge=8, le=4096, description="Importance head: hidden width (the journal: 256).")
+    head_layers: int = Field(2, ge=1, le=12, description="Importance head: transformer layers (the journal: 2).")
+    head_heads: int = Field(4, ge=1, le=64, description="Importance head: attention heads; must divide head_width.")
+    head_loss_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="Weight of the head's binary cross-entropy in the training loss. The head reads detached "
+        "features, so this only scales its own learning rate; the backbone's gradients never see it.",
+    )
+    adaptive_masking: bool = Field(
+        False,
+        description="Bias each token's masking probability by its predicted importance (needs importance_head). "
+        "The per-sequence mean probability still equals the schedule's move_chance(t), so the overall "
+        "masking rate is the schedule's; only *which* tokens get masked changes.",
+    )
+    strength: float = Field(
+        2.0, ge=0.0, le=20.0,
+        description="Adaptive masking: logit gap between the most and the least favoured token of a sequence "
+        "(0 = uniform masking; 2 = the favoured tokens are up to e^2 ~ 7x more likely to be masked in odds).",
+    )
+    focus: Literal["easy", "medium", "hard"] = Field(
+        "hard",
+        description="Adaptive masking without the curriculum: which tokens (by importance rank within the "
+        "sequence) are masked more often.",
+    )
+    curriculum: bool = Field(
+        False,
+        description="Move the focus easy -> medium -> hard over the training stage's steps at curriculum_bounds "
+        "(needs adaptive_masking). The phase is a function of the step, so it survives resume.",
+    )
+    curriculum_bounds: tuple[float, float] = Field(
+        (0.3, 0.7),
+        description="Curriculum phase boundaries as fractions of the stage's steps: easy before the first, "
+        "medium until the second, hard after (the journal: 0.3, 0.7). train.lr_schedule: phases uses the "
+        "same boundaries by default (warmup, constant, cosine).",
+    )
+    weighted_loss: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Importance-weighted loss: each masked token's loss times (1 - a) + a * s / mean(s), s its "
+        "predicted importance (detached, mean over the batch's masked tokens, so the loss scale is kept). "
+        "0 = off, 1 = fully weighted. Needs importance_head.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AtatConfig":
+        lo, hi = self.curriculum_bounds
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"curriculum_bounds must satisfy 0 <= first <= second <= 1, got ({lo}, {hi})")
+        if self.head_width % self.head_heads != 0:
+            raise ValueError(f"head_heads={self.head_heads} must divide head_width={self.head_width}")
+        needs = [n for n, on in (("adaptive_masking", self.adaptive_masking), ("weighted_loss", self.weighted_loss > 0))
+                 if on]
+        if needs and not self.importance_head:
+            verb = "needs" if len(needs) == 1 else "need"
+            raise ValueError(f"{' and '.join(needs)} {verb} the importance estimator: set importance_head: true")
+        if self.curriculum and not self.adaptive_masking:
+            raise ValueError("curriculum moves the adaptive-masking focus: set adaptive_masking: true")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Does anything here change the training forward (plain MDLM otherwise)?"""
+        return self.importance_head
+
+
 class DiffusionConfig(StrictModel):
     """Noise schedule, time sampling and loss weighting."""
 
@@ -63,3 +142,8 @@ class DiffusionConfig(StrictModel):
         if self.sigma_max <= self.sigma_min:
             raise ValueError(f"sigma_max ({self.sigma_max}) must exceed sigma_min ({self.sigma_min})")
         return self
+    atat: AtatConfig = Field(
+        default_factory=AtatConfig,
+        description="mdlm: ATAT importance estimator, adaptive masking, curriculum, importance-weighted loss "
+        "(training only; val is always plain masking). See docs/atat.md.",
+    )

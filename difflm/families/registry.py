@@ -53,6 +53,9 @@ class FamilySpec:
     ``None`` (the default) declares nothing and rejects nothing: a new family works at once
     and opts into the check by listing what it reads. ``diffusion.schedule`` is checked
     against ``schedules`` as well.
+    switches: the ``diffusion`` fields the family applies in ``Family.configure`` between training
+    stages (mdlm: atat, likelihood_weight); a stage of a run spec may change only these, and a
+    family-specific option (``diffusion.atat``) may be switched on only for a family listing it.
     """
 
     name: str
@@ -60,6 +63,7 @@ class FamilySpec:
     schedules: tuple[str, ...]
     description: str
     backbones: tuple[str, ...] = ("transformer",)
+    switches: tuple[str, ...] = ()
     reads: frozenset[str] | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[ModelConfig, DiffusionConfig], None] | None = None

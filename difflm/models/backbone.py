@@ -14,6 +14,7 @@ through :meth:`Backbone.forward_embeddings`.
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -167,8 +168,19 @@ class Backbone(nn.Module):
         The entry point for families whose inputs are not token ids (continuous embeddings)."""
         return self.final(self.hidden(x, c), c)  # (B, L, V)
 
-    def forward(self, ids: Tensor, sigma: Tensor | None = None) -> Tensor:
+    @overload
+    def forward(self, ids: Tensor, sigma: Tensor | None = None, return_hidden: Literal[False] = False) -> Tensor: ...
+    @overload
+    def forward(self, ids: Tensor, sigma: Tensor | None, return_hidden: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    def forward(self, ids: Tensor, sigma: Tensor | None = None, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, L, vocab_out); with ``return_hidden`` also the final blocks' hidden states (B, L, D)
+        (before the output layer's norm), for heads that read the backbone's features (mdlm's ATAT
+        importance estimator). The default return is unchanged: logits only."""
         B = ids.shape[0]
         x = self.embed(ids)  # (B, L, D)
         c = self.condition(sigma, B, ids.device)  # (B, cond_dim)
-        return self.forward_embeddings(x, c)  # (B, L, V)
+        if not return_hidden:
+            return self.forward_embeddings(x, c)  # (B, L, V)
+        h = self.hidden(x, c)  # (B, L, D)
+        return self.final(h, c), h  # (B, L, V), (B, L, D)

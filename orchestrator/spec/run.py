@@ -2,7 +2,8 @@
 
 Sections map one-to-one onto components: ``model`` (difflm.models), ``diffusion``
 (difflm.families), ``data`` and ``tokenizer`` (difflm.data), and the orchestrator's
-own ``train``, ``scaling`` and ``output``. ``load_run_spec`` reads YAML, applies
+own ``train``, ``scaling`` and ``output``; an optional ``stages`` list runs several
+training stages in one job (``orchestrator/spec/stages.py``). ``load_run_spec`` reads YAML, applies
 ``--set dotted.key=value`` overrides and revalidates; every failure becomes a
 :class:`~orchestrator.errors.SpecError` naming the file, field path and allowed values.
 """
@@ -21,6 +22,7 @@ from difflm.families.config import DiffusionConfig
 from difflm.families.registry import family_names, get_family, unread_fields
 from difflm.models.config import ModelConfig
 from orchestrator.errors import SpecError
+from orchestrator.spec.stages import Stage, StageConfig, resolve_stages
 from orchestrator.spec.yamlio import apply_overrides, read_yaml, validate_as
 
 
@@ -30,12 +32,24 @@ class TrainConfig(StrictModel):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to run.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per worker per forward pass.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(
+        3e-4, gt=0.0, allow_inf_nan=False,
+        description="Peak learning rate (AdamW). Only positivity is checked here; `difflm doctor` tells you "
+        "when a value diverges or cannot learn.",
+    )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr.")
-    lr_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="After warmup: cosine decay to min_lr_ratio * lr at max_steps, or constant."
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr (not used by lr_schedule: phases).")
+    lr_schedule: Literal["cosine", "constant", "phases"] = Field(
+        "cosine",
+        description="After warmup: cosine decay to min_lr_ratio * lr at max_steps, or constant. phases: the "
+        "journal's three phases over the steps (of the stage): linear warmup until lr_phases[0], constant until "
+        "lr_phases[1], then cosine to min_lr_ratio * lr.",
+    )
+    lr_phases: tuple[float, float] | None = Field(
+        None,
+        description="lr_schedule phases: the two boundaries as fractions of the steps; null = "
+        "diffusion.atat.curriculum_bounds, so the LR phases line up with the ATAT curriculum.",
     )
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final LR of the cosine schedule, as a share of lr.")
     grad_clip: float = Field(1.0, gt=0.0, description="Gradient clipping by global norm.")
@@ -83,6 +97,13 @@ class TrainConfig(StrictModel):
     )
     num_samples: int = Field(4, ge=0, le=64, description="Text samples logged to TensorBoard at each eval.")
     seed: int = Field(0, description="Seed for init, data order and training noise.")
+
+    @field_validator("lr_phases")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"lr_phases must satisfy 0 <= first <= second <= 1, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _cadence(self) -> "TrainConfig":
@@ -142,6 +163,14 @@ class RunSpec(StrictModel):
     #: diffusion.schedule was filled in with the family's default (a sweep's trials of other families
     #: must not inherit it: see SweepFile.base_raw)
     _schedule_defaulted: bool = PrivateAttr(default=False)
+    stages: list[StageConfig] | None = Field(
+        None,
+        min_length=1,
+        description="Training stages run back to back in one job, each continuing from the previous weights: "
+        "[{name, steps, set: {dotted.key: value}}]; cumulative; train.max_steps becomes the sum of steps. "
+        "A stage may set the family's switches (mdlm: diffusion.atat.*, diffusion.likelihood_weight) and "
+        "its LR schedule (train.lr, warmup_steps, lr_schedule, min_lr_ratio, lr_phases).",
+    )
 
     @model_validator(mode="after")
     def _family_and_schedule(self) -> "RunSpec":
@@ -181,7 +210,41 @@ class RunSpec(StrictModel):
             )
         if self.train.ema == 0.0:
             self.train.ema = None  # 0 means off, like null: one spelling in saved specs
+        if self.train.lr_schedule == "phases" and self.train.lr_phases is None:
+            self.train.lr_phases = self.diffusion.atat.curriculum_bounds
+        if self.stages:
+            total = sum(s.steps for s in self.stages)
+            if "max_steps" in self.train.model_fields_set and self.train.max_steps != total:
+                raise ValueError(
+                    f"train.max_steps ({self.train.max_steps}) differs from the stages' total ({total}); "
+                    "drop train.max_steps (it becomes the sum) or make them agree"
+                )
+            self.train.max_steps = total
+            self.stage_plan()  # every stage must validate too
         return self
+
+    def stage_plan(self) -> list[Stage]:
+        """The stages as full run specs with global step ranges; one stage spanning the run when none are given."""
+        if not self.stages:
+            return [Stage(0, "main", 0, self.train.max_steps, self)]
+        fam = get_family(self.model.family)
+        raw = self.model_dump(mode="json", exclude={"stages"})
+        return resolve_stages(raw, self.stages, fam.switches, fam.name, lambda r: validate_as(RunSpec, r, "resolved stage spec"))
+
+    def build_diffusion(self) -> DiffusionConfig:
+        """The diffusion config the model is built from: the base one, with the ATAT importance head included
+        when any stage turns it on, so one set of weights (and every checkpoint) serves all stages.
+
+        Build models with this (training, checkpoints, doctor); stages then switch at run time. Null
+        fields are the family's defaults (``FamilySpec.resolve``), so a stage that leaves
+        ``likelihood_weight`` null gets the family's value, not the previous stage's."""
+        diffusion = get_family(self.model.family).resolve(self.diffusion)
+        if not self.stages or diffusion.atat.importance_head:
+            return diffusion
+        if not any(st.spec.diffusion.atat.importance_head for st in self.stage_plan()):
+            return diffusion
+        atat = diffusion.atat.model_copy(update={"importance_head": True})
+        return diffusion.model_copy(update={"atat": atat})
 
     def run_name(self) -> str:
         return self.output.name or f"{self.model.family}-{_dt.datetime.now():%Y%m%d-%H%M%S}"

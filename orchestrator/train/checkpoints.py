@@ -123,7 +123,7 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "auto") -> Loa
     trainer_state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     torch.manual_seed(spec.train.seed)  # any init randomness is overwritten by the weights; keep it quiet
     try:
-        model = build_model(spec.model, spec.diffusion, tokenizer.vocab_size, **special_ids(tokenizer))
+        model = build_model(spec.model, spec.build_diffusion(), tokenizer.vocab_size, **special_ids(tokenizer))
     except (KeyError, ValueError) as exc:
         raise SpecError(f"{spec_file}: cannot build the model: {exc.args[0] if exc.args else exc}") from None
     weights = EMA_WEIGHTS if (path / EMA_WEIGHTS).is_file() else WEIGHTS

@@ -45,7 +45,7 @@ import math
 import pickle
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -63,17 +63,34 @@ class UnsafeCheckpointError(SpecError):
     """A checkpoint file holds pickled Python objects where difflm only ever writes tensors and numbers."""
 
 
-def lr_lambda(train: TrainConfig):
-    """Multiplier of the peak LR at optimizer step ``s``: linear warmup, then cosine or constant."""
+def _cosine(train: TrainConfig, start: int, step: int) -> float:
+    """Cosine from 1 at ``start`` down to min_lr_ratio at max_steps."""
+    span = max(1, train.max_steps - start)
+    progress = min(1.0, max(0.0, (step - start) / span))
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak LR at optimizer step ``s``: linear warmup, then cosine or constant;
+    or ``phases``: warmup until lr_phases[0] of max_steps, constant until lr_phases[1], then cosine."""
+
+    if train.lr_schedule == "phases":
+        lo, hi = train.lr_phases or (0.3, 0.7)
+        warm, decay = round(lo * train.max_steps), round(hi * train.max_steps)
+
+        def phases(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 1.0 if step < decay else _cosine(train, decay, step)
+
+        return phases
 
     def f(step: int) -> float:
         if train.warmup_steps and step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
         if train.lr_schedule == "constant":
             return 1.0
-        span = max(1, train.max_steps - train.warmup_steps)
-        progress = min(1.0, (step - train.warmup_steps) / span)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return _cosine(train, train.warmup_steps, step)
 
     return f
 
@@ -89,8 +106,31 @@ def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW with decay on matrices only (fused where the device has the kernel), and the LambdaLR schedule."""
+def run_lr_lambda(spec: RunSpec) -> Callable[[int], float]:
+    """The LR multiplier over the whole run's optimizer steps: ``lr_lambda`` of each stage over its own
+    steps (warmup restarts at a stage start), scaled by the stage's lr over the run's base lr.
+
+    A pure function of the step: the scheduler's checkpointed step count is all a resume needs."""
+    plan = spec.stage_plan()
+    if len(plan) == 1:
+        return lr_lambda(spec.train)
+    base = spec.train.lr
+    parts = [(st.start, st.end, st.spec.train.lr / base, lr_lambda(st.spec.train)) for st in plan]
+
+    def f(step: int) -> float:
+        for start, end, scale, fn in parts:
+            if step < end:
+                return scale * fn(step - start)
+        start, end, scale, fn = parts[-1]
+        return scale * fn(step - start)
+
+    return f
+
+
+def make_optimizer(
+    model: torch.nn.Module, train: TrainConfig, lr_fn: Callable[[int], float] | None = None
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with decay on matrices only (fused where the device has the kernel), and the LambdaLR schedule (``lr_fn``, default ``lr_lambda(train)``)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
@@ -98,7 +138,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.op
         {"params": no_decay, "weight_decay": 0.0},
     ]
     opt = adamw(groups, lr=train.lr, betas=train.adam_betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn or lr_lambda(train))
     return opt, sched
 
 
@@ -164,7 +204,9 @@ class TorchEngine:
 
     backend = "torch"
 
-    def __init__(self, model: Family, train: TrainConfig, device: torch.device) -> None:
+    def __init__(
+        self, model: Family, train: TrainConfig, device: torch.device, lr_fn: Callable[[int], float] | None = None
+    ) -> None:
         self.module = model.to(device)
         self.device = device
         self.accum = train.grad_accum
@@ -177,7 +219,7 @@ class TorchEngine:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
-        self.optimizer, self.scheduler = make_optimizer(self.module, train)
+        self.optimizer, self.scheduler = make_optimizer(self.module, train, lr_fn)
         self._fused = is_fused(self.optimizer)
         self._micro = 0
         self._last_norm: Tensor | None = None
@@ -326,7 +368,7 @@ class DeepSpeedEngine:
         import deepspeed  # only here: difflm/ never imports it, and the CLI starts fast
 
         model = model.to(device)
-        opt, sched = make_optimizer(model, spec.train)
+        opt, sched = make_optimizer(model, spec.train, run_lr_lambda(spec))
         self.config = deepspeed_config(spec)
         with _dynamo_disabled():
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -417,4 +459,4 @@ def build_engine(model: Family, spec: RunSpec, device: torch.device) -> Engine:
     """DeepSpeed when asked for and possible; plain torch on MPS (DeepSpeed has no MPS accelerator)."""
     if spec.scaling.deepspeed and device.type != "mps":
         return DeepSpeedEngine(model, spec, device)
-    return TorchEngine(model, spec.train, device)
+    return TorchEngine(model, spec.train, device, run_lr_lambda(spec))

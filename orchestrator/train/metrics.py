@@ -2,8 +2,9 @@
 
 The runner logs through :class:`MetricsLogger`; non-zero ranks and tests get
 :class:`NullLogger`. TensorBoard tags: ``train/loss`` (+ components), ``train/lr``,
-``train/grad_norm``, ``train/tokens_per_sec``, ``val/nll``, ``val/nll_se``, ``val/ppl``,
-``val/bpt``, ``val/tokens`` and ``samples/text``.
+``train/grad_norm``, ``train/tokens_per_sec``, ``train/skipped_steps``, ``val/nll``, ``val/nll_se``,
+``val/ppl``, ``val/bpt``, ``val/tokens`` and ``samples/text``; staged runs add ``train/stage``, mdlm's
+ATAT adds ``train/curriculum_phase``, ``train/importance_*`` scalars and the ``train/importance`` histogram.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Protocol
 
+from torch import Tensor
+
 
 class MetricsLogger(Protocol):
     def log_scalars(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_text(self, tag: str, text: str, step: int) -> None: ...
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -26,6 +30,9 @@ class NullLogger:
         pass
 
     def log_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
         pass
 
     def flush(self) -> None:
@@ -52,6 +59,9 @@ class TensorBoardLogger:
     def log_text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
 
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        self.writer.add_histogram(tag, values, step)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -76,3 +86,12 @@ def read_tags(log_dir: Path) -> set[str]:
     acc.Reload()
     tags = acc.Tags()
     return set(tags.get("scalars", [])) | set(tags.get("tensors", []))
+
+
+def read_histograms(log_dir: Path) -> dict[str, list[int]]:
+    """Histogram tags under ``log_dir`` -> the steps at which each was written (tests)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"histograms": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Histograms(tag)] for tag in acc.Tags().get("histograms", [])}

@@ -19,6 +19,13 @@ log point (no update reached the weights meanwhile); so does a non-finite val/nl
 Resume: :meth:`save` / :meth:`load` carry everything the next step depends on (weights,
 optimizer, LR schedule, EMA, step, data position, every generator, skipped-step counters), so a
 resumed run's losses equal the uninterrupted run's from the checkpoint on.
+
+Stages (``spec.stages``, ``orchestrator/spec/stages.py``): before every step the runner looks
+up the stage of the step, applies its switches when it changes (``Family.configure``) and tells
+the family how far into the stage it is (``Family.set_progress``, the ATAT curriculum). Every
+stage ends with a val point and a checkpoint; ``trainer_state.json`` names the stage. The LR
+schedule is the engine's (``engine.run_lr_lambda``). All of it is a function of the step, so
+``load`` restores the stage, the curriculum phase and the LR phase from the step alone.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from orchestrator.train.ema import EMA, EMA_FILE, rank_file
 from orchestrator.train.engine import Engine, load_tensors
 from orchestrator.train.metrics import MetricsLogger, NullLogger
 from orchestrator.spec.run import RunSpec
+from orchestrator.spec.stages import Stage, stage_at
 from orchestrator.spec.yamlio import spec_yaml
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -133,6 +141,9 @@ class Runner:
         if t.ema:
             targets, partitioned = engine.ema_targets()
             self.ema = EMA(targets, t.ema, partitioned=partitioned, after_swap=engine.after_weight_swap)
+        self.plan = spec.stage_plan()
+        self.stage: Stage | None = None
+        self._hist: dict[str, Tensor] = {}
 
     def _train_batches(self, start_batch: int):
         t = self.spec.train
@@ -154,8 +165,20 @@ class Runner:
             tokens = tokens.pin_memory()
         return tokens.to(self.ctx.device, non_blocking=True)
 
+    def _enter_stage(self, stage: Stage) -> None:
+        """Apply ``stage``'s switches to the family (weights, optimizer and data stream carry over)."""
+        self.engine.module.configure(stage.spec.build_diffusion())
+        self.stage = stage
+        if len(self.plan) > 1 and self.ctx.rank == 0:
+            self.emit("log", {"message": f"stage {stage.index} ({stage.name}): steps {stage.start}-{stage.end}"})
+
     def train_step(self) -> None:
-        """One optimizer step (grad_accum micro-batches); metrics and non-finite counts stay on the device."""
+        """One optimizer step (grad_accum micro-batches) in the stage of the step; metrics and non-finite
+        counts stay on the device."""
+        stage = stage_at(self.plan, self.step)
+        if stage is not self.stage:
+            self._enter_stage(stage)
+        self.engine.module.set_progress(stage.progress(self.step))
         self.engine.train(True)
         for _ in range(self.spec.train.grad_accum):
             tokens = self._to_device(next(self._batches))
@@ -168,6 +191,7 @@ class Runner:
                 val = torch.where(finite, val.float(), 0.0)  # a skipped micro-batch must not turn the mean to NaN
                 self._acc[key] = self._acc[key] + val if key in self._acc else val
             self._acc_count = self._acc_count + finite.float()
+            self._hist = out.histograms
         self.step += 1
         skipped = self.engine.last_skipped
         if skipped is not None:
@@ -194,6 +218,11 @@ class Runner:
         out["train/tokens_per_sec"] = steps * self.tokens_per_step / max(elapsed, 1e-9)
         out["train/skipped_steps"] = counters[0]
         self._stop_at = int(counters[1])
+        if len(self.plan) > 1 and self.stage is not None:
+            out["train/stage"] = float(self.stage.index)
+        for name, values in self._hist.items():  # this rank's last micro-batch: a snapshot, not an average
+            q = torch.quantile(values.detach().float().cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+            out.update({f"train/{name}_p10": q[0], f"train/{name}_p50": q[1], f"train/{name}_p90": q[2]})
         return out
 
     def _check_stop(self) -> None:
@@ -203,6 +232,11 @@ class Runner:
                 f"non-finite loss at step {self._stop_at} ({k} steps in a row skipped, none reached the weights); "
                 "lower train.lr, raise train.warmup_steps, use fp32, or check the data"
             )
+
+    def _log_histograms(self) -> None:
+        """The latest per-token distributions (e.g. ATAT importance) as TensorBoard histograms (rank 0)."""
+        for name, values in self._hist.items():
+            self.logger.log_histogram(f"train/{name}", values.detach().float().cpu(), self.step)
 
     # ------------------------------------------------------------- validation
     @torch.no_grad()
@@ -312,7 +346,7 @@ class Runner:
             atomic_write_text(directory / "spec.yaml", spec_yaml(self.spec))
             self.data.tokenizer.save(directory / "tokenizer")
             skipped, streak = torch.stack([self._skipped, self._streak]).tolist()
-            trainer_state = {
+            trainer_state: dict[str, Any] = {
                 "step": self.step,
                 "best_val_nll": self.best_val_nll,
                 "best_val_nll_se": self.best_val_nll_se,
@@ -322,6 +356,9 @@ class Runner:
                 "nonfinite_streak": int(streak),
                 "ema_updates": self.ema.updates if self.ema is not None else None,
             }
+            if len(self.plan) > 1:  # informational: a resume derives the stage from the step
+                done = stage_at(self.plan, max(self.step - 1, 0))
+                trainer_state["stage"] = {"index": done.index, "name": done.name, "start": done.start, "end": done.end}
             atomic_write_text(directory / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         write_manifest(directory, rank, self.ctx.world_size, self.step)
 
@@ -423,11 +460,14 @@ class Runner:
                 last_log_time, last_log_step = now, self.step
                 if self.ctx.rank == 0:
                     self.logger.log_scalars(metrics, self.step)
+                    self._log_histograms()
                     self.emit("progress", {"step": self.step, "max_steps": t.max_steps, **metrics})
                 self._check_stop()
+            # Every stage ends with a val point and a checkpoint, so each stage's result is kept.
+            stage_end = self.stage is not None and self.step == self.stage.end and len(self.plan) > 1
             final = self.step == t.max_steps
-            if self.step % t.eval_every == 0 or final:
-                self._eval_point(checkpoint=final or self.step % t.checkpoint_every == 0)
+            if self.step % t.eval_every == 0 or final or stage_end:
+                self._eval_point(checkpoint=final or stage_end or self.step % t.checkpoint_every == 0)
         self.logger.close()
         return {
             "steps": self.step,

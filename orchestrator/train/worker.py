@@ -112,7 +112,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if picked and rank == 0:
         emit("log", {"message": picked})
     torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
+    model = build_model(spec.model, spec.build_diffusion(), data.tokenizer.vocab_size, **special_ids(data.tokenizer))
     if rank == 0:
         emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
     engine = build_engine(model, spec, device)

@@ -1,6 +1,7 @@
 """MDLM: masked (absorbing-state) diffusion with the SUBS parameterization (Sahoo et al., 2024).
 
-model.py: MDLM (loss, NELBO, denoise) and its builder; samplers.py: ddpm, ddpm_cache, analytic, remasking, semi-AR.
+model.py: MDLM (loss, NELBO, denoise) and its builder; samplers.py: ddpm, ddpm_cache, analytic, remasking, semi-AR;
+atat.py: ATAT importance head, adaptive masking, curriculum (training forward only).
 Importing this package registers the family.
 """
 
@@ -20,8 +21,9 @@ register_family(
         # continuous time: no diffusion.timesteps; no embedding diffusion: no model.embed_dim
         reads=frozenset({
             "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
-            "diffusion.likelihood_weight", "diffusion.sample_steps", "model.time_conditioning",
+            "diffusion.likelihood_weight", "diffusion.sample_steps", "diffusion.atat", "model.time_conditioning",
         }),
+        switches=("atat", "likelihood_weight"),
     )
 )
 

@@ -13,6 +13,11 @@ The continuous-time NELBO is then, per masked token, ``dsigma/expm1(sigma) * -lo
 block-final EOS: :func:`difflm.evaluation.counted_positions`). That is the training loss, with
 the schedule's own time sampling. Validation (:meth:`MDLM.val_nll`) integrates the same NELBO
 over the masking rate on one range for every schedule, with the shared val noise.
+
+ATAT (``diffusion.atat``, ``atat.py``) changes only the *training* forward (``self.training``):
+an importance head, importance-biased masking at the schedule's rate, a curriculum and an
+importance-weighted loss. In eval mode, and in ``val_nll``/``denoise``/sampling, masking is
+always plain and unbiased, so the val NELBO of an ATAT run compares with plain mdlm's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflm.families.base import wide_float, DenoiseResult, Family, LossOutput
-from difflm.families.config import DiffusionConfig
+from difflm.families.config import AtatConfig, DiffusionConfig
+from difflm.families.mdlm import atat as at
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
 from difflm.families.mdlm import samplers as ms
@@ -52,6 +58,7 @@ class MDLM(Family):
         antithetic: bool = True,
         likelihood_weight: float = 1.0,
         time_conditioning: bool = False,
+        atat: AtatConfig | None = None,
     ) -> None:
         super().__init__()
         if backbone.vocab_in != vocab_size + 1 or backbone.vocab_out != vocab_size + 1:
@@ -64,6 +71,15 @@ class MDLM(Family):
         self.antithetic = antithetic
         self.likelihood_weight = likelihood_weight
         self.time_conditioning = time_conditioning
+        atat = atat or AtatConfig()
+        # The head exists iff the build config asks for it (a staged spec builds it when any stage uses
+        # it); whether it is trained and used is the runtime switch self.atat (see configure).
+        self.importance: at.ImportanceHead | None = (
+            at.ImportanceHead(backbone.d_model, atat.head_width, atat.head_layers, atat.head_heads)
+            if atat.importance_head else None
+        )
+        self.atat = atat
+        self.progress = 0.0
 
     # ---- pieces shared by the loss and the samplers -------------------------------------------
 
@@ -91,18 +107,40 @@ class MDLM(Family):
         copy = torch.full_like(logp, float("-inf")).scatter_(-1, xt[..., None], 0.0)  # (B, L, V+1)
         return torch.where((xt != self.mask_id)[..., None], copy, logp)  # (B, L, V+1)
 
+    # ---- training stages (runtime switches) --------------------------------------------------------
+
+    def configure(self, diffusion: DiffusionConfig) -> None:
+        """Apply a training stage's switches: ``atat`` and ``likelihood_weight`` (FamilySpec.switches)."""
+        if diffusion.atat.importance_head and self.importance is None:
+            raise ValueError(
+                "this stage turns on diffusion.atat.importance_head but the model was built without the head; "
+                "build it from RunSpec.build_diffusion() (any stage's head switch builds it)"
+            )
+        self.atat = diffusion.atat
+        if diffusion.likelihood_weight is not None:  # null: the family default, resolved by the caller (the runner)
+            self.likelihood_weight = diffusion.likelihood_weight
+
+    def set_progress(self, fraction: float) -> None:
+        """Share of the current stage's steps done, in [0, 1]: drives the ATAT curriculum phase."""
+        self.progress = float(fraction)
+
     # ---- training ------------------------------------------------------------------------------
 
     def nelbo_terms(
-        self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None = None
+        self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None = None,
+        mask_probs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Noise clean tokens (B, L) at times t (B,) and score them: per-token NELBO (B, L), masked-token
-        cross-entropy (B, L) and the mask (B, L) bool. Draws the mask noise (B, L) from ``generator``."""
+        cross-entropy (B, L) and the mask (B, L) bool. Draws the mask noise (B, L) from ``generator``.
+
+        ``mask_probs`` (B, L): per-token masking probabilities replacing move_chance(t) (ATAT's adaptive
+        masking; the same noise draw, so a uniform ``mask_probs`` gives exactly the plain mask)."""
         B, L = tokens.shape
         sigma = self.schedule.sigma(t)  # (B,)
         move = self.schedule.move_chance(t)  # (B,)
         noise = torch.rand(B, L, generator=generator, device=tokens.device, dtype=t.dtype)  # (B, L)
-        masked = (noise < move[:, None]) & valid  # (B, L)
+        probs = move[:, None] if mask_probs is None else mask_probs  # (B, 1) or (B, L)
+        masked = (noise < probs) & valid  # (B, L)
         xt = torch.where(masked, self.mask_id, tokens)  # (B, L)
 
         # SUBS zero-masking: the mask logit is left out of the softmax (as if -inf, like subs_logits). The CE runs
@@ -119,6 +157,8 @@ class MDLM(Family):
         are noised and counted (the trainer passes counted_positions); the others stay visible as clean
         context. No host sync."""
         t = self.sample_times(tokens.shape[0], tokens.device, generator)  # (B,)
+        if self.training and self.importance is not None and self.atat.active:
+            return self._atat_forward(tokens, valid, t, generator)
         nelbo_tok, ce, masked = self.nelbo_terms(tokens, valid, t, generator)  # (B, L) each
 
         num_tokens = valid.sum()  # int64 scalar
@@ -136,6 +176,54 @@ class MDLM(Family):
                 "masked_ce": masked_ce.detach(),
                 "mask_rate": masked.sum().to(ce.dtype) / denom,
             },
+        )
+
+    def _atat_forward(
+        self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None
+    ) -> LossOutput:
+        """Training forward with ATAT (see atat.py): importance from a no-grad clean pass, biased masks at
+        the schedule's rate, optional importance-weighted loss, plus the head's own BCE loss."""
+        assert self.importance is not None
+        cfg = self.atat
+        B, L = tokens.shape
+        with torch.no_grad():  # the head reads features; it never trains the backbone
+            sigma0 = torch.zeros(B, device=tokens.device, dtype=t.dtype) if self.time_conditioning else None
+            _, hidden = self.backbone(tokens, sigma0, return_hidden=True)  # (B, L, D)
+        logits = self.importance(hidden)  # (B, L) with grad into the head only
+        importance = torch.sigmoid(logits.detach().float())  # (B, L)
+
+        focus = at.current_focus(cfg, self.progress)
+        probs = None
+        if cfg.adaptive_masking:
+            bias = at.focus_bias(at.rank_quantiles(importance, valid), focus, cfg.strength)  # (B, L)
+            probs = at.adaptive_mask_probs(self.schedule.move_chance(t), bias, valid, cfg.strength)  # (B, L)
+        nelbo_tok, ce, masked = self.nelbo_terms(tokens, valid, t, generator, mask_probs=probs)  # (B, L) each
+
+        weights = at.importance_weights(importance, masked, cfg.weighted_loss) if cfg.weighted_loss > 0 else None
+        num_tokens = valid.sum()
+        denom = num_tokens.clamp(min=1).to(ce.dtype)
+        nelbo = (nelbo_tok if weights is None else nelbo_tok * weights).sum() / denom
+        masked_ce = (ce if weights is None else ce * weights).sum() / denom
+        w = self.likelihood_weight
+        main = nelbo if w == 1.0 else masked_ce if w == 0.0 else w * nelbo + (1 - w) * masked_ce
+        target = at.importance_target(ce)  # (B, L) detached
+        h_loss = at.head_loss(logits, target, masked)
+        metrics = {
+            "nelbo": nelbo.detach(),
+            "masked_ce": masked_ce.detach(),
+            "mask_rate": masked.sum().to(ce.dtype) / denom,
+            "importance_loss": h_loss.detach(),
+            "importance_mean": (importance * valid).sum() / denom,
+            "importance_corr": at.pearson(importance, target, masked),
+        }
+        if cfg.curriculum:
+            metrics["curriculum_phase"] = torch.tensor(float(at.PHASES.index(focus)), device=tokens.device)
+        return LossOutput(
+            loss=main + cfg.head_loss_weight * h_loss,
+            nll_sum=nelbo_tok.detach().sum(dtype=wide_float(tokens.device)),  # biased masks: not a val number
+            num_tokens=num_tokens,
+            metrics=metrics,
+            histograms={"importance": importance[valid]},
         )
 
     # ---- validation --------------------------------------------------------------------------
@@ -264,4 +352,5 @@ def build_mdlm(
         antithetic=diffusion_cfg.antithetic,
         likelihood_weight=diffusion_cfg.likelihood_weight,
         time_conditioning=model_cfg.time_conditioning,
+        atat=diffusion_cfg.atat,
     )
