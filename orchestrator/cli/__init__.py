@@ -5,6 +5,7 @@
     difflm sweep | resume | results   orchestrator/cli/sweep.py
     difflm sample | eval | denoise    orchestrator/cli/inference.py
     difflm bench asha | sampling      orchestrator/cli/bench.py
+    difflm cluster up | down | status orchestrator/cli/cluster.py
 
 A new command goes in the module of its group (or a new module) and is added here.
 Bad input prints one message and exits 2 before Ray starts (``cli.common.user_errors``).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli import bench, inference, spec, sweep, train
+from orchestrator.cli import bench, cluster, inference, spec, sweep, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,6 +36,7 @@ for _cmd in (
     inference.eval_cmd,
     inference.denoise,
     bench.bench,
+    cluster.cluster,
 ):
     main.add_command(_cmd)
 

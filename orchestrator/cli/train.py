@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from orchestrator.cli.common import user_errors
+from orchestrator.cli.common import PROFILE_HELP, profile_defaults, user_errors
 from orchestrator.errors import SpecError
 
 
@@ -27,8 +27,12 @@ from orchestrator.errors import SpecError
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Parent folder for the run (output.dir).")
 @click.option("--name", help="Run folder name (output.name).")
 @click.option("--address", help="Join an existing Ray cluster (e.g. 10.0.0.1:6379 or 'auto') instead of starting one.")
+@click.option("--profile", metavar="NAME|PATH", help=PROFILE_HELP)
 @user_errors
-def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, address: str | None) -> None:
+def train(
+    spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, address: str | None,
+    profile: str | None,
+) -> None:
     """Train the run described by SPEC_FILE as a Ray Train + DeepSpeed job."""
     from orchestrator.spec.run import load_run_spec
 
@@ -37,12 +41,15 @@ def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name
         extra.append(f"output.dir={output}")
     if name is not None:
         extra.append(f"output.name={name}")
-    spec = load_run_spec(spec_file, extra)
+    defaults, profile_note = profile_defaults(profile)
+    spec = load_run_spec(spec_file, extra, defaults=defaults)
 
     from orchestrator.train.console import TrainConsole
     from orchestrator.train.launch import launch_train
 
     console = TrainConsole()
+    if profile_note:
+        console.info(profile_note)
     try:
         result = launch_train(spec, address=address, console=console)
     except KeyboardInterrupt:

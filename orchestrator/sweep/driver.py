@@ -106,11 +106,13 @@ def _param_space(sweep: SweepFile) -> dict[str, Any]:
 
 def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from orchestrator.sweep.asha import ResumableASHA
 
     cfg = sweep.sweep
     if cfg.scheduler.kind == "asha":
-        scheduler: Any = ASHAScheduler(
+        scheduler: Any = ResumableASHA(  # rungs survive `--resume` (Tune does not save schedulers)
             time_attr="step",  # the optimizer step: training_iteration restarts when a trial resumes
             max_t=sweep.trial_max_steps(),
             grace_period=cfg.scheduler.grace_period,
@@ -163,6 +165,7 @@ def run_sweep(
     address: str | None,
     console: Any,
     overrides: tuple[str, ...] = (),
+    profile: str | None = None,
 ) -> float:
     """Validate resources, start/join Ray, run (or restore) the Tuner. Returns the seconds Tune ran."""
     from ray import tune
@@ -188,7 +191,10 @@ def run_sweep(
     (sweep_dir / "sweep.yaml").write_text(spec_yaml(sweep))
     if not resume:
         state.write_text(
-            json.dumps({"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides)}, indent=2)
+            json.dumps(
+                {"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides), "profile": _abs_profile(profile)},
+                indent=2,
+            )
         )
     from orchestrator.sweep import console as sweep_console
 
@@ -199,12 +205,19 @@ def run_sweep(
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     from ray.tune.logger import JsonLoggerCallback
 
+    from orchestrator.cluster.recovery import ReleaseOrphanedPlacementGroups
+
+    def callbacks() -> list[Any]:
+        return [table, JsonLoggerCallback(), ReleaseOrphanedPlacementGroups()]
+
     run_config = tune.RunConfig(
         name=sweep_dir.name,
         storage_path=str(sweep_dir.parent),
-        callbacks=[table, JsonLoggerCallback()],
+        callbacks=callbacks(),
         verbose=0,
-        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        # A failed trial (e.g. its node was lost) restarts up to max_failures times, wherever Ray has room;
+        # its Train run resumes from its last checkpoint (the run folder is named from the trial id).
+        failure_config=tune.FailureConfig(max_failures=sweep.sweep.max_failures, fail_fast=False),
     )
     trainable = _trainable(sweep, sweep_dir, device)
     console.info(
@@ -216,8 +229,11 @@ def run_sweep(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
         # The restored run config carries the unpickled table of the first session; draw with ours.
-        tuner._local_tuner.get_run_config().callbacks = [table, JsonLoggerCallback()]
-        console.info("resuming: finished trials are kept; unfinished ones continue from their last checkpoint")
+        tuner._local_tuner.get_run_config().callbacks = callbacks()
+        console.info(
+            "resuming: finished trials are kept; unfinished ones continue from their last checkpoint; "
+            "ASHA's rungs are rebuilt from the trials' reported results"
+        )
     else:
         tuner = tune.Tuner(
             trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent), run_config=run_config
@@ -228,6 +244,15 @@ def run_sweep(
     finally:
         table.close()
     return time.monotonic() - start
+
+
+def _abs_profile(profile: str | None) -> str | None:
+    """A profile as `difflm resume` can find it again from any folder: a path, absolute."""
+    if profile is None:
+        return None
+    from orchestrator.cluster.profile import resolve_profile_path
+
+    return str(resolve_profile_path(profile).resolve())
 
 
 def _describe(sweep: SweepFile) -> str:

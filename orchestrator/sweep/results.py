@@ -45,7 +45,7 @@ class TrialResult:
     is_best: bool = False
 
 
-def _read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(path: Path) -> list[dict[str, Any]]:
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -92,7 +92,7 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
     out: list[TrialResult] = []
     for trial in analysis.trials:
         tdir = Path(trial.path) if trial.path else sweep_dir / str(trial.trial_id)
-        rows = _read_results(tdir / "result.json")
+        rows = read_results(tdir / "result.json")
         scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
         best_row = min(scored, key=lambda r: sign * r[metric]) if scored else None
         last = rows[-1] if rows else {}

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from difflm._config import StrictModel
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
-from orchestrator.spec.yamlio import apply_overrides, read_yaml, set_path, suggest, valid_paths, validate_as
+from orchestrator.spec.yamlio import apply_overrides, deep_merge, read_yaml, set_path, suggest, valid_paths, validate_as
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform", "qloguniform", "qrandint")
 
@@ -133,6 +133,13 @@ class SweepConfig(StrictModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Early stopping.")
     resources: SweepResources = Field(default_factory=SweepResources, description="Per-trial resources.")
     budget: SweepBudget = Field(default_factory=SweepBudget, description="Step and time limits.")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Times Tune restarts a failed trial, from its last checkpoint and on any node with room "
+        "(on a cluster: a lost node fails only its trials, which then run elsewhere). 0: a failed trial stays failed.",
+    )
 
 
 class SweepFile(RunSpec):
@@ -210,11 +217,18 @@ def trial_raw(base: dict[str, Any], params: dict[str, Any], linked: dict[str, di
     return raw
 
 
-def load_sweep_file(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepFile:
-    """Read + validate a sweep file, then probe every grid/choice value and range endpoint against RunSpec."""
+def load_sweep_file(
+    path: str, overrides: list[str] | tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> SweepFile:
+    """Read + validate a sweep file, then probe every grid/choice value and range endpoint against RunSpec.
+
+    ``defaults`` (a scaling profile's fields) sit under the file's run spec: defaults < file < overrides,
+    and ``sweep.resources`` and searched values still win per trial.
+    """
     raw = read_yaml(path)
     if "sweep" not in raw:
         raise SpecError(f"{path}: no `sweep:` section; a plain run spec runs with `difflm train {path}`")
+    raw = deep_merge(defaults or {}, raw)
     raw = apply_overrides(raw, overrides, source=str(path))
     sweep = validate_as(SweepFile, raw, source=str(path))
     base = sweep.base_raw()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from difflm.data import prepare_data
+from orchestrator.cluster.connect import alive_nodes, check_shared_storage, start_or_join
 from orchestrator.train.console import TrainConsole
 from orchestrator.devices import resolve_device
 from orchestrator.errors import SpecError
@@ -100,7 +101,8 @@ def init_ray(address: str | None) -> None:
     )
     if address is None:
         kwargs["dashboard_host"] = "127.0.0.1"
-    ray.init(address=address, **kwargs)
+    # a private instance that dies with this driver, or the cluster with the project code shipped
+    start_or_join(address, ray.init, kwargs)
     _quiet_worker_startup_warning()
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -140,22 +142,25 @@ def prepare_and_place(spec: RunSpec, address: str | None, console: TrainConsole)
     """Driver set-up shared by train and sweep: check resources, tokenize (cached), start or join Ray.
 
     Returns (prepared data, device, CPUs, GPUs). Order keeps user errors before Ray: this machine
-    is checked before tokenizing; a cluster can only be checked after joining it. Tokenizing on
-    the driver makes data errors surface before Ray starts; workers read the cache.
+    is checked before tokenizing; a cluster is checked right after joining it (resources, and
+    paths every node must see), before tokenizing. Tokenizing on the driver makes data errors
+    surface before a private Ray starts; workers read the cache.
     """
     if address is None:
         cpus, gpus = local_resources()
         device = resolve_device(spec.scaling.device)
         check_resources(spec, device, cpus, gpus, "this machine")
-    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
-    init_ray(address)
-    if address is not None:
+    else:  # joining is cheap: check the cluster (resources, shared paths) before tokenizing
         import ray
 
+        init_ray(address)
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
         device = resolve_device(spec.scaling.device, gpus)
         check_resources(spec, device, cpus, gpus, f"the cluster at {address}")
+        check_shared_storage({"output.dir": spec.output.dir, "data.cache_dir": spec.data.cache_dir}, len(alive_nodes()))
+    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
+    init_ray(address)
     return prepared, device, cpus, gpus
 
 

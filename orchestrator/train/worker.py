@@ -63,10 +63,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
 
     resume = ray.train.get_checkpoint()
+    nodes = worker_nodes(world, device)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        # worker_nodes lands in each sweep trial's result.json: where the trial's workers ran
+        ray.train.report({**metrics, "worker_nodes": nodes}, checkpoint=ckpt)
 
     runner = Runner(spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit)
     if resume is not None:
@@ -74,5 +76,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             runner.load(Path(d))
         emit("log", {"message": f"resumed from step {runner.step}"})
     summary = runner.run()
+    summary["worker_nodes"] = nodes  # summary.json: which Ray node each rank ran on
     emit("done", summary)
     return summary
+
+
+def worker_nodes(world: int, device: torch.device) -> list[str]:
+    """The Ray node id of every rank, in rank order (the same list on every rank).
+
+    Recorded in summary.json and in each report, so a run on a cluster shows where it ran
+    (``difflm cluster status`` shows the same ids).
+    """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, node)
+    return [str(n) for n in gathered]
