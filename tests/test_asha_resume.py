@@ -152,3 +152,19 @@ def test_cut_and_partial_rows_are_skipped(tmp_path: Path, bad: str) -> None:
     sched = _sched(ResumableASHA)
     sched.on_trial_add(None, FakeTrial("t1", str(tmp_path / "t1")))
     assert sched.replayed == {"t1": 1} and dict(sched.rungs())[5] == {"t1": 4.0}
+
+
+class UnnamedTrial:
+    """A trial Tune has just created: its folder has no name yet and ``path`` raises (Ray 2.60)."""
+
+    trial_id = "fresh"
+
+    @property
+    def path(self) -> str:
+        raise RuntimeError("Should not access `trial_fs_path` without setting `trial_dir_name`")
+
+
+def test_trial_without_a_folder_yet_replays_nothing() -> None:
+    sched = _sched(ResumableASHA)
+    sched.on_trial_add(None, UnnamedTrial())
+    assert sched.replayed == {"fresh": 0}

@@ -31,9 +31,10 @@ def cluster() -> None:
 @click.option("--temp-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/ray"), show_default=True,
               help="Ray's temp dir for this node (logs, sockets); two nodes on one machine need two.")
 @click.option("--auth/--no-auth", default=True, show_default=True, help="Token authentication (RAY_AUTH_MODE=token).")
+@click.option("--dashboard-port", type=int, help="The head's dashboard port (default 8265, or a free one if taken).")
 @user_errors
 def up(config: Path | None, address: str | None, port: int, num_cpus: float | None, num_gpus: int | None,
-       temp_dir: Path, auth: bool) -> None:
+       temp_dir: Path, auth: bool, dashboard_port: int | None) -> None:
     """Start a head node here, join a cluster (--address), or launch one from a Ray YAML (--config)."""
     from orchestrator.cluster import nodes
 
@@ -41,10 +42,11 @@ def up(config: Path | None, address: str | None, port: int, num_cpus: float | No
         sys.exit(nodes.launcher("up", config))
     temp = str(temp_dir.expanduser().resolve())
     if address is None:
-        rec, auth_line = nodes.start_head(port, num_cpus, num_gpus, temp, auth)
+        rec, auth_line, dash = nodes.start_head(port, num_cpus, num_gpus, temp, auth, dashboard_port)
         click.echo(
             "\n".join([
-                f"head node started: {rec.address} (node {rec.node_id[:12]}, Ray temp dir {temp})",
+                f"head node started: {rec.address} (node {rec.node_id[:12]}, Ray temp dir {temp}, "
+                f"dashboard http://127.0.0.1:{dash})",
                 auth_line,
                 f"add a machine:  difflm cluster up --address {rec.address}",
                 f"run on it:      difflm train SPEC --address {rec.address}   (or difflm sweep"

@@ -8,6 +8,13 @@
   token-authenticated cluster is picked up the way Ray does it for ``auto`` (see
   docs/scaling.md), and a refused connection becomes one line that says what to fix.
 
+Either way the driver and its workers are *pinned* to their cluster for Ray's state API
+(``RAY_API_SERVER_ADDRESS`` for a private instance, ``RAY_ADDRESS`` on a cluster). Without
+that, state-API calls made inside Ray (Ray Train's placement-group cleaner, which frees the
+CPUs of a trial ASHA stopped) look for "the" local Ray instance: with two on a machine they
+fail, and they follow ``/tmp/ray/ray_current_cluster``, i.e. the last ``ray start`` of anyone,
+to a cluster that is not theirs.
+
 After joining, :func:`check_shared_storage` refuses relative output/cache paths on a
 multi-node cluster: every node must see the same folders at the same path.
 """
@@ -15,11 +22,13 @@ multi-node cluster: every node must see the same folders at the same path.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.errors import SpecError
+
 
 def project_modules() -> list[str]:
     """Folders of the packages a worker must import: this checkout's, not whatever a node has installed."""
@@ -29,11 +38,22 @@ def project_modules() -> list[str]:
     return [str(Path(m.__file__).parent) for m in (difflm, orchestrator)]
 
 
-def _with_project_code(runtime_env: dict[str, Any]) -> dict[str, Any]:
-    env = dict(runtime_env)
-    env["py_modules"] = [*env.get("py_modules", []), *project_modules()]
-    env["excludes"] = [*env.get("excludes", []), "__pycache__", "*.pyc"]
-    return env
+def _with_env(kwargs: dict[str, Any], env: dict[str, str], ship_code: bool) -> dict[str, Any]:
+    """``kwargs`` with ``env`` added to the runtime_env's env_vars (every worker and actor of the job, detached
+    ones it creates included; not this process: a later ``ray.init`` here must not follow RAY_ADDRESS), and the
+    project code."""
+    runtime_env = dict(kwargs.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    if ship_code:
+        runtime_env["py_modules"] = [*runtime_env.get("py_modules", []), *project_modules()]
+        runtime_env["excludes"] = [*runtime_env.get("excludes", []), "__pycache__", "*.pyc"]
+    return {**kwargs, "runtime_env": runtime_env}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _enable_token_auth_if_available() -> None:
@@ -66,15 +86,35 @@ def _auth_refused(exc: BaseException) -> bool:
     return False
 
 
-def connect(address: str, init: Callable[..., Any], kwargs: dict[str, Any], ship_code: bool = True) -> None:
-    """``init(address=...)``, the project code shipped to workers unless ``ship_code`` is off (status only
-    reads); SpecError when the cluster refuses this driver or is not there."""
-    _enable_token_auth_if_available()
-    kwargs = dict(kwargs)
-    if ship_code:
-        kwargs["runtime_env"] = _with_project_code(kwargs.get("runtime_env") or {})
+def _no_cluster(address: str, exc: BaseException) -> SpecError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return SpecError(
+        f"no Ray cluster answers at {address} ({reason}); start one with `difflm cluster up` (or `ray start "
+        "--head`), or leave out --address to use a private Ray instance"
+    )
+
+
+def resolve_address(address: str) -> str:
+    """HOST:PORT of the cluster's GCS (``auto``: the last ``ray start`` on this machine); SpecError if none."""
+    from ray._private.services import canonicalize_bootstrap_address
+
     try:
-        init(address=address, **kwargs)
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise _no_cluster(address, exc) from None
+    if resolved is None:
+        raise _no_cluster(address, ConnectionError("nothing found"))
+    return resolved
+
+
+def connect(address: str, init: Callable[..., Any], kwargs: dict[str, Any], ship_code: bool = True) -> str:
+    """``init(address=...)`` pinned to that cluster, the project code shipped to workers unless ``ship_code`` is
+    off (status only reads); SpecError when the cluster refuses this driver or is not there. Returns HOST:PORT."""
+    _enable_token_auth_if_available()
+    gcs = resolve_address(address)
+    kwargs = _with_env(kwargs, {"RAY_ADDRESS": gcs}, ship_code)
+    try:
+        init(address=gcs, **kwargs)
     except Exception as exc:
         if _auth_refused(exc):
             raise SpecError(
@@ -84,11 +124,9 @@ def connect(address: str, init: Callable[..., Any], kwargs: dict[str, Any], ship
                 "export RAY_AUTH_MODE=token"
             ) from None
         if isinstance(exc, ConnectionError):
-            raise SpecError(
-                f"no Ray cluster answers at {address} ({str(exc).strip().splitlines()[-1]}); start one with "
-                "`difflm cluster up` (or `ray start --head`), or leave out --address to use a private Ray instance"
-            ) from None
+            raise _no_cluster(address, exc) from None
         raise
+    return gcs
 
 
 def _stderr(message: str) -> None:
@@ -99,12 +137,16 @@ def start_or_join(
     address: str | None, init: Callable[..., Any], kwargs: dict[str, Any], log: Callable[[str], None] | None = None
 ) -> None:
     """Start a private Ray instance (``address`` None) or join the cluster at ``address``."""
-    if address is None:
-        from orchestrator.cluster.private import start_private_ray
-
-        start_private_ray(init, kwargs, log or _stderr)
-    else:
+    if address is not None:
         connect(address, init, kwargs)
+        return
+    from orchestrator.cluster.private import start_private_ray
+
+    # The dashboard serves the state API; choosing its port makes its URL known before Ray starts, so
+    # every process of the instance (they inherit this environment) asks its own dashboard.
+    port = free_port()
+    kwargs = _with_env(kwargs, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}, ship_code=False)
+    start_private_ray(init, {**kwargs, "dashboard_port": port}, log or _stderr)
 
 
 def alive_nodes() -> list[dict[str, Any]]:

@@ -29,6 +29,9 @@ from orchestrator.cluster.procs import processes_under, stop_processes
 from orchestrator.errors import SpecError
 
 DEFAULT_PORT = 6379
+DEFAULT_DASHBOARD_PORT = 8265
+#: `ray start` waits for the GCS it joins without a limit of its own
+START_TIMEOUT_S = 180
 DEFAULT_TEMP_DIR = "/tmp/ray"
 
 
@@ -99,12 +102,24 @@ def _auth_env(auth: bool, generate: bool) -> tuple[dict[str, str], str]:
     )
 
 
-def _raylets() -> dict[int, str]:
+def _daemons(name: str) -> dict[int, str]:
+    """pid -> command line of this machine's Ray daemons called ``name`` (raylet, gcs_server)."""
     out = {}
     for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        if p.info["name"] == "raylet" and p.info["cmdline"]:
+        if p.info["name"] == name and p.info["cmdline"]:
             out[p.info["pid"]] = " ".join(p.info["cmdline"])
     return out
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def _arg(cmd: str, name: str) -> str | None:
@@ -113,13 +128,29 @@ def _arg(cmd: str, name: str) -> str | None:
 
 
 def _run_ray_start(args: list[str], env: dict[str, str], temp_dir: str) -> dict[str, str]:
-    """Run `ray start ARGS`; return the new raylet's node id, session dir and GCS address."""
-    before = set(_raylets())
-    proc = subprocess.run([ray_exe(), "start", *args], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()][-3:]
+    """Run `ray start ARGS`; return the new raylet's node id, session dir and GCS address.
+
+    A failed start can leave daemons behind (its GCS, monitor): they are found by the session dir
+    of the GCS/raylet that was not there before and stopped, so a failure leaves nothing running.
+    """
+    before = set(_daemons("raylet")) | set(_daemons("gcs_server"))
+    try:
+        proc = subprocess.run(
+            [ray_exe(), "start", *args], env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+        )
+        failed, output = proc.returncode != 0, proc.stderr + proc.stdout
+    except subprocess.TimeoutExpired as exc:  # e.g. the head it joins is gone
+        failed = True
+        output = f"{exc.stderr or ''}{exc.stdout or ''}\nno answer after {START_TIMEOUT_S} s (is the head running?)"
+    if failed:
+        for name, key in (("gcs_server", "session-dir"), ("raylet", "session_dir")):
+            for pid, cmd in _daemons(name).items():
+                session = _arg(cmd, key)
+                if pid not in before and session and session.startswith(temp_dir.rstrip("/") + "/"):
+                    stop_processes(processes_under(session), timeout=5.0)
+        tail = [ln for ln in str(output).splitlines() if ln.strip()][-3:]
         raise SpecError(f"`ray start {' '.join(args)}` failed: {' / '.join(t.strip() for t in tail)}")
-    new = {pid: cmd for pid, cmd in _raylets().items() if pid not in before and _arg(cmd, "temp_dir") == temp_dir}
+    new = {pid: cmd for pid, cmd in _daemons("raylet").items() if pid not in before and _arg(cmd, "temp_dir") == temp_dir}
     if not new:
         raise SpecError(f"`ray start {' '.join(args)}` reported success but no new raylet runs with temp dir {temp_dir}")
     cmd = new[max(new, key=lambda pid: psutil.Process(pid).create_time())]
@@ -155,17 +186,32 @@ def _record(role: str, found: dict[str, str], temp_dir: str) -> NodeRecord:
 
 def start_head(
     port: int = DEFAULT_PORT, num_cpus: float | None = None, num_gpus: int | None = None,
-    temp_dir: str = DEFAULT_TEMP_DIR, auth: bool = True,
-) -> tuple[NodeRecord, str]:
-    """``ray start --head`` on this machine; returns its record and the authentication line."""
+    temp_dir: str = DEFAULT_TEMP_DIR, auth: bool = True, dashboard_port: int | None = None,
+) -> tuple[NodeRecord, str, int]:
+    """``ray start --head`` on this machine; returns its record, the authentication line and the dashboard port.
+
+    The dashboard serves Ray's state API, which Ray Train uses to free the CPUs of stopped trials and
+    `difflm cluster status` reads; `ray start` (2.60) leaves it out unless asked, and fails when its port
+    is taken (another Ray on the machine), so a free one is chosen unless ``dashboard_port`` is given.
+    Bound to 127.0.0.1: reach it over SSH.
+    """
+    from orchestrator.cluster.connect import free_port
+
     env, auth_line = _auth_env(auth, generate=True)
-    # The dashboard serves Ray's state API, which Tune needs to free stopped trials and `difflm cluster status`
-    # reads; `ray start` (2.60) leaves it out unless asked. Bound to 127.0.0.1: reach it over SSH.
-    args = [
-        "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        *_common_args(num_cpus, num_gpus, temp_dir),
-    ]
-    return _record("head", _run_ray_start(args, env, temp_dir), temp_dir), auth_line
+    chosen = dashboard_port or (DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else free_port())
+    for attempt in range(3):
+        args = [
+            "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={chosen}", *_common_args(num_cpus, num_gpus, temp_dir),
+        ]
+        try:
+            return _record("head", _run_ray_start(args, env, temp_dir), temp_dir), auth_line, chosen
+        except SpecError as exc:
+            # the port was free a moment ago and another Ray took it: pick another (unless the user chose it)
+            if dashboard_port is not None or "valid port for dashboard" not in str(exc) or attempt == 2:
+                raise
+            chosen = free_port()
+    raise AssertionError("unreachable")
 
 
 def join(

@@ -9,9 +9,11 @@ CPUs (and the orphaned workers on them), and the trial Tune retries waits for th
 forever. Measured on a 2-node loopback cluster (Ray 2.60): the sweep hung with a 0.99-CPU
 group of a dead controller on the surviving node.
 
-:class:`ReleaseOrphanedPlacementGroups` (a Tune callback on the sweep driver) removes, when
-a trial errors or is retried, every placement group of the sweep's own Ray job whose
-creating actor is dead, exactly what the lost cleaner would have done. Groups created by
+:class:`ReleaseOrphanedPlacementGroups` (a Tune callback on the sweep driver) removes, after
+a trial errors, is retried or ends, every placement group of the sweep's own Ray job whose
+creating actor is dead, exactly what the lost cleaner would have done. It asks the GCS
+directly, so it also works where the cleaner's state-API calls cannot reach the head's
+dashboard (bound to 127.0.0.1 by `difflm cluster up`). Groups created by
 the driver itself (Tune's trial groups), by live actors, detached groups and other jobs'
 groups are never touched.
 """
@@ -63,6 +65,8 @@ class ReleaseOrphanedPlacementGroups(Callback):
 
     Checks at the failure and then every ``every_s`` for ``window_s``: actors owned by a dead
     actor die a moment later, so their groups become orphans after the trial's error arrived.
+    Trials that end (ASHA stops them too) start the same window: normally Ray Train's own
+    cleaner frees a stopped trial's group, and this only repeats what it would do.
     """
 
     def __init__(self, every_s: float = 5.0, window_s: float = 120.0) -> None:
@@ -81,6 +85,10 @@ class ReleaseOrphanedPlacementGroups(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.on_trial_error(iteration, trials, trial, **info)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        # A trial ASHA stopped: Tune kills its actor, and its Train controller with it, a moment later.
+        self._until = time.monotonic() + self.window_s
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
         self._check()

@@ -66,8 +66,11 @@ def gather() -> tuple[list[NodeView], str | None]:
     try:
         from ray.util.state import list_actors, list_jobs
 
-        jobs = {j.job_id: j for j in list_jobs(raise_on_missing_output=False) if j.job_id}
-        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+        gcs = ray.get_runtime_context().gcs_address  # never "the" local instance: there may be several
+        jobs = {j.job_id: j for j in list_jobs(address=gcs, raise_on_missing_output=False) if j.job_id}
+        actors = list_actors(
+            address=gcs, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False
+        )
     except Exception as exc:
         return list(views.values()), (
             f"what runs where is unknown: Ray's state API did not answer ({type(exc).__name__}); it is served by the "

@@ -38,7 +38,8 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
-        self.replayed[trial.trial_id] = self.replay(trial, read_results(Path(trial.path) / "result.json") if trial.path else [])
+        folder = _trial_dir(trial)
+        self.replayed[trial.trial_id] = self.replay(trial, read_results(folder / "result.json") if folder else [])
 
     def replay(self, trial: Any, rows: list[dict[str, Any]]) -> int:
         """Feed a trial's past reports to its bracket, in report order, recording rung values only.
@@ -62,3 +63,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
             (milestone, {tid: sign * v for tid, v in recorded.items()})
             for milestone, recorded in reversed(self._brackets[0]._rungs)
         ]
+
+
+def _trial_dir(trial: Any) -> Path | None:
+    """The trial's folder, or None for a trial new to the sweep (Tune names its folder when it starts)."""
+    try:
+        return Path(trial.path) if trial.path else None
+    except RuntimeError:  # "Should not access `trial_fs_path` without setting `trial_dir_name`"
+        return None
