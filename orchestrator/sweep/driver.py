@@ -104,11 +104,10 @@ def _param_space(sweep: SweepFile) -> dict[str, Any]:
     return {path: dom.to_tune() for path, dom in sweep.sweep.search.items()}
 
 
-def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
+def _tune_config(sweep: SweepFile, max_concurrent: int, device: str) -> Any:
     from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
 
-    from orchestrator.sweep.asha import ResumableASHA
+    from orchestrator.sweep.schedulers import CapacityFIFO, ResumableASHA, TrialNeeds
 
     cfg = sweep.sweep
     if cfg.scheduler.kind == "asha":
@@ -119,7 +118,9 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
             reduction_factor=cfg.scheduler.reduction_factor,
         )
     else:
-        scheduler = FIFOScheduler()
+        scheduler = CapacityFIFO()
+    # Trials start only while their workers fit the cluster as it is (it shrinks when a node is lost).
+    scheduler.set_needs(TrialNeeds(sweep.base_raw(), cfg.linked, cfg.resources.trial_cpus, device == "cuda"))
     if cfg.algorithm == "optuna":
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
@@ -236,7 +237,8 @@ def run_sweep(
         )
     else:
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent), run_config=run_config
+            trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent, device),
+            run_config=run_config,
         )
     start = time.monotonic()
     try:
