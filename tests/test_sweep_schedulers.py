@@ -1,5 +1,5 @@
-"""Sweep schedulers (orchestrator/sweep/schedulers.py), in-process, no Ray cluster: ASHA keeps its early-stopping
-state across a restore, and trials start only while their workers fit the cluster.
+"""ASHA keeps its early-stopping state across a restore (orchestrator/sweep/schedulers.py), in-process: no Ray
+cluster.
 
 The restore is simulated the way Tune does it: the scheduler comes back from a pickle taken when
 the sweep started (tuner.pkl), then every trial of the experiment is re-added.
@@ -169,59 +169,3 @@ def test_trial_without_a_folder_yet_replays_nothing() -> None:
     sched = _sched(ResumableASHA)
     sched.on_trial_add(None, UnnamedTrial())
     assert sched.replayed == {"fresh": 0}
-
-
-# ------------------------------------------------------------------ admission by cluster capacity
-class Pending:
-    def __init__(self, tid: str, config: dict, status: str = "PENDING") -> None:
-        self.trial_id, self.config, self.status = tid, config, status
-
-
-class Controller:
-    def __init__(self, trials: list[Pending]) -> None:
-        self.trials = trials
-
-    def get_trials(self) -> list[Pending]:
-        return self.trials
-
-
-def _needs(**scaling: float) -> "TrialNeeds":
-    from orchestrator.sweep.schedulers import TrialNeeds
-
-    base = {"scaling": {"num_workers": 1, "cpus_per_worker": 0.99, "gpus_per_worker": 1.0, **scaling}}
-    linked = {"model.size": {"base": {"scaling.num_workers": 3}}}
-    return TrialNeeds(base, linked, trial_cpus=0.01, use_gpu=False)
-
-
-@pytest.mark.parametrize("cls_name", ["CapacityFIFO", "ResumableASHA"])
-def test_trials_start_only_while_their_workers_fit(cls_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a node is lost, Tune restarts its trials at once; with 1 CPU left only one may run (the second one
-    would hold the last 0.01 CPU its sibling's workers need: a deadlock)."""
-    from orchestrator.sweep import schedulers
-
-    sched = getattr(schedulers, cls_name)(**({} if cls_name == "CapacityFIFO" else {"metric": "val/nll", "mode": "min"}))
-    sched.set_needs(_needs())
-    totals = {"cpus": 1.0}
-    monkeypatch.setattr(sched, "_cluster", lambda: (totals["cpus"], 0.0))
-    a, b = Pending("a", {}, "RUNNING"), Pending("b", {})
-    assert sched.choose_trial_to_run(Controller([a, b])) is None  # 1.0 + 1.0 > 1 CPU
-    totals["cpus"] = 2.0
-    assert sched.choose_trial_to_run(Controller([a, b])) is b
-    a.status = "TERMINATED"
-    totals["cpus"] = 1.0
-    assert sched.choose_trial_to_run(Controller([a, b])) is b  # a finished: room again
-    big = Pending("c", {"model.size": "base"})  # linked: 3 workers
-    assert sched.needs is not None and sched.needs.of(big.config) == pytest.approx((0.01 + 3 * 0.99, 0.0))
-    assert sched.choose_trial_to_run(Controller([Pending("d", {}, "RUNNING"), big])) is None
-    assert sched.choose_trial_to_run(Controller([big])) is big  # alone it starts even if it cannot fit
-
-
-def test_gpu_trials_count_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.sweep.schedulers import CapacityFIFO, TrialNeeds
-
-    sched = CapacityFIFO()
-    needs = _needs(num_workers=2)
-    sched.set_needs(TrialNeeds(needs.base, needs.linked, 0.01, use_gpu=True))
-    monkeypatch.setattr(sched, "_cluster", lambda: (64.0, 3.0))
-    running, waiting = Pending("r", {}, "RUNNING"), Pending("w", {})
-    assert sched.choose_trial_to_run(Controller([running, waiting])) is None  # 2 + 2 GPUs > 3

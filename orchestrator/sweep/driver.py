@@ -36,6 +36,8 @@ from orchestrator.sweep.spec import SweepFile, trial_raw
 from orchestrator.spec.yamlio import spec_yaml, validate_as
 
 STATE_FILE = "difflm_sweep.json"
+#: what a trial actor reserves when it holds no CPU (sweep.resources.trial_cpus: 0)
+TRIAL_MEMORY = 64 * 1024**2
 
 
 def _short(path: str) -> str:
@@ -104,10 +106,12 @@ def _param_space(sweep: SweepFile) -> dict[str, Any]:
     return {path: dom.to_tune() for path, dom in sweep.sweep.search.items()}
 
 
-def _tune_config(sweep: SweepFile, max_concurrent: int, device: str) -> Any:
+def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
     from ray import tune
 
-    from orchestrator.sweep.schedulers import CapacityFIFO, ResumableASHA, TrialNeeds
+    from ray.tune.schedulers import FIFOScheduler
+
+    from orchestrator.sweep.schedulers import ResumableASHA
 
     cfg = sweep.sweep
     if cfg.scheduler.kind == "asha":
@@ -118,9 +122,7 @@ def _tune_config(sweep: SweepFile, max_concurrent: int, device: str) -> Any:
             reduction_factor=cfg.scheduler.reduction_factor,
         )
     else:
-        scheduler = CapacityFIFO()
-    # Trials start only while their workers fit the cluster as it is (it shrinks when a node is lost).
-    scheduler.set_needs(TrialNeeds(sweep.base_raw(), cfg.linked, cfg.resources.trial_cpus, device == "cuda"))
+        scheduler = FIFOScheduler()
     if cfg.algorithm == "optuna":
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
@@ -150,7 +152,12 @@ def _trainable(sweep: SweepFile, sweep_dir: Path, device: str) -> Any:
     fn = tune.with_parameters(
         run_trial, base=sweep.base_raw(), linked=sweep.sweep.linked, sweep_dir=str(sweep_dir), device=device
     )
-    return tune.with_resources(fn, {"CPU": sweep.sweep.resources.trial_cpus})
+    share = sweep.sweep.resources.trial_cpus
+    # A trial actor only waits on its Train run. With no CPU it can never hold a fraction of a CPU its own or
+    # another trial's workers need: after a node is lost, Tune restarts all its trials at once, and 0.01-CPU
+    # actors filling the survivors' last CPU fractions left no room for any worker (a deadlock, measured on a
+    # 2-node cluster). A placement-group bundle must not be empty: it reserves a little memory instead.
+    return tune.with_resources(fn, {"CPU": share} if share > 0 else {"CPU": 0, "memory": TRIAL_MEMORY})
 
 
 def sweep_dir_for(sweep: SweepFile, spec_path: str) -> Path:
@@ -237,7 +244,7 @@ def run_sweep(
         )
     else:
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent, device),
+            trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent),
             run_config=run_config,
         )
     start = time.monotonic()

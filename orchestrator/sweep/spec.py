@@ -102,7 +102,12 @@ class SweepResources(StrictModel):
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker on CUDA (default scaling.gpus_per_worker).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as fit.")
     trial_cpus: float = Field(
-        0.01, gt=0, le=1, description="CPU share of each Tune trial actor (tiny, so it never starves its own workers)."
+        0.0,
+        ge=0,
+        le=1,
+        description="CPU share each Tune trial actor holds. 0 (default): none (it only waits on its Train run), so "
+        "trials never hold CPU that workers need, even when a lost node shrinks the cluster. Above 0 it is carved "
+        "out of the trial's workers' reservation.",
     )
 
 
@@ -197,10 +202,11 @@ class SweepFile(RunSpec):
         ):
             if val is not None:
                 raw["scaling"][key] = val
-        # The trial actor's CPU share is carved out of its workers' reservation, so N trials of
+        # A trial actor's CPU share, if any, is carved out of its workers' reservation, so N trials of
         # 1-CPU workers fit on N CPUs (a reservation is a scheduling unit; nobody computes on it).
         sc = raw["scaling"]
-        sc["cpus_per_worker"] = max(sc["cpus_per_worker"] - r.trial_cpus / sc["num_workers"], 0.01)
+        if r.trial_cpus > 0:
+            sc["cpus_per_worker"] = max(sc["cpus_per_worker"] - r.trial_cpus / sc["num_workers"], 0.01)
         return raw
 
 
