@@ -2,11 +2,12 @@
 
 The head and a second node (1 CPU each, their own temp dirs) run without the worktree on
 their PYTHONPATH: their workers get this checkout's code only through the driver's
-runtime_env (py_modules). On it: `difflm cluster status`, a 2-worker `difflm train` whose
-summary names both node ids, a relative output dir refused, an ASHA sweep interrupted with Ctrl-C and resumed (it must stop the same trials as an
-uninterrupted run), and last a 2-trial `difflm sweep` whose records show both node ids,
-during which the second node is lost (Tune retries the lost trials on the head). The module's
-teardown stops both nodes and checks that nothing of them is left.
+runtime_env (py_modules). On it: `difflm cluster status`; a relative output dir refused; a
+2-worker `difflm train` whose summary names both node ids; an ASHA sweep interrupted with
+Ctrl-C and resumed (it must stop the same trials as an uninterrupted run); and last a 2-trial
+`difflm sweep` with a train worker on each node, during which the second node is lost (Tune
+retries the lost trials on the head). The module's teardown stops both nodes and checks that
+nothing of them is left.
 """
 
 from __future__ import annotations

@@ -203,3 +203,24 @@ def test_sigkilled_train_leaves_no_ray_processes(runtime: Path, tmp_path: Path) 
     assert not left, [psutil.Process(p).cmdline()[:2] for p in left if is_alive(p)]
     assert not temp_dir.exists()
     assert len(seen) >= 10  # the driver had started Ray's daemons and workers
+
+
+def test_private_start_retries_when_its_dashboard_port_was_taken(runtime: Path) -> None:
+    """The dashboard port is chosen before Ray starts (so every worker can be pointed at it); if another Ray
+    takes it in between, Ray fails to bind and difflm tries again with another port and a fresh instance."""
+    from orchestrator.cluster.connect import start_or_join
+
+    calls: list[dict] = []
+
+    def fake_init(**kwargs: object) -> None:
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise RuntimeError("Failed to find a valid port for dashboard after 0 retries: address already in use")
+
+    start_or_join(None, fake_init, {"runtime_env": {"env_vars": {"A": "1"}}}, log=print)
+    assert len(calls) == 2 and calls[0]["_temp_dir"] != calls[1]["_temp_dir"]
+    port = calls[1]["dashboard_port"]
+    assert calls[1]["runtime_env"]["env_vars"] == {"A": "1", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    assert "py_modules" not in calls[1]["runtime_env"]  # a private instance's workers import from this machine
+    with pytest.raises(ValueError, match="something else"):
+        start_or_join(None, lambda **kw: (_ for _ in ()).throw(ValueError("something else")), {}, log=print)

@@ -143,10 +143,19 @@ def start_or_join(
     from orchestrator.cluster.private import start_private_ray
 
     # The dashboard serves the state API; choosing its port makes its URL known before Ray starts, so
-    # every process of the instance (they inherit this environment) asks its own dashboard.
-    port = free_port()
-    kwargs = _with_env(kwargs, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}, ship_code=False)
-    start_private_ray(init, {**kwargs, "dashboard_port": port}, log or _stderr)
+    # every worker of the instance (runtime_env) asks its own dashboard, never another Ray's.
+    for attempt in range(3):
+        port = free_port()
+        pinned = _with_env(kwargs, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}, ship_code=False)
+        try:
+            start_private_ray(init, {**pinned, "dashboard_port": port}, log or _stderr)
+            return
+        except Exception as exc:  # the free port was taken in between: another Ray started on this machine
+            if "valid port for dashboard" not in str(exc) or attempt == 2:
+                raise
+            import ray
+
+            ray.shutdown()
 
 
 def alive_nodes() -> list[dict[str, Any]]:
