@@ -12,7 +12,7 @@ import torch
 
 from difflm.data import prepare_data
 from difflm.families import Family, LossOutput, build_model
-from orchestrator.train.checkpoints import special_ids
+from orchestrator.rundir.checkpoints import special_ids
 from orchestrator.train.engine import TorchEngine, run_lr_lambda
 from orchestrator.train.runner import Runner, WorkerContext
 from orchestrator.spec.run import RunSpec

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from difflm.data import prepare_data
-from orchestrator.train.checkpoints import resolve_checkpoint
+from orchestrator.rundir.checkpoints import resolve_checkpoint
 from orchestrator.cli import main
 from orchestrator.train.engine import TorchEngine
 from orchestrator.errors import SpecError
@@ -211,7 +211,7 @@ def test_eval_reproduces_multi_worker_validation(runs: dict[str, Path], tmp_path
     import yaml
 
     from difflm.evaluation import ValDraws, load_val_draws
-    from orchestrator.train.checkpoints import load_checkpoint
+    from orchestrator.rundir.checkpoints import load_checkpoint
 
     ckpt_dir = tmp_path / "two-workers"
     shutil.copytree(runs["mdlm"] / CKPT_NAME, ckpt_dir)

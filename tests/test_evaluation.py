@@ -29,7 +29,7 @@ from difflm.evaluation import (
 from difflm.families import build_model
 from difflm.families.mdlm.model import MDLM
 from difflm.schedules import MDLM_SCHEDULES
-from orchestrator.train.checkpoints import special_ids
+from orchestrator.rundir.checkpoints import special_ids
 from orchestrator.train.engine import TorchEngine
 from orchestrator.sweep.ranking import Candidate, rank_candidates
 from orchestrator.train.runner import Runner, WorkerContext

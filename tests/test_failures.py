@@ -69,7 +69,7 @@ def test_sweep_trial_fails_with_the_stop_reason(tmp_path: Path, monkeypatch: pyt
     import ray.tune
 
     import orchestrator.sweep.driver as sweep
-    from orchestrator.train.run_folder import write_stop
+    from orchestrator.rundir.run_folder import write_stop
     from orchestrator.spec.run import RunSpec
 
     class Trainer:

@@ -16,7 +16,7 @@ import torch
 from difflm.atomic import atomic_symlink, atomic_write_text
 from difflm.data import prepare_data
 from difflm.families import Family, build_model
-from orchestrator.train.ckpt_files import (
+from orchestrator.rundir.ckpt_files import (
     CorruptCheckpointError,
     checkpoint_dir_name,
     pick_resume_checkpoint,

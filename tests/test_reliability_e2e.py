@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.train.checkpoints import load_checkpoint
+from orchestrator.rundir.checkpoints import load_checkpoint
 from orchestrator.train.metrics import read_scalars
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
-from orchestrator.train.run_folder import check_run_folder
+from orchestrator.rundir.run_folder import check_run_folder
 from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import spec_yaml
 from tests.helpers import make_run_dir

@@ -178,13 +178,38 @@ def test_cluster_configs_pass_rays_own_validator() -> None:
     import yaml
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    files = sorted((REPO / "clusters").glob("*.yaml"))
-    assert files
+    from orchestrator.cluster.profile import is_ray_launcher_config
+
+    files = [f for f in sorted((REPO / "clusters").glob("*.yaml")) if is_ray_launcher_config(yaml.safe_load(f.read_text()))]
+    assert [f.name for f in files] == ["local.yaml"]
     for f in files:
         cfg = yaml.safe_load(f.read_text())
         validate_config(prepare_config(cfg))
         assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+        assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+                   if "ray start" in c)
     bad = yaml.safe_load(files[0].read_text())
     bad["max_worker"] = 3  # a typo must not pass
     with pytest.raises(Exception, match="max_worker"):
         validate_config(prepare_config(bad))
+
+
+def test_every_shipped_cluster_file_validates_and_says_what_it_is_for() -> None:
+    """Profiles with difflm's Profile model, launcher configs with Ray's schema, all through `difflm validate`."""
+    files = sorted((REPO / "clusters").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"local", "workstation-6gpu", "laptop-mps", "cpu"}
+    code, out = _run(["validate", *map(str, files)])
+    assert code == 0, out
+    assert out.count("(profile)") == len(files) - 1 and out.count("(Ray cluster-launcher)") == 1, out
+    for f in files:
+        assert f.read_text().startswith("# "), f"{f.name}: start with a comment saying which machine it is for"
+
+
+def test_bad_cluster_files_exit_2(tmp_path: Path) -> None:
+    typo = _write(tmp_path, "cluster_name: x\nprovider: {type: local, head_ip: 1.2.3.4, worker_ips: []}\n"
+                  "auth: {ssh_user: u}\nmax_worker: 2\n", "launcher.yaml")
+    code, out = _run(["validate", str(typo)])
+    assert code == 2 and "launcher.yaml: Ray's cluster-launcher schema rejects it" in out and "max_worker" in out
+    prof = _write(tmp_path, "description: x\nscaling: {num_wrkers: 2}\n", "prof.yaml")
+    code, out = _run(["validate", str(prof)])
+    assert code == 2 and "prof.yaml:2: scaling.num_wrkers: unknown key 'num_wrkers'; did you mean 'num_workers'?" in out

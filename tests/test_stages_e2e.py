@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train.checkpoints import load_checkpoint
+from orchestrator.rundir.checkpoints import load_checkpoint
 from orchestrator.train.metrics import read_histograms, read_scalars
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from orchestrator.cluster.procs import processes_under, stop_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -37,11 +40,6 @@ def _rows_at(trial_dir: Path, step: int) -> dict[str, float]:
     """The trial's Tune result row of the eval at ``step``."""
     rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
     return next(r for r in rows if r.get("step") == step)
-
-
-def _ray_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "gcs_server|raylet|dashboard.py"], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}
 
 
 def test_quickstart_sweep_asha(tmp_path: Path) -> None:
@@ -122,10 +120,10 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     spec = tmp_path / "resume.yaml"
     spec.write_text(RESUME_SPEC % tmp_path)
     sweep_dir = tmp_path / "r"
-    before = _ray_pids()
+    runtime = Path(tempfile.mkdtemp(prefix="dls", dir="/tmp"))  # this driver's private Ray lives below it
     driver = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "sweep", str(spec)], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "DIFFLM_RUNTIME_DIR": str(runtime)},
     )
     # Kill once one trial has finished and the next has checkpointed (so it must continue, not restart).
     # Tune writes a running trial's result.json lazily; the Train run's checkpoint folders appear at once.
@@ -151,12 +149,17 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     finished, partial = state()
-    # The killed driver's local Ray processes outlive it; clear them so they do not hold this machine.
-    for pid in _ray_pids() - before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # The killed driver's private Ray instance goes with it (its watchdog); never kill Ray processes by name
+    # here: other Ray instances on the machine are not this test's.
+    left = processes_under(runtime)
+    for _ in range(60):
+        if not left:
+            break
+        time.sleep(0.5)
+        left = processes_under(runtime)
+    stop_processes(left)
+    subprocess.run(["rm", "-rf", str(runtime)], check=False)
+    assert not left, [p.pid for p in left]
     assert finished and partial
 
     proc = _cli("sweep", str(spec), "--resume")

@@ -1,1 +1,1 @@
-"""Benchmarks behind ``difflm bench``: ASHA savings (``asha.py``), cached sampling (``sampling.py``)."""
+"""Benchmarks behind ``difflm bench``: training throughput (``throughput.py``, ``peak.py``, ``report.py``), ASHA savings (``asha.py``), every grid point in-process (``grid.py``), cached sampling (``sampling.py``)."""

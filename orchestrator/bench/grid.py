@@ -44,7 +44,7 @@ def run_point(raw: dict[str, Any], out_dir: Path, threads: int) -> tuple[Any, fl
     from difflm.data import prepare_data
     from difflm.evaluation import draws_path, load_val_draws
     from difflm.families import build_model
-    from orchestrator.train.checkpoints import special_ids
+    from orchestrator.rundir.checkpoints import special_ids
     from orchestrator.train.engine import TorchEngine
     from orchestrator.train.runner import Runner, WorkerContext
     from orchestrator.spec.run import spec_from_dict

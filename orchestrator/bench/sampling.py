@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from difflm.sampling import SampleOptions, get_sampler
-    from orchestrator.train.checkpoints import load_checkpoint
+    from orchestrator.rundir.checkpoints import load_checkpoint
     from orchestrator.errors import SpecError
 
     if args.threads:

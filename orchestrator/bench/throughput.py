@@ -116,7 +116,7 @@ class BarePath:
 
     def __init__(self, spec: Any, data: Any, device: torch.device) -> None:
         from difflm.families import build_model
-        from orchestrator.train.checkpoints import special_ids
+        from orchestrator.rundir.checkpoints import special_ids
         from orchestrator.train.engine import adamw
 
         t = spec.train
@@ -147,7 +147,7 @@ class RunnerPath:
 
     def __init__(self, backend: str, spec: Any, data: Any, device: torch.device) -> None:
         from difflm.families import build_model
-        from orchestrator.train.checkpoints import special_ids
+        from orchestrator.rundir.checkpoints import special_ids
         from orchestrator.train.engine import DeepSpeedEngine, TorchEngine, effective_zero_stage
         from orchestrator.train.runner import Runner, WorkerContext
 

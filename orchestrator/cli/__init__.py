@@ -6,6 +6,7 @@
     difflm sample | eval | denoise    orchestrator/cli/inference.py
     difflm bench asha | sampling      orchestrator/cli/bench.py
     difflm doctor SPEC                orchestrator/cli/doctor.py
+    difflm cluster up | down | status orchestrator/cli/cluster.py
 
 A new command goes in the module of its group (or a new module) and is added here.
 Bad input prints one message and exits 2 before Ray starts (``cli.common.user_errors``).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli import bench, doctor, inference, spec, sweep, train
+from orchestrator.cli import bench, cluster, doctor, inference, spec, sweep, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +38,7 @@ for _cmd in (
     inference.denoise,
     bench.bench,
     doctor.doctor,
+    cluster.cluster,
 ):
     main.add_command(_cmd)
 

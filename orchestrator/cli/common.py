@@ -19,6 +19,23 @@ from orchestrator.errors import SpecError
 #: --device choices of the commands that run a checkpoint in-process
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
+PROFILE_HELP = (
+    "Scaling profile: a name in clusters/ (cpu, laptop-mps, workstation-6gpu) or a profile file. "
+    "It sets defaults under the spec: the spec file and --set still win."
+)
+
+
+def profile_defaults(profile: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the profile's partial run spec, a line saying what it set) for --profile; (None, None) without one."""
+    if profile is None:
+        return None, None
+    from orchestrator.cluster.profile import load_profile
+
+    prof, path = load_profile(profile)
+    defaults = prof.defaults()
+    fields = ", ".join(f"{s}.{k}={v}" for s, sec in defaults.items() for k, v in sec.items())
+    return defaults, f"profile {path}: {fields} (the spec and --set override these)"
+
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map the errors a user can fix (SpecError, DataError) to one line on stderr and exit code 2."""

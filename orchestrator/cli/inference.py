@@ -8,7 +8,7 @@
     difflm denoise runs/q --text "The capital of India is New Delhi." --t 0.1,0.5,0.9
 
 Every command takes a run dir, RUN_DIR/best or RUN_DIR/last, or a checkpoint folder
-(:mod:`orchestrator.train.checkpoints`). Bad input exits 2 with one line. Samplers, the NLL
+(:mod:`orchestrator.rundir.checkpoints`). Bad input exits 2 with one line. Samplers, the NLL
 bound and the denoising all come from the family (``Family.samplers``, ``forward`` /
 ``val_nll``, ``denoise``): nothing here branches on the family's name.
 """
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from difflm.data import Tokenizer
-    from orchestrator.train.checkpoints import LoadedCheckpoint
+    from orchestrator.rundir.checkpoints import LoadedCheckpoint
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 
@@ -53,7 +53,7 @@ def _as_spec_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(checkpoint: str, device: str) -> LoadedCheckpoint:
-    from orchestrator.train.checkpoints import load_checkpoint
+    from orchestrator.rundir.checkpoints import load_checkpoint
 
     return load_checkpoint(checkpoint, device)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.common import user_errors
+from orchestrator.cli.common import PROFILE_HELP, profile_defaults, user_errors
 from orchestrator.errors import SpecError
-from orchestrator.train.run_folder import SWEEP_STATE as STATE_FILE
+from orchestrator.rundir.run_folder import SWEEP_STATE as STATE_FILE
 
 
 def _finish(sweep_dir: Path) -> bool:
@@ -34,19 +34,24 @@ def _finish(sweep_dir: Path) -> bool:
     return complete
 
 
-def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
+def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None, profile: str | None) -> None:
     from orchestrator.sweep.spec import load_sweep_file
 
-    sweep = load_sweep_file(str(spec_file), overrides)
+    defaults, profile_note = profile_defaults(profile)
+    sweep = load_sweep_file(str(spec_file), overrides, defaults=defaults)
     from orchestrator.train.console import TrainConsole
     from orchestrator.sweep.driver import run_sweep, sweep_dir_for
 
     console = TrainConsole()
+    if profile_note:
+        console.info(profile_note)
     sweep_dir = sweep_dir_for(sweep, str(spec_file))
     resume_cmd = f"difflm resume {sweep_dir}"
     interrupted = "\ninterrupted: trials stopped, state saved in {}\nresume with: {}"
     try:
-        elapsed = run_sweep(sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides)
+        elapsed = run_sweep(
+            sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides, profile=profile
+        )
     except KeyboardInterrupt:
         click.echo(interrupted.format(sweep_dir, resume_cmd), err=True)
         sys.exit(130)
@@ -64,11 +69,12 @@ def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str
 @click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field of the sweep file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted or killed sweep in its folder.")
-@click.option("--address", help="Join an existing Ray cluster instead of starting one.")
+@click.option("--address", help="Join an existing Ray cluster (HOST:PORT or 'auto') instead of starting one.")
+@click.option("--profile", metavar="NAME|PATH", help=PROFILE_HELP)
 @user_errors
-def sweep(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
+def sweep(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None, profile: str | None) -> None:
     """Run a Ray Tune sweep described by SPEC_FILE (a run spec plus a `sweep:` section)."""
-    _run(spec_file, overrides, resume, address)
+    _run(spec_file, overrides, resume, address, profile)
 
 
 def resume_sweep(sweep_dir: Path, address: str | None) -> None:
@@ -82,7 +88,7 @@ def resume_sweep(sweep_dir: Path, address: str | None) -> None:
         f"output.dir={sweep_dir.resolve().parent}",
         f"output.name={sweep_dir.resolve().name}",
     )
-    _run(Path(saved["spec_path"]), overrides, True, address)
+    _run(Path(saved["spec_path"]), overrides, True, address, saved.get("profile"))
 
 
 @click.command()

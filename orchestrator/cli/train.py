@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from orchestrator.cli.common import user_errors
+from orchestrator.cli.common import PROFILE_HELP, profile_defaults, user_errors
 from orchestrator.errors import SpecError
 
 
@@ -32,9 +32,10 @@ from orchestrator.errors import SpecError
 @click.option("--resume", is_flag=True, help="Continue the run already in the run folder (same as `difflm resume RUN_DIR`).")
 @click.option("--allow-spec-change", is_flag=True, help="With --resume: accept a spec that differs from the run's "
               "spec.yaml beyond max_steps, cadence and locations.")
+@click.option("--profile", metavar="NAME|PATH", help=PROFILE_HELP)
 @user_errors
 def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, address: str | None,
-          resume: bool, allow_spec_change: bool) -> None:
+          resume: bool, allow_spec_change: bool, profile: str | None) -> None:
     """Train the run described by SPEC_FILE as a Ray Train + DeepSpeed job."""
     from orchestrator.spec.run import load_run_spec
 
@@ -43,17 +44,20 @@ def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name
         extra.append(f"output.dir={output}")
     if name is not None:
         extra.append(f"output.name={name}")
-    spec = load_run_spec(spec_file, extra)
-    _launch(spec, address, resume=resume, allow_spec_change=allow_spec_change)
+    defaults, profile_note = profile_defaults(profile)
+    spec = load_run_spec(spec_file, extra, defaults=defaults)
+    _launch(spec, address, resume=resume, allow_spec_change=allow_spec_change, note=profile_note)
 
 
-def _launch(spec: Any, address: str | None, *, resume: bool, allow_spec_change: bool) -> None:
+def _launch(spec: Any, address: str | None, *, resume: bool, allow_spec_change: bool, note: str | None = None) -> None:
     from orchestrator.train.console import TrainConsole
     from orchestrator.errors import TrainingStopped
     from orchestrator.train.failures import TrainingFailed
     from orchestrator.train.launch import launch_train
 
     console = TrainConsole()
+    if note:
+        console.info(note)
     spec = spec.model_copy(update={"output": spec.output.model_copy(update={"name": spec.run_name()})})  # fix the name
     try:
         result = launch_train(spec, address=address, console=console, resume=resume, allow_spec_change=allow_spec_change)
@@ -85,7 +89,7 @@ def _launch(spec: Any, address: str | None, *, resume: bool, allow_spec_change: 
 @user_errors
 def resume(directory: Path, overrides: tuple[str, ...], allow_spec_change: bool, address: str | None) -> None:
     """Continue the run or sweep in DIRECTORY (a run folder, or a sweep folder) from its last checkpoint."""
-    from orchestrator.train.run_folder import SPEC_FILE, holds_run
+    from orchestrator.rundir.run_folder import SPEC_FILE, holds_run
     from orchestrator.cli.sweep import STATE_FILE, resume_sweep
 
     directory = directory.expanduser().resolve()

@@ -19,7 +19,7 @@ from difflm.families import Family, build_model
 from orchestrator.devices import synchronize
 from orchestrator.doctor.report import Check, fmt_count, fmt_duration
 from orchestrator.spec.run import RunSpec
-from orchestrator.train.checkpoints import special_ids
+from orchestrator.rundir.checkpoints import special_ids
 from orchestrator.train.engine import TorchEngine
 
 #: one-batch memorisation: batch shape, step budget, the share of the initial loss to reach, the lowest LR
@@ -114,7 +114,7 @@ def gradient_verdict(norms: dict[str, float | None], step: int) -> Check:
         return Check("FAIL", "gradients", f"{msg}: exploding; lower train.lr (clipping only hides it)")
     problems = []
     if total > EXPLODING_WARN:
-        problems.append(f"large total norm (every step is clipped to train.grad_clip)")
+        problems.append("large total norm (every step is clipped to train.grad_clip)")
     vanishing = [k for k, v in real.items() if v < VANISHING * max(real.values())]
     if vanishing:
         problems.append(f"vanishing in {', '.join(vanishing[:4])} (below {VANISHING:g} x the largest)")

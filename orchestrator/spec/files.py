@@ -1,4 +1,4 @@
-"""Spec-file dispatch for `difflm validate` and `difflm schema`: run specs and sweep files."""
+"""File dispatch for `difflm validate` and `difflm schema`: run specs, sweep files, scaling profiles, Ray cluster configs."""
 
 from __future__ import annotations
 
@@ -9,17 +9,33 @@ from orchestrator.errors import SpecError
 from orchestrator.spec.yamlio import read_yaml
 
 
-def validate_file(path: Path, overrides: list[str]) -> str:
-    """Validate one file; return its kind ("run" or "sweep"); SpecError on any problem."""
+def validate_file(path: Path, overrides: list[str], defaults: dict[str, Any] | None = None) -> str:
+    """Validate one file; return its kind; SpecError on any problem.
+
+    Kinds: "run" and "sweep" specs (``defaults``: a profile's fields under them), "profile" (a difflm
+    scaling profile, ``clusters/*.yaml``), "Ray cluster-launcher" (checked with Ray's own schema).
+    """
+    from orchestrator.cluster.profile import PROFILE_KEY, is_ray_launcher_config
+
     raw = read_yaml(path)
+    if is_ray_launcher_config(raw):
+        from orchestrator.cluster.nodes import check_launcher_config
+
+        check_launcher_config(raw, str(path))
+        return "Ray cluster-launcher"
+    if PROFILE_KEY in raw:
+        from orchestrator.cluster.profile import load_profile
+
+        load_profile(str(path))
+        return "profile"
     if "sweep" in raw:
         from orchestrator.sweep.spec import load_sweep_file
 
-        load_sweep_file(str(path), overrides)
+        load_sweep_file(str(path), overrides, defaults=defaults)
         return "sweep"
     from orchestrator.spec.run import load_run_spec
 
-    load_run_spec(path, overrides)
+    load_run_spec(path, overrides, defaults=defaults)
     return "run"
 
 

@@ -23,7 +23,7 @@ from difflm.families.registry import family_names, get_family, unread_fields
 from difflm.models.config import ModelConfig
 from orchestrator.errors import SpecError
 from orchestrator.spec.stages import Stage, StageConfig, resolve_stages
-from orchestrator.spec.yamlio import apply_overrides, read_yaml, validate_as
+from orchestrator.spec.yamlio import apply_overrides, deep_merge, read_yaml, validate_as
 
 
 class TrainConfig(StrictModel):
@@ -250,11 +250,17 @@ class RunSpec(StrictModel):
         return self.output.name or f"{self.model.family}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def load_run_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
-    """Read, override and validate a run spec; raise SpecError with a user-facing message."""
+def load_run_spec(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> RunSpec:
+    """Read, override and validate a run spec; raise SpecError with a user-facing message.
+
+    ``defaults`` (a scaling profile's fields) sit under the file: defaults < file < overrides.
+    """
     raw = read_yaml(path)
     if "sweep" in raw:
         raise SpecError(f"{path}: this is a sweep file (it has a `sweep:` section); run it with `difflm sweep {path}`")
+    raw = deep_merge(defaults or {}, raw)
     raw = apply_overrides(raw, overrides, source=str(path))
     return validate_as(RunSpec, raw, source=str(path))
 

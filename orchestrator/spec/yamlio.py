@@ -101,6 +101,17 @@ def set_path(data: dict[str, Any], parts: list[str], value: Any, *, label: str) 
     node[parts[-1]] = value
 
 
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursively for mappings (a new dict; inputs unchanged).
+
+    Used to put a spec file over a scaling profile's defaults: the spec wins key by key.
+    """
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str], source: str) -> dict[str, Any]:
     """Apply ``--set`` overrides to a copy of ``data`` (validation happens after)."""
     out = copy.deepcopy(data)

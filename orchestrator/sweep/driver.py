@@ -33,12 +33,14 @@ from difflm.data import prepare_data
 from orchestrator.errors import SpecError
 from difflm.atomic import atomic_write_text
 from orchestrator.train.launch import build_trainer, prepare_and_place
-from orchestrator.train.run_folder import SWEEP_STATE, read_stop
+from orchestrator.rundir.run_folder import SWEEP_STATE, read_stop
 from orchestrator.spec.run import RunSpec
 from orchestrator.sweep.spec import SweepFile, trial_dirname, trial_raw
 from orchestrator.spec.yamlio import spec_yaml, validate_as
 
 STATE_FILE = SWEEP_STATE
+#: what a trial actor reserves when it holds no CPU (sweep.resources.trial_cpus: 0)
+TRIAL_MEMORY = 64 * 1024**2
 
 
 # ------------------------------------------------------------------- trial
@@ -97,11 +99,14 @@ def _param_space(sweep: SweepFile) -> dict[str, Any]:
 
 def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from ray.tune.schedulers import FIFOScheduler
+
+    from orchestrator.sweep.schedulers import ResumableASHA
 
     cfg = sweep.sweep
     if cfg.scheduler.kind == "asha":
-        scheduler: Any = ASHAScheduler(
+        scheduler: Any = ResumableASHA(  # rungs survive `--resume` (Tune does not save schedulers)
             time_attr="step",  # the optimizer step: training_iteration restarts when a trial resumes
             max_t=sweep.trial_max_steps(),
             grace_period=cfg.scheduler.grace_period,
@@ -138,7 +143,12 @@ def _trainable(sweep: SweepFile, sweep_dir: Path, device: str) -> Any:
     fn = tune.with_parameters(
         run_trial, base=sweep.base_raw(), linked=sweep.sweep.linked, sweep_dir=str(sweep_dir), device=device
     )
-    return tune.with_resources(fn, {"CPU": sweep.sweep.resources.trial_cpus})
+    share = sweep.sweep.resources.trial_cpus
+    # A trial actor only waits on its Train run. With no CPU it can never hold a fraction of a CPU its own or
+    # another trial's workers need: after a node is lost, Tune restarts all its trials at once, and 0.01-CPU
+    # actors filling the survivors' last CPU fractions left no room for any worker (a deadlock, measured on a
+    # 2-node cluster). A placement-group bundle must not be empty: it reserves a little memory instead.
+    return tune.with_resources(fn, {"CPU": share} if share > 0 else {"CPU": 0, "memory": TRIAL_MEMORY})
 
 
 def sweep_dir_for(sweep: SweepFile, spec_path: str) -> Path:
@@ -154,6 +164,7 @@ def run_sweep(
     address: str | None,
     console: Any,
     overrides: tuple[str, ...] = (),
+    profile: str | None = None,
 ) -> float:
     """Validate resources, start/join Ray, run (or restore) the Tuner. Returns the seconds Tune ran."""
     from ray import tune
@@ -179,7 +190,11 @@ def run_sweep(
     atomic_write_text(sweep_dir / "sweep.yaml", spec_yaml(sweep))
     if not resume:
         atomic_write_text(
-            state, json.dumps({"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides)}, indent=2)
+            state,
+            json.dumps(
+                {"spec_path": str(Path(spec_path).resolve()), "overrides": list(overrides), "profile": _abs_profile(profile)},
+                indent=2,
+            ),
         )
     from orchestrator.sweep import console as sweep_console
 
@@ -190,12 +205,19 @@ def run_sweep(
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     from ray.tune.logger import JsonLoggerCallback
 
+    from orchestrator.cluster.recovery import ReleaseOrphanedPlacementGroups
+
+    def callbacks() -> list[Any]:
+        return [table, JsonLoggerCallback(), ReleaseOrphanedPlacementGroups()]
+
     run_config = tune.RunConfig(
         name=sweep_dir.name,
         storage_path=str(sweep_dir.parent),
-        callbacks=[table, JsonLoggerCallback()],
+        callbacks=callbacks(),
         verbose=0,
-        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        # A failed trial (e.g. its node was lost) restarts up to max_failures times, wherever Ray has room;
+        # its Train run resumes from its last checkpoint (the run folder is named from the trial id).
+        failure_config=tune.FailureConfig(max_failures=sweep.sweep.max_failures, fail_fast=False),
     )
     trainable = _trainable(sweep, sweep_dir, device)
     console.info(
@@ -207,11 +229,15 @@ def run_sweep(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
         # The restored run config carries the unpickled table of the first session; draw with ours.
-        tuner._local_tuner.get_run_config().callbacks = [table, JsonLoggerCallback()]
-        console.info("resuming: finished trials are kept; unfinished ones continue from their last checkpoint")
+        tuner._local_tuner.get_run_config().callbacks = callbacks()
+        console.info(
+            "resuming: finished trials are kept; unfinished ones continue from their last checkpoint; "
+            "ASHA's rungs are rebuilt from the trials' reported results"
+        )
     else:
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent), run_config=run_config
+            trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, max_concurrent),
+            run_config=run_config,
         )
     start = time.monotonic()
     try:
@@ -219,6 +245,15 @@ def run_sweep(
     finally:
         table.close()
     return time.monotonic() - start
+
+
+def _abs_profile(profile: str | None) -> str | None:
+    """A profile as `difflm resume` can find it again from any folder: a path, absolute."""
+    if profile is None:
+        return None
+    from orchestrator.cluster.profile import resolve_profile_path
+
+    return str(resolve_profile_path(profile).resolve())
 
 
 def _describe(sweep: SweepFile) -> str:

@@ -59,7 +59,7 @@ class TrialResult:
     tied: bool = False
 
 
-def _read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(path: Path) -> list[dict[str, Any]]:
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -125,7 +125,7 @@ def collect_ranked(sweep_dir: Path) -> tuple[tuple[dict[str, Any], list[TrialRes
     cands: dict[str, Candidate] = {}
     for trial in analysis.trials:
         tdir = Path(trial.path) if trial.path else sweep_dir / str(trial.trial_id)
-        rows = _read_results(tdir / "result.json")
+        rows = read_results(tdir / "result.json")
         scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
         best_row = min(scored, key=lambda r: sign * r[metric]) if scored else None
         last = rows[-1] if rows else {}

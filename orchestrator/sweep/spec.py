@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from difflm._config import StrictModel
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
-from orchestrator.spec.yamlio import apply_overrides, read_yaml, set_path, suggest, valid_paths, validate_as
+from orchestrator.spec.yamlio import apply_overrides, deep_merge, read_yaml, set_path, suggest, valid_paths, validate_as
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform", "qloguniform", "qrandint")
 
@@ -103,7 +103,12 @@ class SweepResources(StrictModel):
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker on CUDA (default scaling.gpus_per_worker).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as fit.")
     trial_cpus: float = Field(
-        0.01, gt=0, le=1, description="CPU share of each Tune trial actor (tiny, so it never starves its own workers)."
+        0.0,
+        ge=0,
+        le=1,
+        description="CPU share each Tune trial actor holds. 0 (default): none (it only waits on its Train run), so "
+        "trials never hold CPU that workers need, even when a lost node shrinks the cluster. Above 0 it is carved "
+        "out of the trial's workers' reservation.",
     )
 
 
@@ -134,6 +139,13 @@ class SweepConfig(StrictModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Early stopping.")
     resources: SweepResources = Field(default_factory=SweepResources, description="Per-trial resources.")
     budget: SweepBudget = Field(default_factory=SweepBudget, description="Step and time limits.")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Times Tune restarts a failed trial, from its last checkpoint and on any node with room "
+        "(on a cluster: a lost node fails only its trials, which then run elsewhere). 0: a failed trial stays failed.",
+    )
 
 
 class SweepFile(RunSpec):
@@ -193,10 +205,11 @@ class SweepFile(RunSpec):
         ):
             if val is not None:
                 raw["scaling"][key] = val
-        # The trial actor's CPU share is carved out of its workers' reservation, so N trials of
+        # A trial actor's CPU share, if any, is carved out of its workers' reservation, so N trials of
         # 1-CPU workers fit on N CPUs (a reservation is a scheduling unit; nobody computes on it).
         sc = raw["scaling"]
-        sc["cpus_per_worker"] = max(sc["cpus_per_worker"] - r.trial_cpus / sc["num_workers"], 0.01)
+        if r.trial_cpus > 0:
+            sc["cpus_per_worker"] = max(sc["cpus_per_worker"] - r.trial_cpus / sc["num_workers"], 0.01)
         return raw
 
 
@@ -213,11 +226,18 @@ def trial_raw(base: dict[str, Any], params: dict[str, Any], linked: dict[str, di
     return raw
 
 
-def load_sweep_file(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepFile:
-    """Read + validate a sweep file, then probe every grid/choice value and range endpoint against RunSpec."""
+def load_sweep_file(
+    path: str, overrides: list[str] | tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> SweepFile:
+    """Read + validate a sweep file, then probe every grid/choice value and range endpoint against RunSpec.
+
+    ``defaults`` (a scaling profile's fields) sit under the file's run spec: defaults < file < overrides,
+    and ``sweep.resources`` and searched values still win per trial.
+    """
     raw = read_yaml(path)
     if "sweep" not in raw:
         raise SpecError(f"{path}: no `sweep:` section; a plain run spec runs with `difflm train {path}`")
+    raw = deep_merge(defaults or {}, raw)
     raw = apply_overrides(raw, overrides, source=str(path))
     sweep = validate_as(SweepFile, raw, source=str(path))
     base = sweep.base_raw()

@@ -359,7 +359,7 @@ class DeepSpeedEngine:
 
     DeepSpeed's own checkpoint files (``deepspeed/state/*.pt``) are pickles that DeepSpeed loads
     with ``weights_only=False``; difflm loads them only from the run's own folder (see
-    orchestrator.train.ckpt_files), never from a path a user passes in.
+    orchestrator.rundir.ckpt_files), never from a path a user passes in.
     """
 
     backend = "deepspeed"

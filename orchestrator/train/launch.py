@@ -11,7 +11,6 @@ events through a Ray queue to the driver's console.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 import threading
@@ -23,6 +22,8 @@ import torch
 
 from difflm.atomic import atomic_write_text
 from difflm.data import prepare_data
+from orchestrator.cluster.connect import alive_nodes, check_shared_storage
+from orchestrator.cluster.session import init_ray
 from orchestrator.devices import resolve_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
@@ -31,32 +32,6 @@ from orchestrator.train.console import TrainConsole
 from orchestrator.train.precision import resolve_precision
 from orchestrator.train.startup import describe, process_start_time, seconds_since, thread_env
 from orchestrator.train.worker import train_fn_per_worker
-
-# The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-# default), which throttles ray.train.report; we report only at eval points, and
-# a shorter interval keeps short runs and ASHA decisions snappy.
-RAY_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    # Ray's 60 s for a worker process to come up is exceeded on a loaded 2-core box (seen: sweep trials
-    # failing with WorkerGroupStartupTimeoutError at load ~20); resources are checked before Ray starts.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
-    "RAY_DEDUP_LOGS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    # Ray's own processes (controller, queue, Tune trial actors) need no thread pools; training workers
-    # override this with their cpus_per_worker (build_trainer's worker_runtime_env).
-    "OMP_NUM_THREADS": "1",
-    # Tune's own progress box and tables: `difflm sweep` draws its own.
-    "RAY_AIR_NEW_OUTPUT": "0",
-}
-
-# Only for a Ray this command starts on one machine (each a process less to start on every run):
-# nothing drains a local node, so no preemption watcher actor; no dashboard/Prometheus reads Ray
-# Train's metrics. Set either variable yourself to keep the feature.
-LOCAL_RAY_ENV = {
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-}
-
 
 #: Per-sequence val draws of every eval point (rank 0): RUN_DIR/val/step_XXXXXXX.npz (difflm.evaluation).
 VAL_DIR = "val"
@@ -105,86 +80,6 @@ class TrainResult:
     tensorboard_dir: Path
 
 
-def init_ray(address: str | None, dashboard: bool = False) -> None:
-    """Start (or join) Ray quietly. A private instance (no ``address``) has token authentication on
-    (``RAY_AUTH_MODE=token``: every RPC and dashboard request needs the token Ray keeps in
-    ``~/.ray/auth_token``) and, with ``dashboard``, its dashboard on 127.0.0.1 (Tune needs its state
-    API to free stopped trials; a single run does without it and saves its processes' start-up: a
-    dashboard head and ten module processes, ~3 CPU-seconds on a 2-core box). Ray's own gRPC servers (GCS, raylet, workers) listen on all interfaces whatever the
-    node address; the token is what keeps others out (see docs/reliability.md)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = dict(RAY_ENV)
-    dashboard_port = None
-    local_dashboard = dashboard and address is None
-    if address is None:
-        env.update({k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ})
-    if local_dashboard:
-        # Pin Ray's state API (which Ray Train's placement-group cleaner and Tune's trial clean-up call
-        # without an address) to this instance: with another user's Ray on the machine, its address
-        # lookup finds several instances and raises, leaving a stopped trial's CPUs reserved forever.
-        dashboard_port = _free_port()
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    os.environ.update(env)
-    if address is None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        # Read by every process ray.init starts; Ray caches its config at import, so refresh it
-        # the way Ray's own default-enabling code does (ray._private.authentication).
-        os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
-
-        Config.initialize("")
-    kwargs: dict[str, Any] = dict(
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": env},
-        include_dashboard=local_dashboard,
-    )
-    if local_dashboard:
-        kwargs["dashboard_host"] = "127.0.0.1"
-        kwargs["dashboard_port"] = dashboard_port
-    ray.init(address=address, **kwargs)
-    _quiet_worker_startup_warning()
-    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _quiet_worker_startup_warning() -> None:
-    """Drop two raylet messages from the console.
-
-    "N worker processes have been started": Tune trials hold a 0.01-CPU actor each (see
-    sweep.py), which the raylet reads as "too many workers for the CPU count" and announces
-    on every sweep; it is expected here and hides the sweep table. "A worker died or was
-    killed ...": a 600-character paragraph per dead worker, which orchestrator.train.failures
-    replaces with one line. Every other raylet message still prints.
-    """
-    import ray._private.worker as ray_worker
-
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "_difflm_filtered", False):
-        return
-
-    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
-        lines = data.get("lines", [])
-        if data.get("pid") == "raylet" and any(
-            "worker processes have been started" in ln or "A worker died or was killed" in ln for ln in lines
-        ):
-            return  # a dead worker: the driver prints one line with its rank, cause and log instead
-        original(data, ignore_prefix)
-
-    filtered._difflm_filtered = True  # type: ignore[attr-defined]
-    ray_worker.print_to_stdstream = filtered
-
-
 def prepare_and_place(
     spec: RunSpec,
     address: str | None,
@@ -196,25 +91,28 @@ def prepare_and_place(
 
     Returns (prepared data, device, CPUs, GPUs). Order keeps user errors before Ray: this machine
     is checked before tokenizing; a cluster can only be checked after joining it. Tokenizing on
-    the driver makes data errors surface before Ray starts; workers read the cache. ``stamps``
-    receives the wall times the data and Ray were ready (the start-up report).
+    the driver makes data errors surface before a private Ray starts; workers read the cache. A
+    cluster is checked right after joining it (resources, and paths every node must see), before
+    tokenizing. ``stamps`` receives the wall times the data and Ray were ready (the start-up report).
     """
     stamps = {} if stamps is None else stamps
     if address is None:
         cpus, gpus = local_resources()
         device = resolve_device(spec.scaling.device)
         check_resources(spec, device, cpus, gpus, "this machine")
-    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
-    stamps["data"] = time.time()
-    init_ray(address, dashboard)
-    stamps["ray"] = time.time()
-    if address is not None:
+    else:  # joining is cheap: check the cluster (resources, shared paths) before tokenizing
         import ray
 
+        init_ray(address)
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
         device = resolve_device(spec.scaling.device, gpus)
         check_resources(spec, device, cpus, gpus, f"the cluster at {address}")
+        check_shared_storage({"output.dir": spec.output.dir, "data.cache_dir": spec.data.cache_dir}, len(alive_nodes()))
+    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
+    stamps["data"] = time.time()
+    init_ray(address, dashboard)
+    stamps["ray"] = time.time()
     return prepared, device, cpus, gpus
 
 
@@ -234,7 +132,7 @@ def launch_train(
     ``started_at``: wall time the command started (default: this process's creation), the zero of
     the start-up report (summary.json ``startup``).
     """
-    from orchestrator.train.run_folder import STOP_FILE, check_run_folder
+    from orchestrator.rundir.run_folder import STOP_FILE, check_run_folder
 
     started_at = process_start_time() if started_at is None else started_at
     stamps = {"spec": time.time()}
@@ -345,7 +243,7 @@ def _fit(
 
     from orchestrator.errors import TrainingStopped
     from orchestrator.train.failures import explain_fit_error, failure_line, failure_reporter
-    from orchestrator.train.run_folder import read_stop
+    from orchestrator.rundir.run_folder import read_stop
 
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, callbacks=[failure_reporter(queue)],

@@ -62,7 +62,7 @@ from difflm.evaluation import (
 from difflm.families.base import Diagnostics
 from difflm.sampling.diagnostics import sample_diagnostics
 from orchestrator.errors import TrainingStopped
-from orchestrator.train.ckpt_files import TRAINER_STATE, WEIGHTS, write_manifest
+from orchestrator.rundir.ckpt_files import TRAINER_STATE, WEIGHTS, write_manifest
 from orchestrator.train.ema import EMA, EMA_FILE, rank_file
 from orchestrator.train.engine import Engine, load_tensors
 from orchestrator.train.metrics import MetricsLogger, NullLogger

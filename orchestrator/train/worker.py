@@ -21,13 +21,13 @@ from difflm.families import build_model
 from orchestrator.devices import peak_memory_above, start_memory_window
 from orchestrator.errors import TrainingStopped
 from orchestrator.spec.run import spec_from_dict
-from orchestrator.train.checkpoints import special_ids
-from orchestrator.train.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, prune_orphans, update_links
+from orchestrator.rundir.checkpoints import special_ids
+from orchestrator.rundir.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, prune_orphans, update_links
 from orchestrator.train.engine import build_engine, effective_zero_stage
 from orchestrator.train.failures import worker_log_path
 from orchestrator.train.metrics import NullLogger, TensorBoardLogger
 from orchestrator.train.precision import resolve_precision
-from orchestrator.train.run_folder import write_stop
+from orchestrator.rundir.run_folder import write_stop
 from orchestrator.train.runner import Runner, WorkerContext
 from orchestrator.train.startup import thread_env, worker_threads
 
@@ -130,6 +130,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             emit("log", {"message": f"engine: deepspeed (ZeRO-{stage}) on {device}, {world} worker(s), {threads}{note}"})
     logger = TensorBoardLogger(Path(config["tb_dir"])) if (rank == 0 and spec.output.tensorboard) else NullLogger()
 
+    nodes = worker_nodes(world, device)
     started_at = config.get("started_at")
     startup_reported = False
 
@@ -139,6 +140,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # Once, with the first report after the first step: a sweep trial's start-up lands in Tune's results.
             startup_reported = True
             metrics = {**metrics, "startup/first_step_s": stamps["step1"] - started_at}
+        # worker_nodes lands in each sweep trial's result.json: where the trial's workers ran
+        metrics = {**metrics, "worker_nodes": nodes}
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
@@ -185,5 +188,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         return {}
     summary["threads"] = torch.get_num_threads()
     summary["peak_memory_bytes"] = peak_memory_above(device, memory_baseline)
+    summary["worker_nodes"] = nodes  # summary.json: which Ray node each rank ran on
     emit("done", summary)
     return summary
+
+
+def worker_nodes(world: int, device: torch.device) -> list[str]:
+    """The Ray node id of every rank, in rank order (the same list on every rank).
+
+    Recorded in summary.json and in each report, so a run on a cluster shows where it ran
+    (``difflm cluster status`` shows the same ids).
+    """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, node)
+    return [str(n) for n in gathered]

@@ -36,7 +36,7 @@ def holds_run(run_dir: Path) -> bool:
 
 def latest_step(run_dir: Path) -> int | None:
     """The step of the newest checkpoint whose trainer_state.json reads (None: no checkpoint yet)."""
-    from orchestrator.train.ckpt_files import checkpoint_dirs
+    from orchestrator.rundir.ckpt_files import checkpoint_dirs
 
     for d in checkpoint_dirs(run_dir):
         try:

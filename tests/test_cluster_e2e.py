@@ -1,0 +1,281 @@
+"""A real two-node Ray cluster on loopback, started and stopped with `difflm cluster up|down`.
+
+The head and a second node (1 CPU each, their own temp dirs) run without the worktree on
+their PYTHONPATH: their workers get this checkout's code only through the driver's
+runtime_env (py_modules). On it: `difflm cluster status`; a relative output dir refused; a
+2-worker `difflm train` whose summary names both node ids; an ASHA sweep interrupted with
+Ctrl-C and resumed (it must stop the same trials as an uninterrupted run); and last a 2-trial
+`difflm sweep` with a train worker on each node, during which the second node is lost (Tune
+retries the lost trials on the head). The module's teardown stops both nodes and checks that
+nothing of them is left.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from orchestrator.cluster.procs import processes_under, stop_processes
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+MODEL = """
+model: {family: mdlm, size: null, d_model: 32, n_layers: 1, n_heads: 2, cond_dim: 16}
+diffusion: {sample_steps: 4}
+data: {source: builtin, seq_len: 32, max_documents: 100, cache_dir: %(tmp)s/cache}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(runtime: Path, with_repo: bool = True) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(DIFFLM_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1")
+    # Node loss is noticed after a few missed health checks (Ray's default: 5 x 3 s).
+    env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+    if with_repo:
+        env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+class Cluster:
+    def __init__(self, runtime: Path, tmp: Path) -> None:
+        self.runtime, self.tmp = runtime, tmp
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.head_dir, self.worker_dir = runtime / "h", runtime / "w"
+
+    def cli(self, *args: str, timeout: float = 600, with_repo: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args], cwd=REPO, capture_output=True, text=True,
+            timeout=timeout, env=_env(self.runtime, with_repo),
+        )
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {r["role"]: r for r in (json.loads(f.read_text()) for f in (self.runtime / "nodes").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    runtime = Path(tempfile.mkdtemp(prefix="dlc", dir="/tmp"))  # short: Ray's socket paths live below it
+    c = Cluster(runtime, runtime / "work")
+    c.tmp.mkdir()
+    try:
+        # No worktree on the nodes' PYTHONPATH: `python -m orchestrator` finds it from cwd, `ray start` does not.
+        up = c.cli("cluster", "up", "--port", str(c.port), "--num-cpus", "1", "--temp-dir", str(c.head_dir),
+                   "--dashboard-port", str(_free_port()), with_repo=False)  # 8265 may be another Ray's here
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "head node started" in up.stdout and "token authentication" in up.stdout
+        join = c.cli("cluster", "up", "--address", c.address, "--num-cpus", "1", "--temp-dir", str(c.worker_dir),
+                     with_repo=False)
+        assert join.returncode == 0, join.stdout + join.stderr
+        yield c
+    finally:
+        down = c.cli("cluster", "down")
+        left = processes_under(runtime)
+        stop_processes(left)  # never leave anything running, even when the test fails
+        subprocess.run(["rm", "-rf", str(runtime)], check=False)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not left, [(p.pid, p.name()) for p in left if p.is_running()]
+
+
+def test_status_shows_both_nodes(cluster: Cluster) -> None:
+    rec = cluster.records()
+    assert set(rec) == {"head", "worker"} and rec["head"]["node_id"] != rec["worker"]["node_id"]
+    proc = cluster.cli("cluster", "status", "--address", cluster.address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "2 node(s)" in out
+    assert f"node {rec['head']['node_id'][:12]}" in out and f"node {rec['worker']['node_id'][:12]}" in out
+    assert out.count("CPU 0/1") == 2 and "(head)" in out
+
+
+def test_relative_paths_refused_on_a_multi_node_cluster(cluster: Cluster) -> None:
+    spec = cluster.tmp / "rel.yaml"
+    spec.write_text(MODEL % {"tmp": cluster.tmp} + "scaling: {num_workers: 1, device: cpu}\noutput: {dir: runs}\n")
+    proc = cluster.cli("train", str(spec), "--address", cluster.address)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the cluster has 2 nodes but output.dir: 'runs' is a relative path" in proc.stderr
+    assert "--set output.dir=/shared/difflm/runs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+TRAIN = MODEL + """
+train: {max_steps: 6, micro_batch_size: 4, warmup_steps: 1, eval_every: 3, checkpoint_every: 6, log_every: 3,
+        num_samples: 0}
+scaling: {num_workers: 2, device: cpu, cpus_per_worker: 1, zero_stage: 2}
+output: {dir: %(tmp)s/runs}
+"""
+
+
+def test_train_two_workers_on_two_nodes(cluster: Cluster) -> None:
+    spec = cluster.tmp / "two.yaml"
+    spec.write_text(TRAIN % {"tmp": cluster.tmp})
+    proc = cluster.cli("train", str(spec), "--address", cluster.address, "--name", "two")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((cluster.tmp / "runs" / "two" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    nodes = summary["worker_nodes"]  # rank 0 and rank 1: one on each node
+    assert len(nodes) == 2 and set(nodes) == {r["node_id"] for r in cluster.records().values()}
+    assert (cluster.tmp / "runs" / "two" / "checkpoints" / "last" / "model.safetensors").exists()
+
+
+SWEEP = MODEL + """
+train: {max_steps: %(steps)d, micro_batch_size: 4, warmup_steps: 1, eval_every: 3, checkpoint_every: 3, log_every: 3,
+        num_samples: 0}
+scaling: {num_workers: 1, device: cpu, cpus_per_worker: 1, zero_stage: 0}
+output: {dir: %(tmp)s/runs, name: %(name)s}
+sweep:
+  search:
+    diffusion.schedule: {grid: [loglinear, cosine]}
+  scheduler: {kind: none}
+"""
+
+
+def _rows(trial_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _results(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+ASHA = MODEL + """
+train: {max_steps: 10, micro_batch_size: 4, warmup_steps: 1, eval_every: 5, checkpoint_every: 5, log_every: 5,
+        num_samples: 0}
+scaling: {num_workers: 1, device: cpu, cpus_per_worker: 1, zero_stage: 0}
+output: {dir: %(tmp)s/runs, name: asha}
+sweep:
+  search:
+    train.lr: {grid: [3.0e-3, 1.0e-6]}
+  scheduler: {kind: asha, grace_period: 5, reduction_factor: 2}
+  resources: {max_concurrent_trials: 1}
+"""
+
+
+def _uninterrupted_decisions(trial_dirs: list[Path]) -> dict[str, int]:
+    """What Tune's own ASHA decides when it sees these trials' reported results one trial after the other
+    (max_concurrent_trials: 1), without a restore: the step each trial ends at."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+    sched = AsyncHyperBandScheduler(time_attr="step", metric="val/nll", mode="min", max_t=10, grace_period=5,
+                                    reduction_factor=2)
+    out = {}
+    for d in trial_dirs:
+        trial = type("T", (), {"trial_id": d.name})()
+        sched.on_trial_add(None, trial)
+        for row in sorted({int(r["step"]): r for r in _rows(d)}.values(), key=lambda r: r["step"]):
+            out[d.name] = int(row["step"])
+            if sched.on_trial_result(None, trial, row) == TrialScheduler.STOP:
+                break
+    return out
+
+
+def test_resumed_asha_sweep_stops_the_same_trials(cluster: Cluster) -> None:
+    """The quickstart report: Ctrl-C after the first trial, `--resume`: the next trial (lr 1e-6, far below the
+    first one at the first rung) must still be stopped there, as in a sweep run in one go. Before the fix its
+    rung was empty after the restore and it ran to the end."""
+    spec = cluster.tmp / "asha.yaml"
+    spec.write_text(ASHA % {"tmp": cluster.tmp})
+    sweep_dir = cluster.tmp / "runs" / "asha"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "sweep", str(spec), "--address", cluster.address], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(cluster.runtime),
+    )
+    deadline = time.monotonic() + 400
+    while len(list(sweep_dir.glob("*/starts.log"))) < 2:  # the second trial has just started: Ctrl-C
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 130
+    (second,) = sweep_dir.glob("*lr=1e-06*")
+    assert not [r for r in _rows(second) if r["step"] >= 5], "interrupted too late: it already met the rung"
+    proc = cluster.cli("sweep", str(spec), "--address", cluster.address, "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ASHA's rungs are rebuilt" in proc.stderr
+    rows = {r["train.lr"]: r for r in _results(sweep_dir)}
+    assert rows["0.003"]["steps"] == "10" and rows["0.003"]["stopped_early"] == "False", rows
+    assert rows["1e-06"]["steps"] == "5" and rows["1e-06"]["stopped_early"] == "True", rows
+    (first,) = sweep_dir.glob("*lr=0.003*")
+    assert _uninterrupted_decisions([first, second]) == {first.name: 10, second.name: 5}
+
+
+LOSS = MODEL + """
+train: {max_steps: 60, micro_batch_size: 4, warmup_steps: 1, eval_every: 6, checkpoint_every: 6, log_every: 6,
+        num_samples: 0}
+scaling: {num_workers: 1, device: cpu, cpus_per_worker: 1, zero_stage: 0}
+output: {dir: %(tmp)s/runs, name: loss}
+sweep:
+  search:
+    diffusion.schedule: {grid: [loglinear, cosine]}
+  scheduler: {kind: none}
+  max_failures: 2
+"""
+
+
+def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
+    """Last in the module: a 2-trial sweep runs one trial on each node (`difflm cluster status` shows a train
+    worker of the sweep on each); then the second node is killed. Its trial fails, Tune restarts it
+    (max_failures) on the head from its last checkpoint, and the sweep finishes with both trials complete."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = cluster.tmp / "loss.yaml"
+    spec.write_text(LOSS % {"tmp": cluster.tmp})
+    sweep_dir = cluster.tmp / "runs" / "loss"
+    log = cluster.tmp / "loss.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "sweep", str(spec), "--address", cluster.address],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=_env(cluster.runtime),
+        )
+    nodes = cluster.records()
+    worker_node, head = nodes["worker"]["node_id"], nodes["head"]["node_id"]
+    deadline = time.monotonic() + 400
+    # Tune writes result.json lazily; a Train run's checkpoint folders appear at once.
+    while len([d for d in sweep_dir.glob("*-schedule=*") if any((d / "train").glob("checkpoint_*"))]) < 2:
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    status = cluster.cli("cluster", "status", "--address", cluster.address).stdout
+    for node in (head, worker_node):  # the sweep uses the whole cluster: a train worker on each node
+        block = status.split(f"node {node[:12]}")[1].split("  node ")[0]
+        assert f"difflm sweep {spec}" in block and "1 train worker" in block, status
+    assert sum(int(n) for n in re.findall(r"(\d+) sweep trials?", status)) == 2, status  # wherever Ray put them
+    killed = processes_under(cluster.worker_dir)
+    for p in killed:
+        p.send_signal(signal.SIGKILL)
+    assert driver.wait(timeout=500) == 0, log.read_text()[-3000:]
+    rows = _results(sweep_dir)
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == "60" for r in rows), rows
+    starts = {r["trial_dir"]: len((Path(r["trial_dir"]) / "starts.log").read_text().split()) for r in rows}
+    # the trial(s) with a process on the lost node (its worker, or its Tune actor and Train controller) restarted
+    restarted = [Path(d) for d, n in starts.items() if n == 2]
+    assert restarted and set(starts.values()) <= {1, 2}, starts
+    for lost in restarted:
+        assert _rows(lost)[-1]["worker_nodes"] == [head]  # finished on the surviving node
+        # from its last checkpoint: a restart from scratch would log the step-0 eval twice
+        acc = EventAccumulator(str(lost / "tensorboard"), purge_orphaned_data=False).Reload()
+        val_steps = [e.step for e in acc.Scalars("val/nll")]
+        assert val_steps.count(0) == 1 and val_steps[-1] == 60, val_steps
