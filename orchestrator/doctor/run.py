@@ -17,6 +17,7 @@ from orchestrator.doctor.data import prepare, round_trip_check, unknown_check
 from orchestrator.doctor.model import size_check
 from orchestrator.doctor.report import Check
 from orchestrator.spec.run import RunSpec
+from orchestrator.train.startup import worker_threads
 
 
 def _guard(name: str, fn: Callable[[], Check | tuple[Check, ...]]) -> tuple[Check, ...]:
@@ -40,12 +41,12 @@ def stages_check(spec: RunSpec) -> Check | None:
 def run_doctor(spec: RunSpec, emit: Callable[[Check], None], log: Callable[[str], None] = lambda _: None) -> list[Check]:
     """Run every check, calling ``emit`` as each finishes; return them all.
 
-    On a CPU the checks run with one intra-op thread, as a Ray Train worker does (launch.RAY_ENV sets
-    OMP_NUM_THREADS=1): the ETA then matches a run, and small batches do not thrash a busy machine."""
+    On a CPU the checks run with the intra-op threads a Ray Train worker of this spec gets
+    (``scaling.cpus_per_worker``, see orchestrator.train.startup): the ETA then matches a run."""
     threads = torch.get_num_threads()
     try:
         if resolve_device(spec.scaling.device) == "cpu":
-            torch.set_num_threads(1)
+            torch.set_num_threads(worker_threads(spec.scaling.cpus_per_worker))
         return _run(spec, emit, log)
     finally:
         torch.set_num_threads(threads)

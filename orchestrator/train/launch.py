@@ -202,8 +202,7 @@ def build_trainer(
             "started_at": started_at,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     worker_runtime_env={"env_vars": thread_env(s.cpus_per_worker)}),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
@@ -216,6 +215,7 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            worker_runtime_env={"env_vars": thread_env(s.cpus_per_worker)},
         ),
     )
 
