@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.errors import TrainingStopped
-from orchestrator.train.failures import DIED, TrainingFailed, explain_fit_error, failure_line, summarize
+from orchestrator.train.failures import DIED, TrainingFailed, explain_fit_error, failure_line, keep_logs, summarize
 
 
 def _ray_errors() -> tuple[Exception, Exception]:
@@ -92,3 +92,18 @@ def test_sweep_trial_fails_with_the_stop_reason(tmp_path: Path, monkeypatch: pyt
         sweep.run_trial({"train.lr": 0.001}, base=base, linked={}, sweep_dir=str(tmp_path), device="cpu")
     trial = next(tmp_path.glob("t_00000-*"))
     assert json.loads((trial / "train" / "stopped.json").read_text())["step"] == 7
+
+
+def test_named_logs_are_copied_into_the_run_folder(tmp_path: Path) -> None:
+    """A private Ray's temp dir (and its logs) is deleted after the driver exits: the line names a copy."""
+    ray_logs = tmp_path / "ray" / "session" / "logs"
+    ray_logs.mkdir(parents=True)
+    (ray_logs / "worker-a-77.err").write_text("Traceback ...\nValueError: boom\n")
+    run_dir = tmp_path / "runs" / "r1"
+    workers: dict[int, dict[str, Any]] = {0: {"pid": 77, "log": str(ray_logs / "worker-a-77.err")},
+                                          1: {"pid": 78, "log": "/elsewhere/on/another/node.err"}}
+    keep_logs(workers, run_dir)
+    copy = run_dir / "logs" / "rank0-pid77-worker-a-77.err"
+    assert workers[0]["log"] == str(copy) and copy.read_text().endswith("ValueError: boom\n")
+    assert workers[1]["log"] == "/elsewhere/on/another/node.err"  # not visible here: left as it was
+    assert str(copy) in failure_line({0: DIED}, workers)

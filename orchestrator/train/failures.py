@@ -58,6 +58,27 @@ def summarize(exc: BaseException) -> str:
     return f"{name}: {line}" if line else name
 
 
+def keep_logs(workers: dict[int, dict[str, Any]], run_dir: Path) -> None:
+    """Copy each announced worker log into ``RUN_DIR/logs/`` and point ``workers`` at the copies.
+
+    A private Ray's logs live in its temp dir, which its watchdog deletes once the driver exits
+    (orchestrator.cluster.private): the path a failure line names must outlive the run. Logs on
+    another node (a cluster) are not visible here and keep their original path."""
+    import shutil
+
+    for rank, info in workers.items():
+        src = info.get("log")
+        if not src or not Path(src).is_file() or Path(src).is_relative_to(run_dir):
+            continue
+        dest = run_dir / "logs" / f"rank{rank}-pid{info.get('pid', 'unknown')}-{Path(src).name}"
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+        except OSError:
+            continue
+        info["log"] = str(dest)
+
+
 def failure_line(errors: dict[int, str], workers: dict[int, dict[str, Any]]) -> str:
     """``worker rank 1 (pid 123) died (...); its log: /tmp/ray/.../worker-...err`` (first failing rank;
     the others usually fail as a consequence)."""

@@ -242,7 +242,7 @@ def _fit(
     from ray.util.queue import Empty, Queue
 
     from orchestrator.errors import TrainingStopped
-    from orchestrator.train.failures import explain_fit_error, failure_line, failure_reporter
+    from orchestrator.train.failures import explain_fit_error, failure_line, failure_reporter, keep_logs
     from orchestrator.rundir.run_folder import read_stop
 
     queue = Queue(actor_options={"num_cpus": 0})
@@ -280,6 +280,7 @@ def _fit(
                 # Ray polls a failed group more than once: one line per failure; the last one, after which
                 # Ray gives up, is the error the CLI prints.
                 if not failure_shown and restarts_left:
+                    keep_logs(workers, run_dir)
                     failure_shown = True
                     left = "no limit" if max_failures < 0 else f"{max_failures - (starts - 1)} left"
                     console.info(f"worker failure: {failure_line(payload['errors'], workers)} "
@@ -294,6 +295,7 @@ def _fit(
     thread.join()
     error = box.get("error") or getattr(box.get("result"), "error", None)
     if error is not None:
+        keep_logs(workers, run_dir)
         raise explain_fit_error(error, workers) or error
     result = box["result"]
     best, last = read_links(run_dir)

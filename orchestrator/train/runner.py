@@ -450,6 +450,12 @@ class Runner:
         t = self.spec.train
         if self.step == 0:
             self._eval_point(checkpoint=False)  # the step-0 reference value
+        elif self.step >= t.max_steps:
+            # Resumed from a checkpoint at the end: the run finished before an interruption took effect
+            # (Ctrl-C of a sweep stops Tune before its last reports land). Report the end again, with a
+            # checkpoint so Ray registers it and the links point at it: a trial without any result
+            # would rank as failed.
+            self._eval_point(checkpoint=True)
         last_log_time, last_log_step = time.perf_counter(), self.step
         start = time.perf_counter()
         while self.step < t.max_steps:
