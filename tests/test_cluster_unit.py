@@ -82,3 +82,20 @@ def test_raylet_arguments_and_records(tmp_path: Path, monkeypatch: pytest.Monkey
     rec.path.write_text(json.dumps(rec.__dict__))
     (records_dir() / "broken.json").write_text("{")
     assert load_records() == [rec]
+
+
+def test_an_address_where_nothing_listens_fails_at_once() -> None:
+    """Not ray.init's minutes of retries against a GCS that is not there: one line, exit 2 (a SpecError)."""
+    import socket
+    import time
+
+    from orchestrator.cluster.connect import resolve_address
+    from orchestrator.errors import SpecError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once the with-block closes it
+    start = time.monotonic()
+    with pytest.raises(SpecError, match=rf"no Ray cluster answers at 127.0.0.1:{port} .*Connection refused"):
+        resolve_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 10

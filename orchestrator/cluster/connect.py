@@ -94,6 +94,10 @@ def _no_cluster(address: str, exc: BaseException) -> SpecError:
     )
 
 
+#: seconds to wait for the cluster's GCS port to accept a connection
+PROBE_TIMEOUT_S = 5.0
+
+
 def resolve_address(address: str) -> str:
     """HOST:PORT of the cluster's GCS (``auto``: the last ``ray start`` on this machine); SpecError if none."""
     from ray._private.services import canonicalize_bootstrap_address
@@ -104,6 +108,14 @@ def resolve_address(address: str) -> str:
         raise _no_cluster(address, exc) from None
     if resolved is None:
         raise _no_cluster(address, ConnectionError("nothing found"))
+    # ray.init retries a GCS that is not there for minutes, printing a warning every few seconds: a typo
+    # in the address must fail at once instead.
+    host, _, port = resolved.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        raise _no_cluster(address, ConnectionError(f"{resolved}: {exc}")) from None
     return resolved
 
 

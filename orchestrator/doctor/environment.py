@@ -84,5 +84,12 @@ def precision_check(spec: RunSpec, device: torch.device) -> Check:
     if p == "bf16" and device.type == "cpu":
         return Check("PASS", "precision", "bf16 works on this CPU (autocast); it saves memory but is often no "
                                           "faster than fp32 on CPUs without bf16 units")
+    if p == "auto":  # what a run picks (orchestrator.train.precision); the checks below train with it
+        from orchestrator.train.precision import auto_precision
+
+        tok = spec.tokenizer
+        vocab = tok.vocab_size if tok.kind == "bpe" else 259 if tok.kind == "byte" else None
+        chosen, reason = auto_precision(device.type, spec.model.dims()["d_model"], vocab)
+        return Check("PASS", "precision", f"auto -> {chosen} on {device.type} ({reason})")
     hint = "; bf16 is supported here and would halve activation memory" if p == "fp32" and bf16 and device.type == "cuda" else ""
     return Check("PASS", "precision", f"{p} on {device.type} (bf16 support: {'yes' if bf16 else 'no'}){hint}")

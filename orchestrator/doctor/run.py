@@ -17,6 +17,7 @@ from orchestrator.doctor.data import prepare, round_trip_check, unknown_check
 from orchestrator.doctor.model import size_check
 from orchestrator.doctor.report import Check
 from orchestrator.spec.run import RunSpec
+from orchestrator.train.precision import resolve_precision
 from orchestrator.train.startup import worker_threads
 
 
@@ -74,6 +75,7 @@ def _run(spec: RunSpec, emit: Callable[[Check], None], log: Callable[[str], None
         return checks
     add(*_guard("unknown tokens", lambda: unknown_check(data)))
     add(*_guard("round trip", lambda: round_trip_check(data)))
+    spec, _ = resolve_precision(spec, device.type, data.tokenizer.vocab_size)  # `auto` as a run resolves it
     try:
         model = dynamics.build(spec, data, device)
     except Exception as exc:
