@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
+import pytest
 import torch
 
 from difflm.data import prepare_data
@@ -131,3 +132,13 @@ class InjectNaN(Family):
 
     def sample(self, num: int, length: int, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.inner.sample(num, length, steps, generator)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add contention on a shared CPU box. Import it into a test
+    module (``from tests.helpers import one_thread``) to apply it to every test there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,18 +15,11 @@ from difflm.families.mdlm import atat as at
 from difflm.families.mdlm.model import MDLM
 from difflm.models import Backbone
 from difflm.schedules import get_schedule
-from tests.helpers import randomize_zero_init
+from tests.helpers import one_thread, randomize_zero_init  # noqa: F401 (one_thread: autouse fixture)
 
 V, L = 8, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny tensors: intra-op threads only add contention on a shared CPU box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(atat: AtatConfig | None = None, seed: int = 0) -> MDLM:

@@ -18,19 +18,12 @@ from orchestrator.spec.yamlio import validate_as
 from orchestrator.train.engine import TorchEngine, lr_lambda, run_lr_lambda
 from orchestrator.train.metrics import MetricsLogger
 from orchestrator.train.runner import Runner, WorkerContext
-from tests.helpers import RecordingLogger
+from tests.helpers import RecordingLogger, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 CPU = torch.device("cpu")
 HEAD = {"head_width": 16, "head_layers": 1, "head_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny tensors: intra-op threads only add contention on a shared CPU box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def staged_raw(tmp_path: Path, **train: Any) -> dict[str, Any]:
