@@ -14,7 +14,8 @@ import torch
 from difflm.data import prepare_data
 from difflm.families import Family, LossOutput, build_model
 from orchestrator.rundir.checkpoints import special_ids
-from orchestrator.train.engine import TorchEngine, run_lr_lambda
+from orchestrator.train.engine import TorchEngine
+from orchestrator.train.optim import run_lr_lambda
 from orchestrator.train.runner import Runner, WorkerContext
 from orchestrator.spec.run import RunSpec
 

@@ -265,10 +265,19 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
     while len([d for d in sweep_dir.glob("*-schedule=*") if any((d / "train").glob("checkpoint_*"))]) < 2:
         assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
-    status = cluster.cli("cluster", "status", "--address", cluster.address).stdout
-    for node in (head, worker_node):  # the sweep uses the whole cluster: a train worker on each node
-        block = status.split(f"node {node[:12]}")[1].split("  node ")[0]
-        assert f"difflm sweep {spec}" in block and "1 train worker" in block, status
+
+    def blocks() -> tuple[str, list[str]]:
+        status = cluster.cli("cluster", "status", "--address", cluster.address).stdout
+        return status, [status.split(f"node {node[:12]}")[1].split("  node ")[0] for node in (head, worker_node)]
+
+    # the sweep uses the whole cluster: a train worker on each node (Ray's state API can lag a restart
+    # of a worker group by a few seconds: ask again)
+    for _ in range(10):
+        status, per_node = blocks()
+        if all(f"difflm sweep {spec}" in b and "1 train worker" in b for b in per_node):
+            break
+        time.sleep(2)
+    assert all(f"difflm sweep {spec}" in b and "1 train worker" in b for b in per_node), status
     assert sum(int(n) for n in re.findall(r"(\d+) sweep trials?", status)) == 2, status  # wherever Ray put them
     killed = processes_under(cluster.worker_dir)
     for p in killed:

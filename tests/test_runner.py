@@ -11,7 +11,8 @@ import torch
 
 from difflm.data import prepare_data
 from difflm.families import build_model
-from orchestrator.train.engine import TorchEngine, lr_lambda
+from orchestrator.train.engine import TorchEngine
+from orchestrator.train.optim import lr_lambda
 from orchestrator.train.metrics import MetricsLogger
 from orchestrator.train.runner import Runner, WorkerContext
 from orchestrator.spec.run import RunSpec, TrainConfig

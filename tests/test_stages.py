@@ -15,7 +15,8 @@ from difflm.families import build_model
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import validate_as
-from orchestrator.train.engine import TorchEngine, lr_lambda, run_lr_lambda
+from orchestrator.train.engine import TorchEngine
+from orchestrator.train.optim import lr_lambda, run_lr_lambda
 from orchestrator.train.metrics import MetricsLogger
 from orchestrator.train.runner import Runner, WorkerContext
 from tests.helpers import RecordingLogger, one_thread  # noqa: F401 (one_thread: autouse fixture)

@@ -117,7 +117,7 @@ class BarePath:
     def __init__(self, spec: Any, data: Any, device: torch.device) -> None:
         from difflm.families import build_model
         from orchestrator.rundir.checkpoints import special_ids
-        from orchestrator.train.engine import adamw
+        from orchestrator.train.optim import adamw
 
         t = spec.train
         torch.manual_seed(t.seed)

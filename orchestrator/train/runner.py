@@ -24,7 +24,7 @@ Stages (``spec.stages``, ``orchestrator/spec/stages.py``): before every step the
 up the stage of the step, applies its switches when it changes (``Family.configure``) and tells
 the family how far into the stage it is (``Family.set_progress``, the ATAT curriculum). Every
 stage ends with a val point and a checkpoint; ``trainer_state.json`` names the stage. The LR
-schedule is the engine's (``engine.run_lr_lambda``). All of it is a function of the step, so
+schedule is the engine's (``optim.run_lr_lambda``). All of it is a function of the step, so
 ``load`` restores the stage, the curriculum phase and the LR phase from the step alone.
 """
 
