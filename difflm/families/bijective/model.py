@@ -24,7 +24,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from difflm.families.base import Diagnostics, LossOutput, wide_float
@@ -68,10 +67,7 @@ class Bijective(MDLM):
         masked = (u < self.schedule.move_chance(t)[:, None]) & valid  # (B, L)
         xt = torch.where(masked, self.mask_id, tokens)  # (B, L)
         logits, z, logdet = self.backbone.forward_flow(xt, sigma if self.time_conditioning else None)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logits = F.pad(logits[..., : self.mask_id], (0, 1), value=float("-inf"))  # SUBS, as MDLM.subs_logits
-        ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, L)  # (B, L)
-        ce = ce.masked_fill(~masked, 0.0)
+        ce = self.subs_ce(logits, tokens).masked_fill(~masked, 0.0)  # (B, L), as MDLM scores it
         weight = torch.where(masked, self.schedule.nelbo_weight(t)[:, None], 0.0)  # (B, L); no inf * 0
         nelbo_tok = weight * ce  # (B, L)
 

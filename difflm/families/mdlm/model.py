@@ -101,6 +101,16 @@ class MDLM(Family):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.pad(logits[..., : self.mask_id], (0, 1), value=float("-inf"))  # (B, L, V+1)
 
+    def subs_ce(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """Per-token -log p(x0 | x_t) under SUBS, (B, L) float32, from backbone logits (B, L, V+1).
+
+        Zero masking probability: the mask logit is left out of the softmax (as if -inf, like
+        :meth:`subs_logits`). The logits stay in their own dtype (bf16 under autocast); the CE runs
+        in float32 row chunks (:func:`difflm.losses.token_cross_entropy`), with no float32 copy of
+        the (B, L, V+1) logits. Training, validation and the bijective family all score this way."""
+        B, L = tokens.shape
+        return token_cross_entropy(logits.flatten(0, 1), tokens.flatten(), classes=self.mask_id).view(B, L)
+
     def log_probs(self, xt: Tensor, sigma: Tensor) -> Tensor:
         """SUBS log p(x0 | xt), (B, L, V+1): the model's prediction at masked positions, a copy elsewhere."""
         logp = self.subs_logits(xt, sigma).log_softmax(dim=-1)  # (B, L, V+1)
@@ -143,11 +153,8 @@ class MDLM(Family):
         masked = (noise < probs) & valid  # (B, L)
         xt = torch.where(masked, self.mask_id, tokens)  # (B, L)
 
-        # SUBS zero-masking: the mask logit is left out of the softmax (as if -inf, like subs_logits). The CE runs
-        # on the backbone's own dtype (bf16 under autocast) in float32 chunks: no float32 copy of (B, L, V+1).
         logits = self.backbone(xt, sigma if self.time_conditioning else None)  # (B, L, V+1)
-        ce = token_cross_entropy(logits.flatten(0, 1), tokens.flatten(), classes=self.mask_id).view(B, L)  # (B, L)
-        ce = ce.masked_fill(~masked, 0.0)  # SUBS carry-over: unmasked tokens cost exactly 0
+        ce = self.subs_ce(logits, tokens).masked_fill(~masked, 0.0)  # (B, L); SUBS carry-over: unmasked cost 0
         # Weight zeroed off the masked set first: at t == 0 it is inf and inf * 0 would be nan (also in backward).
         weight = torch.where(masked, self.schedule.nelbo_weight(t)[:, None], 0.0)  # (B, L)
         return weight * ce, ce, masked
@@ -247,9 +254,8 @@ class MDLM(Family):
             masked = noise.masked(k, counted)  # (B, L)
             xm = torch.where(masked, self.mask_id, tokens)  # (B, L)
             sigma = (-torch.log1p(-m)).to(self.float_dtype())  # (B,)
-            logits = self.subs_logits(xm, sigma)  # (B, L, V+1)
-            ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, L)  # (B, L)
-            ce = ce.masked_fill(~masked, 0.0)  # SUBS: unmasked tokens cost exactly 0
+            logits = self.backbone(xm, sigma if self.time_conditioning else None)  # (B, L, V+1)
+            ce = self.subs_ce(logits, tokens).masked_fill(~masked, 0.0)  # (B, L); SUBS: unmasked cost 0
             out[:, k] = ce.sum(dim=-1, dtype=wide) * (noise.span / m.to(wide))  # (B,)
         return out
 
