@@ -73,8 +73,9 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def precision_check(spec: RunSpec, device: torch.device) -> Check:
-    """bf16/fp16 support for the spec's precision, and a hint when bf16 is there but unused."""
+def precision_check(spec: RunSpec, device: torch.device, auto: str | None = None) -> Check:
+    """bf16/fp16 support for the spec's precision, and a hint when bf16 is there but unused. ``auto``:
+    what ``train.precision: auto`` resolved to (:func:`orchestrator.train.precision.resolve_precision`)."""
     p = spec.train.precision
     bf16 = bf16_supported(device)
     if p == "bf16" and not bf16:
@@ -84,12 +85,7 @@ def precision_check(spec: RunSpec, device: torch.device) -> Check:
     if p == "bf16" and device.type == "cpu":
         return Check("PASS", "precision", "bf16 works on this CPU (autocast); it saves memory but is often no "
                                           "faster than fp32 on CPUs without bf16 units")
-    if p == "auto":  # what a run picks (orchestrator.train.precision); the checks below train with it
-        from orchestrator.train.precision import auto_precision
-
-        tok = spec.tokenizer
-        vocab = tok.vocab_size if tok.kind == "bpe" else 259 if tok.kind == "byte" else None
-        chosen, reason = auto_precision(device.type, spec.model.dims()["d_model"], vocab)
-        return Check("PASS", "precision", f"auto -> {chosen} on {device.type} ({reason})")
+    if p == "auto" and auto:
+        return Check("PASS", "precision", f"{auto} on {device.type}")
     hint = "; bf16 is supported here and would halve activation memory" if p == "fp32" and bf16 and device.type == "cuda" else ""
     return Check("PASS", "precision", f"{p} on {device.type} (bf16 support: {'yes' if bf16 else 'no'}){hint}")

@@ -68,14 +68,16 @@ def _run(spec: RunSpec, emit: Callable[[Check], None], log: Callable[[str], None
     if device is None:
         return checks
     add(*_guard("engine", lambda: environment.engine_check(spec, device)))
-    add(*_guard("precision", lambda: environment.precision_check(spec, device)))
     data_check, data = prepare(spec, log)
     add(data_check)
     if data is None:
         return checks
+    # `auto` as a run resolves it (with the real vocab); the checks below train with that precision
+    resolved, picked = resolve_precision(spec, device.type, data.tokenizer.vocab_size)
+    add(*_guard("precision", lambda: environment.precision_check(spec, device, picked)))
+    spec = resolved
     add(*_guard("unknown tokens", lambda: unknown_check(data)))
     add(*_guard("round trip", lambda: round_trip_check(data)))
-    spec, _ = resolve_precision(spec, device.type, data.tokenizer.vocab_size)  # `auto` as a run resolves it
     try:
         model = dynamics.build(spec, data, device)
     except Exception as exc:

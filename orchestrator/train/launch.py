@@ -111,7 +111,8 @@ def prepare_and_place(
         check_shared_storage({"output.dir": spec.output.dir, "data.cache_dir": spec.data.cache_dir}, len(alive_nodes()))
     prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
     stamps["data"] = time.time()
-    init_ray(address, dashboard)
+    if address is None:  # a cluster was joined above, before tokenizing
+        init_ray(None, dashboard)
     stamps["ray"] = time.time()
     return prepared, device, cpus, gpus
 
