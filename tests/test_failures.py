@@ -85,13 +85,23 @@ def test_sweep_trial_fails_with_the_stop_reason(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t_00000"))
     monkeypatch.setattr(tune_train, "TuneReportCallback", lambda: None)  # needs a live Tune session
-    monkeypatch.setattr(sweep, "build_trainer", lambda spec, device, data, run_dir, *a, **k: Trainer(run_dir))
+    specs: list[RunSpec] = []
+
+    def build(spec: RunSpec, device: str, data: Path, run_dir: Path, *a: Any, **k: Any) -> Trainer:
+        specs.append(spec)
+        return Trainer(run_dir)
+
+    monkeypatch.setattr(sweep, "build_trainer", build)
     base = RunSpec.model_validate({"data": {"cache_dir": str(tmp_path / "cache"), "max_documents": 20,
                                             "seq_len": 32}}).model_dump(mode="json")
     with pytest.raises(RuntimeError, match=r"^training stopped: non-finite loss at step 7"):
         sweep.run_trial({"train.lr": 0.001}, base=base, linked={}, sweep_dir=str(tmp_path), device="cpu")
     trial = next(tmp_path.glob("t_00000-*"))
     assert json.loads((trial / "train" / "stopped.json").read_text())["step"] == 7
+    # a trial skips the step-0 eval unless its spec asks for it
+    with pytest.raises(RuntimeError):
+        sweep.run_trial({"train.eval_at_start": True}, base=base, linked={}, sweep_dir=str(tmp_path), device="cpu")
+    assert [s.train.eval_at_start for s in specs] == [False, True]
 
 
 def test_named_logs_are_copied_into_the_run_folder(tmp_path: Path) -> None:

@@ -92,6 +92,19 @@ def test_run_logs_and_reports_checkpoints(tmp_path: Path) -> None:
     assert summary["best_val_nll"] == min(v for _, v in log.scalars["val/nll"])
 
 
+def test_eval_at_start_false_skips_only_the_step0_eval(tmp_path: Path) -> None:
+    """A sweep trial's default: no eval of the initial weights; the later eval points are unchanged."""
+    reports: list[int] = []
+    on = RecordingLogger()
+    _runner(_spec(tmp_path), on).run()
+    off = RecordingLogger()
+    _runner(_spec(tmp_path, eval_at_start=False), off, lambda m, c: reports.append(int(m["step"]))).run()
+    assert reports == [6, 12]
+    assert [s for s, _ in on.scalars["val/nll"]] == [0, 6, 12]
+    assert off.scalars["val/nll"] == on.scalars["val/nll"][1:]  # the step-0 eval draws no training noise
+    assert off.scalars["train/loss"] == on.scalars["train/loss"]
+
+
 def test_save_load_roundtrip_continues_identically(tmp_path: Path) -> None:
     spec = _spec(tmp_path, max_steps=8, eval_every=4, checkpoint_every=8)
     a = _runner(spec)

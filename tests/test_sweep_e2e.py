@@ -44,7 +44,8 @@ def _rows_at(trial_dir: Path, step: int) -> dict[str, float]:
 
 def test_quickstart_sweep_asha(tmp_path: Path) -> None:
     """The README's main job: 4 trials x 1 worker, ASHA stops at least one early, complete table + HParams."""
-    proc = _cli("sweep", "sweeps/quickstart.yaml", "--set", f"output.dir={tmp_path}")
+    # with the step-0 eval a trial skips by default, for the common-random-number check below
+    proc = _cli("sweep", "sweeps/quickstart.yaml", "--set", f"output.dir={tmp_path}", "--set", "train.eval_at_start=true")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "Traceback" not in log

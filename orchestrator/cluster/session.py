@@ -40,6 +40,16 @@ LOCAL_RAY_ENV = {
 }
 
 
+#: Set by init_ray when this process started a private Ray without a dashboard (see lone_private_ray).
+_LONE_PRIVATE = False
+
+
+def lone_private_ray() -> bool:
+    """True when this process runs on a private Ray it started without a dashboard (a single
+    `difflm train`): no state API, and nothing outlives this driver (orchestrator.train.trainer)."""
+    return _LONE_PRIVATE
+
+
 def init_ray(address: str | None, dashboard: bool = False) -> None:
     """Start (or join) Ray quietly. A private instance (no ``address``) has token authentication on
     (``RAY_AUTH_MODE=token``: every RPC and dashboard request needs the token Ray keeps in
@@ -56,6 +66,10 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     local_dashboard = dashboard and address is None
     if address is None:
         env.update({k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ})
+    if address is None and not local_dashboard:
+        # A lone run's actors all carry their own runtime env, so Ray's two workers prestarted for the
+        # driver's job would idle through the run (~0.4 CPU-s each while the controller starts).
+        env.setdefault("RAY_prestart_worker_first_driver", os.environ.get("RAY_prestart_worker_first_driver", "0"))
     os.environ.update(env)
     if address is None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         # Read by every process ray.init starts; Ray caches its config at import, so refresh it
@@ -75,9 +89,31 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     # a private instance that dies with this driver (its dashboard port pinned for the state API),
     # or the cluster with the project code shipped
     start_or_join(address, ray.init, kwargs)
+    global _LONE_PRIVATE
+    _LONE_PRIVATE = address is None and not local_dashboard
+    if address is None:
+        _prestart_autoscaling_coordinator()
     _quiet_worker_startup_warning()
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _prestart_autoscaling_coordinator() -> None:
+    """Start the actor every Ray Train controller asks for its resources, now, in the background.
+
+    The controller creates Ray Data's detached ``AutoscalingCoordinator`` on first use and waits
+    for it (a Python process importing Ray: ~1.3 s on 2 cores) before it starts any worker. Started
+    here, right after a private Ray comes up, it imports while the driver and the controller do
+    theirs. The same function, so the controller finds it by name; best effort: on failure the
+    controller starts it as before."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()  # non-blocking: returns the handle, the process starts
+    except Exception:  # another Ray version: nothing is lost but the head start
+        logging.getLogger(__name__).debug("autoscaling coordinator not prestarted", exc_info=True)
 
 
 def _quiet_worker_startup_warning() -> None:

@@ -60,6 +60,13 @@ class TrainConfig(StrictModel):
         "bf16 works on CUDA and CPU.",
     )
     eval_every: int = Field(100, ge=1, description="Validate (and log text samples) every this many steps.")
+    eval_at_start: bool | None = Field(
+        None,
+        description="Validate the initial weights before the first step: the step-0 point of the val curve, "
+        "at the cost of one full eval (eval_samples forwards per val batch) before training starts. "
+        "null: on for `difflm train`, off in sweep trials (their scheduler ranks trials at later steps); "
+        "set true in a sweep to compare trials at step 0 too.",
+    )
     eval_batches: int | None = Field(
         None,
         ge=1,

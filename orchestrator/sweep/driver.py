@@ -32,7 +32,8 @@ from typing import Any
 from difflm.data import prepare_data
 from orchestrator.errors import SpecError
 from difflm.atomic import atomic_write_text
-from orchestrator.train.launch import build_trainer, prepare_and_place
+from orchestrator.train.launch import prepare_and_place
+from orchestrator.train.trainer import build_trainer
 from orchestrator.rundir.run_folder import SWEEP_STATE, read_stop
 from orchestrator.spec.run import RunSpec
 from orchestrator.sweep.spec import SweepFile, trial_dirname, trial_raw
@@ -60,6 +61,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str,
         spec = validate_as(RunSpec, trial_raw(base, params, linked), source=f"trial {trial_dir.name}")
     except SpecError as exc:
         raise ValueError(f"sampled spec rejected: {exc}") from None
+    if spec.train.eval_at_start is None:  # a trial skips the step-0 eval: its scheduler ranks later steps
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"eval_at_start": False})})
     atomic_write_text(trial_dir / "params.json", json.dumps(params, indent=2, default=str))
     prepared = prepare_data(spec.data, spec.tokenizer, log=lambda _msg: None)
     trainer = build_trainer(

@@ -23,18 +23,18 @@ import torch
 from difflm.atomic import atomic_write_text
 from difflm.data import prepare_data
 from orchestrator.cluster.connect import alive_nodes, check_shared_storage
-from orchestrator.cluster.session import init_ray
+from orchestrator.cluster.session import init_ray, lone_private_ray
 from orchestrator.devices import resolve_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import spec_yaml
 from orchestrator.train.console import TrainConsole
 from orchestrator.train.precision import resolve_precision
-from orchestrator.train.startup import describe, process_start_time, seconds_since, thread_env
-from orchestrator.train.worker import train_fn_per_worker
+from orchestrator.train.startup import describe, process_start_time, seconds_since
+from orchestrator.train.trainer import build_trainer
 
-#: Per-sequence val draws of every eval point (rank 0): RUN_DIR/val/step_XXXXXXX.npz (difflm.evaluation).
-VAL_DIR = "val"
+#: The driver's own last event in the console queue, put when trainer.fit() returns.
+FIT_ENDED = "fit-ended"
 
 
 # ---------------------------------------------------------------- resources
@@ -168,59 +168,6 @@ def launch_train(
     return _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console, started_at, stamps)
 
 
-def build_trainer(
-    spec: RunSpec,
-    device: str,
-    data_dir: Path,
-    run_dir: Path,
-    tb_dir: Path,
-    queue: Any,
-    callbacks: list[Any] | None = None,
-    started_at: float | None = None,
-) -> Any:
-    """The TorchTrainer for one run; Ray stores its checkpoints under ``run_dir`` (also used by each Tune trial).
-
-    Workers get ``scaling.cpus_per_worker`` OpenMP/MKL threads through their runtime env (the job's
-    env pins Ray's own processes to one)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    s = spec.scaling
-    use_gpu = device == "cuda"
-    resources = {"CPU": s.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    return TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "device": device,
-            "data_dir": str(data_dir),
-            "run_dir": str(run_dir),
-            "tb_dir": str(tb_dir),
-            "val_dir": str(run_dir / VAL_DIR),
-            "queue": queue,
-            "started_at": started_at,
-        },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
-            callbacks=callbacks or [],
-            # The most recent train.keep_checkpoints (by report time); the best survives as a hard-linked
-            # copy in RUN_DIR/checkpoints/best (ckpt_files.update_links), which Ray's score cannot express.
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=spec.train.keep_checkpoints,
-                checkpoint_score_attribute="checkpoint_time",
-                checkpoint_score_order="max",
-            ),
-            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            worker_runtime_env={"env_vars": thread_env(s.cpus_per_worker)},
-        ),
-    )
-
-
 def read_links(run_dir: Path) -> tuple[Path | None, Path | None]:
     """(best, last) checkpoint folders from RUN_DIR/checkpoints/{best,last} (kept by rank 0 as it goes)."""
     out = []
@@ -248,7 +195,7 @@ def _fit(
 
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, callbacks=[failure_reporter(queue)],
-                            started_at=started_at)
+                            started_at=started_at, pg_cleaner=not lone_private_ray())
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -256,6 +203,11 @@ def _fit(
             box["result"] = trainer.fit()
         except BaseException as exc:  # re-raised on the main thread
             box["error"] = exc
+        finally:  # behind every event of the run in the queue: the console loop can stop here
+            try:
+                queue.put_nowait((FIT_ENDED, None))
+            except Exception:  # a gone queue actor: the loop notices the dead thread instead
+                pass
 
     thread = threading.Thread(target=target, name="difflm-fit", daemon=True)
     thread.start()
@@ -264,11 +216,17 @@ def _fit(
     starts, failure_shown = 0, True
     max_failures = spec.scaling.max_failures
     try:
-        while thread.is_alive() or not queue.empty():
+        while True:
             try:
-                kind, payload = queue.get(timeout=0.25)
+                # A long blocking get: the queue actor wakes once per event, not 4 times a second
+                # beside the training worker (it shares the CPUs on a laptop or a 2-core box).
+                kind, payload = queue.get(timeout=2.0)
             except Empty:
-                continue
+                if thread.is_alive():
+                    continue
+                break
+            if kind == FIT_ENDED:
+                break
             if kind == "done":
                 summary = payload
             elif kind == "worker":

@@ -448,7 +448,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         """Train to max_steps with eval, logging and checkpoints; return the summary (meaningful on rank 0)."""
         t = self.spec.train
-        if self.step == 0:
+        if self.step == 0 and t.eval_at_start is not False:
             self._eval_point(checkpoint=False)  # the step-0 reference value
         elif self.step >= t.max_steps:
             # Resumed from a checkpoint at the end: the run finished before an interruption took effect
