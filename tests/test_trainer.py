@@ -1,4 +1,4 @@
-"""build_trainer leaves out the Ray Train helper actors a difflm run has no use for (no Ray instance needed)."""
+"""Lean Ray Train start-up: the helper actors build_trainer leaves out, `cpus_per_worker: auto`, and resuming a spec with auto fields (no Ray instance needed)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,26 @@ def test_no_ray_data_actor_and_no_cleaner_on_a_lone_private_ray(tmp_path: Path) 
     assert "DatasetsCallback" not in kept | lone  # it started a DatasetManager actor with no datasets
     assert "PlacementGroupCleanerCallback" in kept  # sweeps and clusters keep Ray's cleaner
     assert lone == kept - {"PlacementGroupCleanerCallback"}
+
+
+def test_auto_cpus_per_worker_shares_the_nodes_whole() -> None:
+    from orchestrator.train.startup import auto_cpus_per_worker
+
+    assert auto_cpus_per_worker(1, [2.0]) == 2  # a lone run on a 2-core box: both cores (was 1)
+    assert auto_cpus_per_worker(2, [2.0]) == 1
+    assert auto_cpus_per_worker(3, [16.0]) == 5
+    assert auto_cpus_per_worker(2, [6.0, 2.0]) == 3  # never 4: the 2-CPU node cannot hold a 4-CPU worker
+    assert auto_cpus_per_worker(4, [8.0, 8.0]) == 4
+    assert auto_cpus_per_worker(4, [2.0]) == 1  # more workers than CPUs: check_resources says so later
+
+
+def test_resume_with_auto_matches_the_resolved_spec() -> None:
+    from orchestrator.rundir.run_folder import spec_differences
+
+    saved = {"train": {"precision": "fp32", "lr": 1e-3}, "scaling": {"cpus_per_worker": 2.0}}
+    again = {"train": {"precision": "auto", "lr": 1e-3}, "scaling": {"cpus_per_worker": "auto"}}
+    assert spec_differences(saved, again) == []
+    changed = {"train": {"precision": "bf16", "lr": 1e-3}, "scaling": {"cpus_per_worker": 1.0}}
+    assert spec_differences(saved, changed) == [
+        "scaling.cpus_per_worker: 2.0 -> 1.0", "train.precision: 'fp32' -> 'bf16'"
+    ]

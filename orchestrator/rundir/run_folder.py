@@ -23,6 +23,9 @@ RESUME_FREE = frozenset({
     "train.keep_checkpoints", "scaling.max_failures", "output.dir", "output.name", "output.tensorboard",
     "data.cache_dir",
 })
+#: Fields the driver resolves for the machine at launch and records resolved in spec.yaml: "auto" in the
+#: spec of a resume matches whatever the run recorded (and is resolved again for this machine).
+RESOLVED_AT_LAUNCH = frozenset({"train.precision", "scaling.cpus_per_worker"})
 STOP_FILE = "stopped.json"
 SWEEP_STATE = "difflm_sweep.json"  # what makes a folder a sweep folder (orchestrator.sweep.driver writes it)
 SPEC_FILE = "spec.yaml"
@@ -79,6 +82,8 @@ def spec_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     diffs = []
     for path in sorted(set(a) | set(b)):
         if path in RESUME_FREE or a.get(path) == b.get(path):
+            continue
+        if path in RESOLVED_AT_LAUNCH and b.get(path) == "auto":
             continue
         diffs.append(f"{path}: {a.get(path)!r} -> {b.get(path)!r}")
     return diffs

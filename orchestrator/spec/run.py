@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -129,7 +129,12 @@ class ScalingConfig(StrictModel):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(
         "auto", description="auto picks cuda, then mps, then cpu."
     )
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per worker.")
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
+        "auto",
+        description="CPUs Ray reserves per worker; a CPU worker also gets that many intra-op threads. auto: a "
+        "run's workers share the machine's CPUs (or the cluster's, node by node) evenly, at least 1 each; "
+        "in a sweep, 1 (trials share the CPUs instead).",
+    )
     gpus_per_worker: float = Field(1.0, ge=0.0, description="GPUs Ray reserves per worker when the device is cuda.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     deepspeed: bool = Field(

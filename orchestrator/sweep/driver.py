@@ -183,7 +183,7 @@ def run_sweep(
         )
     base_spec = validate_as(RunSpec, sweep.base_raw(), source=spec_path)
     # Tokenize once on the driver (trials hit the cache); data errors stop here, before Ray.
-    _, device, cpus, gpus = prepare_and_place(base_spec, address, console, dashboard=True)
+    _, _, device, cpus, gpus = prepare_and_place(base_spec, address, console, dashboard=True)
     fits = fit_count(sweep, device, cpus, gpus)
     max_concurrent = min(sweep.sweep.resources.max_concurrent_trials or fits, fits)
     # Trial errors are shown in our table; keep Tune's tracebacks off the console.

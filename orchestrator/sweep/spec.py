@@ -205,9 +205,11 @@ class SweepFile(RunSpec):
         ):
             if val is not None:
                 raw["scaling"][key] = val
+        sc = raw["scaling"]
+        if sc["cpus_per_worker"] == "auto":  # trials share the CPUs: one each, as many trials as fit
+            sc["cpus_per_worker"] = 1.0
         # A trial actor's CPU share, if any, is carved out of its workers' reservation, so N trials of
         # 1-CPU workers fit on N CPUs (a reservation is a scheduling unit; nobody computes on it).
-        sc = raw["scaling"]
         if r.trial_cpus > 0:
             sc["cpus_per_worker"] = max(sc["cpus_per_worker"] - r.trial_cpus / sc["num_workers"], 0.01)
         return raw

@@ -34,6 +34,18 @@ def process_start_time() -> float:
         return time.time()
 
 
+def auto_cpus_per_worker(num_workers: int, node_cpus: list[float]) -> int:
+    """``scaling.cpus_per_worker: auto`` for one run: the most whole CPUs per worker such that all
+    ``num_workers`` workers fit on the nodes (each node's CPUs, as Ray counts them), at least 1.
+
+    On one machine that is its CPUs over the workers; on a cluster a worker never straddles nodes,
+    so 2 workers on nodes of 6 and 2 CPUs get 3 each (both on the first), not 4."""
+    for per_worker in range(int(max(node_cpus, default=1)), 1, -1):
+        if sum(int(n // per_worker) for n in node_cpus) >= num_workers:
+            return per_worker
+    return 1
+
+
 def worker_threads(cpus_per_worker: float) -> int:
     """Intra-op threads for a worker: the CPUs Ray reserves for it, at least one.
 
