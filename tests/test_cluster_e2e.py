@@ -231,7 +231,7 @@ def test_resumed_asha_sweep_stops_the_same_trials(cluster: Cluster) -> None:
 
 LOSS = MODEL + """
 train: {max_steps: 60, micro_batch_size: 4, warmup_steps: 1, eval_every: 6, checkpoint_every: 6, log_every: 6,
-        num_samples: 0}
+        num_samples: 0, eval_at_start: true}
 scaling: {num_workers: 1, device: cpu, cpus_per_worker: 1, zero_stage: 0}
 output: {dir: %(tmp)s/runs, name: loss}
 sweep:

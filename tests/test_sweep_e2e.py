@@ -96,7 +96,7 @@ model: {family: mdlm, size: null, d_model: 64, n_layers: 2, n_heads: 2, cond_dim
 diffusion: {sample_steps: 4}
 data: {source: builtin, seq_len: 64, max_documents: 300}
 train: {max_steps: 60, micro_batch_size: 16, lr: 3.0e-3, warmup_steps: 2, eval_every: 10, checkpoint_every: 10,
-        log_every: 5, num_samples: 1, eval_samples: 2}
+        log_every: 5, num_samples: 1, eval_samples: 2, eval_at_start: true}
 scaling: {num_workers: 1, device: cpu, zero_stage: 0}
 output: {dir: %s, name: r}
 sweep:
