@@ -47,3 +47,14 @@ def test_resume_with_auto_matches_the_resolved_spec() -> None:
     assert spec_differences(saved, changed) == [
         "scaling.cpus_per_worker: 2.0 -> 1.0", "train.precision: 'fp32' -> 'bf16'"
     ]
+
+
+def test_resolve_cpus_replaces_only_auto_and_says_so() -> None:
+    from orchestrator.train.startup import resolve_cpus
+
+    said: list[str] = []
+    auto = RunSpec.model_validate({"scaling": {"num_workers": 2}})
+    assert resolve_cpus(auto, [6.0, 2.0], said.append).scaling.cpus_per_worker == 3.0
+    assert said == ["cpus_per_worker 3 (auto: 2 worker(s), 8 CPUs)"]
+    fixed = RunSpec.model_validate({"scaling": {"cpus_per_worker": 1}})
+    assert resolve_cpus(fixed, [6.0], said.append) is fixed and len(said) == 1

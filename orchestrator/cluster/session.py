@@ -40,6 +40,11 @@ LOCAL_RAY_ENV = {
 }
 
 
+# Only for a private Ray without a dashboard (a single `difflm train`): its actors all carry their own
+# runtime env, so the two workers Ray prestarts for the driver's job would idle through the run
+# (~0.4 CPU-s each while the controller starts).
+LONE_RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
+
 #: Set by init_ray when this process started a private Ray without a dashboard (see lone_private_ray).
 _LONE_PRIVATE = False
 
@@ -67,9 +72,7 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     if address is None:
         env.update({k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ})
     if address is None and not local_dashboard:
-        # A lone run's actors all carry their own runtime env, so Ray's two workers prestarted for the
-        # driver's job would idle through the run (~0.4 CPU-s each while the controller starts).
-        env.setdefault("RAY_prestart_worker_first_driver", os.environ.get("RAY_prestart_worker_first_driver", "0"))
+        env.update({k: v for k, v in LONE_RAY_ENV.items() if k not in os.environ})
     os.environ.update(env)
     if address is None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         # Read by every process ray.init starts; Ray caches its config at import, so refresh it

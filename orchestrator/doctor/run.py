@@ -7,8 +7,6 @@ FAIL with the exception's message, so a broken model is reported, not crashed on
 
 from __future__ import annotations
 
-import os
-
 from typing import Callable
 
 import torch
@@ -20,7 +18,8 @@ from orchestrator.doctor.model import size_check
 from orchestrator.doctor.report import Check
 from orchestrator.spec.run import RunSpec
 from orchestrator.train.precision import resolve_precision
-from orchestrator.train.startup import auto_cpus_per_worker, worker_threads
+from orchestrator.train.launch import local_resources
+from orchestrator.train.startup import resolve_cpus, worker_threads
 
 
 def _guard(name: str, fn: Callable[[], Check | tuple[Check, ...]]) -> tuple[Check, ...]:
@@ -47,10 +46,7 @@ def run_doctor(spec: RunSpec, emit: Callable[[Check], None], log: Callable[[str]
     On a CPU the checks run with the intra-op threads a Ray Train worker of this spec gets
     (``scaling.cpus_per_worker``, see orchestrator.train.startup): the ETA then matches a run."""
     threads = torch.get_num_threads()
-    s = spec.scaling
-    if s.cpus_per_worker == "auto":  # what `difflm train` resolves on this machine
-        cpus = float(auto_cpus_per_worker(s.num_workers, [float(os.cpu_count() or 1)]))
-        spec = spec.model_copy(update={"scaling": s.model_copy(update={"cpus_per_worker": cpus})})
+    spec = resolve_cpus(spec, [local_resources()[0]], lambda _: None)  # what `difflm train` resolves here
     try:
         if resolve_device(spec.scaling.device) == "cpu":
             torch.set_num_threads(worker_threads(spec.scaling.cpus_per_worker))

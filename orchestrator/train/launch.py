@@ -30,7 +30,7 @@ from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import spec_yaml
 from orchestrator.train.console import TrainConsole
 from orchestrator.train.precision import resolve_precision
-from orchestrator.train.startup import auto_cpus_per_worker, describe, process_start_time, seconds_since
+from orchestrator.train.startup import describe, process_start_time, resolve_cpus, seconds_since
 from orchestrator.train.trainer import build_trainer
 
 #: The driver's own last event in the console queue, put when trainer.fit() returns.
@@ -86,7 +86,7 @@ def prepare_and_place(
     console: TrainConsole,
     stamps: dict[str, float] | None = None,
     dashboard: bool = False,
-) -> tuple[Any, str, float, float]:
+) -> tuple[RunSpec, Any, str, float, float]:
     """Driver set-up shared by train and sweep: check resources, tokenize (cached), start or join Ray.
 
     Returns (spec with ``cpus_per_worker`` resolved, prepared data, device, CPUs, GPUs). Order keeps user errors before Ray: this machine
@@ -99,7 +99,7 @@ def prepare_and_place(
     if address is None:
         cpus, gpus = local_resources()
         device = resolve_device(spec.scaling.device)
-        spec = resolve_cpus(spec, [cpus], console)
+        spec = resolve_cpus(spec, [cpus], console.info)
         check_resources(spec, device, cpus, gpus, "this machine")
     else:  # joining is cheap: check the cluster (resources, shared paths) before tokenizing
         import ray
@@ -108,25 +108,16 @@ def prepare_and_place(
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
         device = resolve_device(spec.scaling.device, gpus)
-        spec = resolve_cpus(spec, [n.get("Resources", {}).get("CPU", 0.0) for n in alive_nodes()], console)
+        nodes = alive_nodes()
+        spec = resolve_cpus(spec, [n.get("Resources", {}).get("CPU", 0.0) for n in nodes], console.info)
         check_resources(spec, device, cpus, gpus, f"the cluster at {address}")
-        check_shared_storage({"output.dir": spec.output.dir, "data.cache_dir": spec.data.cache_dir}, len(alive_nodes()))
+        check_shared_storage({"output.dir": spec.output.dir, "data.cache_dir": spec.data.cache_dir}, len(nodes))
     prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
     stamps["data"] = time.time()
     if address is None:  # a cluster was joined above, before tokenizing
         init_ray(None, dashboard)
     stamps["ray"] = time.time()
     return spec, prepared, device, cpus, gpus
-
-
-def resolve_cpus(spec: RunSpec, node_cpus: list[float], console: TrainConsole) -> RunSpec:
-    """``scaling.cpus_per_worker: auto`` -> whole CPUs per worker for these nodes (startup.auto_cpus_per_worker)."""
-    s = spec.scaling
-    if s.cpus_per_worker != "auto":
-        return spec
-    n = auto_cpus_per_worker(s.num_workers, node_cpus)
-    console.info(f"cpus_per_worker {n} (auto: {s.num_workers} worker(s), {sum(node_cpus):g} CPUs)")
-    return spec.model_copy(update={"scaling": s.model_copy(update={"cpus_per_worker": float(n)})})
 
 
 def launch_train(

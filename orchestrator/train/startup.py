@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from orchestrator.spec.run import RunSpec
 
 # Milestones in order, with the name of the phase that ends at each (shown in the start-up line).
 PHASES: dict[str, str] = {
@@ -44,6 +48,17 @@ def auto_cpus_per_worker(num_workers: int, node_cpus: list[float]) -> int:
         if sum(int(n // per_worker) for n in node_cpus) >= num_workers:
             return per_worker
     return 1
+
+
+def resolve_cpus(spec: RunSpec, node_cpus: list[float], log: Callable[[str], None]) -> RunSpec:
+    """``spec`` with ``scaling.cpus_per_worker: auto`` replaced by :func:`auto_cpus_per_worker` for
+    these nodes (``log`` says what it picked); any other value is kept."""
+    s = spec.scaling
+    if s.cpus_per_worker != "auto":
+        return spec
+    n = auto_cpus_per_worker(s.num_workers, node_cpus)
+    log(f"cpus_per_worker {n} (auto: {s.num_workers} worker(s), {sum(node_cpus):g} CPUs)")
+    return spec.model_copy(update={"scaling": s.model_copy(update={"cpus_per_worker": float(n)})})
 
 
 def worker_threads(cpus_per_worker: float) -> int:
