@@ -58,3 +58,16 @@ def test_resolve_cpus_replaces_only_auto_and_says_so() -> None:
     assert said == ["cpus_per_worker 3 (auto: 2 worker(s), 8 CPUs)"]
     fixed = RunSpec.model_validate({"scaling": {"cpus_per_worker": 1}})
     assert resolve_cpus(fixed, [6.0], said.append) is fixed and len(said) == 1
+
+
+def test_cpus_per_worker_takes_a_positive_number_or_auto_with_one_message() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    assert RunSpec.model_validate({"scaling": {"cpus_per_worker": "1.5"}}).scaling.cpus_per_worker == 1.5
+    assert RunSpec.model_validate({}).scaling.cpus_per_worker == "auto"
+    for bad in (0, -1, "abc", True, float("nan")):
+        with pytest.raises(ValidationError) as err:
+            RunSpec.model_validate({"scaling": {"cpus_per_worker": bad}})
+        assert err.value.error_count() == 1
+        assert "must be a number of CPUs above 0 or 'auto'" in str(err.value)

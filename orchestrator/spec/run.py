@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -129,7 +129,7 @@ class ScalingConfig(StrictModel):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(
         "auto", description="auto picks cuda, then mps, then cpu."
     )
-    cpus_per_worker: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
+    cpus_per_worker: float | Literal["auto"] = Field(
         "auto",
         description="CPUs Ray reserves per worker; a CPU worker also gets that many intra-op threads. auto: a "
         "run's workers share the machine's CPUs (or the cluster's, node by node) evenly, at least 1 each; "
@@ -145,6 +145,20 @@ class ScalingConfig(StrictModel):
         3, ge=-1, le=1000, description="Restart the worker group from the latest checkpoint after this many "
         "worker failures (a killed process, a lost node) before the run fails; -1 = no limit, 0 = never."
     )
+
+    @field_validator("cpus_per_worker", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> Any:
+        """One message for both forms (pydantic would report the number and the literal separately)."""
+        if v == "auto":
+            return v
+        try:
+            cpus = float("nan") if isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            cpus = float("nan")
+        if not cpus > 0:
+            raise ValueError(f"must be a number of CPUs above 0 or 'auto', got {v!r}")
+        return cpus
 
 
 class OutputConfig(StrictModel):
