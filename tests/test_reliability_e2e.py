@@ -121,7 +121,8 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
     resumed = [ln for ln in out.splitlines() if ln.startswith("resumed from step")]
     assert len(resumed) == restarts and 10 <= int(resumed[0].split()[3]) < 80, resumed  # continued, not from scratch
     # retention: the 2 most recent checkpoints, plus the best as its own copy
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_00000070", "checkpoint_00000080"]
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_00000070", "checkpoint_00000080"], (kept, out[-4000:])
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
     val = dict(read_scalars(run_dir / "tensorboard")["val/nll"])
     assert val[80] < val[0] - 0.5
