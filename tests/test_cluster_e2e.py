@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import pytest
 
 from orchestrator.cluster.procs import processes_under, stop_processes
@@ -230,7 +231,7 @@ def test_resumed_asha_sweep_stops_the_same_trials(cluster: Cluster) -> None:
 
 
 LOSS = MODEL + """
-train: {max_steps: 60, micro_batch_size: 4, warmup_steps: 1, eval_every: 6, checkpoint_every: 6, log_every: 6,
+train: {max_steps: 240, micro_batch_size: 4, warmup_steps: 1, eval_every: 20, checkpoint_every: 20, log_every: 20,
         num_samples: 0, eval_at_start: true}
 scaling: {num_workers: 1, device: cpu, cpus_per_worker: 1, zero_stage: 0}
 output: {dir: %(tmp)s/runs, name: loss}
@@ -261,10 +262,20 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
     nodes = cluster.records()
     worker_node, head = nodes["worker"]["node_id"], nodes["head"]["node_id"]
     deadline = time.monotonic() + 400
-    # Tune writes result.json lazily; a Train run's checkpoint folders appear at once.
-    while len([d for d in sweep_dir.glob("*-schedule=*") if any((d / "train").glob("checkpoint_*"))]) < 2:
+    # Tune writes result.json lazily; a Train run's checkpoint folders appear at once (checkpoint_0*: Ray Train's
+    # checkpoint_manager_snapshot.json is there before any).
+    while len([d for d in sweep_dir.glob("*-schedule=*") if any((d / "train").glob("checkpoint_0*"))]) < 2:
         assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
+    # A tiny trial trains ~40 steps/s: it could end while `cluster status` starts (a CI run saw both trials
+    # end first). SIGSTOP holds both train workers mid-run (their actors stay alive) until the node is gone.
+    on_worker = {p.pid for p in processes_under(cluster.worker_dir)}
+    ours = on_worker | {p.pid for p in processes_under(cluster.head_dir)}
+    held = [p for p in psutil.process_iter(["cmdline"])
+            if p.pid in ours and "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(held) == 2, held
+    for p in held:
+        p.send_signal(signal.SIGSTOP)
 
     def blocks() -> tuple[str, list[str]]:
         status = cluster.cli("cluster", "status", "--address", cluster.address).stdout
@@ -282,9 +293,12 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
     killed = processes_under(cluster.worker_dir)
     for p in killed:
         p.send_signal(signal.SIGKILL)
+    for p in held:
+        if p.pid not in on_worker:
+            p.send_signal(signal.SIGCONT)
     assert driver.wait(timeout=500) == 0, log.read_text()[-3000:]
     rows = _results(sweep_dir)
-    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == "60" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == "240" for r in rows), rows
     starts = {r["trial_dir"]: len((Path(r["trial_dir"]) / "starts.log").read_text().split()) for r in rows}
     assert set(starts.values()) <= {1, 2}, starts  # a trial whose Tune actor was on the lost node restarts once
     # The trial that had its train worker on the lost node recovered: Ray Train restarted its worker group
@@ -297,4 +311,4 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
         # from its last checkpoint: a restart from scratch would log the step-0 eval twice
         acc = EventAccumulator(str(lost / "tensorboard"), purge_orphaned_data=False).Reload()
         val_steps = [e.step for e in acc.Scalars("val/nll")]
-        assert val_steps.count(0) == 1 and val_steps[-1] == 60, val_steps
+        assert val_steps.count(0) == 1 and val_steps[-1] == 240, val_steps
