@@ -162,6 +162,36 @@ def test_accumulated_gradient_equals_large_batch_gradient(cache: Path, engine: s
         torch.testing.assert_close(got[n], want[n], rtol=2e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_rank_deepspeed_skips_the_identity_all_reduce(cache: Path, precision: str, ds_env: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """World size 1: DeepSpeed's gradient all-reduce would only flatten, reduce over one rank and copy back
+    (1.3% of a `small` step); the engine skips it, and the update is the one the reduction would give."""
+    spec = _spec(cache, "deepspeed", family="ar", grad_accum=2, micro_batch_size=4, ema=None, precision=precision)
+    data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
+    batch = torch.tensor(data.train[:8], dtype=torch.long)  # (8, 32)
+    valid = torch.ones_like(batch, dtype=torch.bool)
+    weights = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        eng = DeepSpeedEngine(build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size), spec, CPU)
+        assert eng.engine.enable_backward_allreduce is False
+        eng.engine.enable_backward_allreduce = not skip  # the reference: DeepSpeed's own reduction
+        calls = []
+        real = eng.engine.allreduce_gradients
+        monkeypatch.setattr(eng.engine, "allreduce_gradients", lambda *a, **k: (calls.append(1), real(*a, **k)))
+        eng.train(True)
+        for half in (slice(0, 4), slice(4, 8)):
+            out = eng.forward(batch[half], valid[half])
+            eng.backward(out.loss)
+            eng.step()
+        assert (len(calls) == 0) if skip else (len(calls) >= 1)
+        weights.append([p.detach().float().clone() for p in eng.module.parameters()])
+    for got, want in zip(*weights):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any((w != 0).any() for w in weights[0])
+
+
 # --------------------------------------------------------------------- non-finite
 @pytest.mark.parametrize("engine,zero,precision", [("torch", 0, "fp32"), ("deepspeed", 0, "fp32"),
                                                    ("deepspeed", 2, "bf16"), ("deepspeed", 3, "fp32")])
