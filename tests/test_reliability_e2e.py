@@ -122,7 +122,12 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
     assert len(resumed) == restarts and 10 <= int(resumed[0].split()[3]) < 80, resumed  # continued, not from scratch
     # retention: the 2 most recent checkpoints, plus the best as its own copy
     kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert kept == ["checkpoint_00000070", "checkpoint_00000080"], (kept, out[-4000:])
+    # A second failure after the last checkpoint resumes at max_steps, which reports the end again with a
+    # checkpoint of its own (checkpoint_00000080-2, see Runner.run): still the 2 most recent.
+    allowed = [["checkpoint_00000070", "checkpoint_00000080"]]
+    if restarts == 2:
+        allowed.append(["checkpoint_00000080", "checkpoint_00000080-2"])
+    assert kept in allowed, (kept, out[-4000:])
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
     val = dict(read_scalars(run_dir / "tensorboard")["val/nll"])
     assert val[80] < val[0] - 0.5
