@@ -262,8 +262,8 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
     nodes = cluster.records()
     worker_node, head = nodes["worker"]["node_id"], nodes["head"]["node_id"]
     deadline = time.monotonic() + 400
-    # Tune writes result.json lazily; a Train run's checkpoint folders appear at once (checkpoint_0*: Ray Train's
-    # checkpoint_manager_snapshot.json is there before any).
+    # Tune writes result.json lazily; a Train run's checkpoint folders appear at once (checkpoint_0*: the
+    # folders, not Ray Train's checkpoint_manager_snapshot.json).
     while len([d for d in sweep_dir.glob("*-schedule=*") if any((d / "train").glob("checkpoint_0*"))]) < 2:
         assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
