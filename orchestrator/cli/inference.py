@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from orchestrator.cli.common import DEVICES, user_errors
-from orchestrator.devices import synchronize
 
 if TYPE_CHECKING:
     import numpy as np
@@ -88,6 +87,7 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     import torch
 
     from difflm.sampling import SampleOptions, build_template, get_sampler, sample_diagnostics
+    from orchestrator.devices import synchronize
 
     ckpt = _load(checkpoint, device)
     model, tok, spec = ckpt.model, ckpt.tokenizer, ckpt.spec
