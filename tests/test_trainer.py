@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from orchestrator.spec.run import RunSpec
 from orchestrator.train.trainer import build_trainer
 
@@ -71,3 +73,16 @@ def test_cpus_per_worker_takes_a_positive_number_or_auto_with_one_message() -> N
             RunSpec.model_validate({"scaling": {"cpus_per_worker": bad}})
         assert err.value.error_count() == 1
         assert "must be a number of CPUs above 0 or 'auto'" in str(err.value)
+
+
+def test_a_deepspeed_cpu_op_still_to_compile_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker announces DeepSpeed's ~30 s first-use compile of its CPU comm op; once the module is in
+    the extensions folder there is nothing to announce."""
+    from orchestrator.train.engine import deepspeed_cpu_op_pending
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert deepspeed_cpu_op_pending() == tmp_path / "deepspeed_shm_comm"  # the folder the console names
+    built = tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    built.parent.mkdir(exist_ok=True)
+    built.write_bytes(b"")
+    assert deepspeed_cpu_op_pending() is None

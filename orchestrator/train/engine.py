@@ -382,3 +382,27 @@ def build_engine(model: Family, spec: RunSpec, device: torch.device) -> Engine:
     if spec.scaling.deepspeed and device.type != "mps":
         return DeepSpeedEngine(model, spec, device)
     return TorchEngine(model, spec.train, device, run_lr_lambda(spec))
+
+
+def deepspeed_cpu_op_pending() -> Path | None:
+    """Where DeepSpeed will compile its CPU shared-memory communication op as it initialises, or None.
+
+    DeepSpeed's CPU accelerator builds ``deepspeed_shm_comm`` with ninja the first time a process group
+    comes up on a machine (about 27 s on 2 cores; cached under TORCH_EXTENSIONS_DIR, by default
+    ~/.cache/torch_extensions), even for one worker. The console says so, or a first run looks hung.
+    Best effort: None whenever it cannot tell (another DeepSpeed or torch version)."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or installed_ops.get(builder.NAME, False):
+            return None  # no such op here, or built when DeepSpeed was installed
+        if not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return None
+        folder = Path(_get_build_directory(builder.NAME, verbose=False))
+        return None if (folder / f"{builder.NAME}.so").is_file() else folder
+    except Exception:
+        return None
