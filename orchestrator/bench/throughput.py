@@ -281,6 +281,13 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
     live: dict[str, Any] = {}
     for name in (p for p in cfg.paths if p != "train"):
         log(f"bench: setting up {name}")
+        if name == "deepspeed" and dev.type == "cpu":
+            from orchestrator.train.engine import deepspeed_cpu_op_pending
+
+            pending = deepspeed_cpu_op_pending()
+            if pending is not None:
+                log(f"bench: DeepSpeed compiles its CPU communication op first (about 30 s on 2 cores, once; kept in "
+                    f"{pending}): the deepspeed row's first step includes it")
         baseline = start_memory_window(dev)
         start = time.perf_counter()
         path = BarePath(spec, data, dev) if name == "bare" else RunnerPath(name, spec, data, dev)
