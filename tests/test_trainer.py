@@ -78,11 +78,12 @@ def test_cpus_per_worker_takes_a_positive_number_or_auto_with_one_message() -> N
 def test_a_deepspeed_cpu_op_still_to_compile_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker announces DeepSpeed's ~30 s first-use compile of its CPU comm op; once the module is in
     the extensions folder there is nothing to announce."""
-    from orchestrator.train.engine import deepspeed_cpu_op_pending
+    from orchestrator.train.engine import deepspeed_cpu_op_notice, deepspeed_cpu_op_pending
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert deepspeed_cpu_op_pending() == tmp_path / "deepspeed_shm_comm"  # the folder the console names
+    assert f"kept in {tmp_path / 'deepspeed_shm_comm'})" in (deepspeed_cpu_op_notice() or "")
     built = tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
     built.parent.mkdir(exist_ok=True)
     built.write_bytes(b"")
-    assert deepspeed_cpu_op_pending() is None
+    assert deepspeed_cpu_op_pending() is None and deepspeed_cpu_op_notice() is None

@@ -282,12 +282,11 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
     for name in (p for p in cfg.paths if p != "train"):
         log(f"bench: setting up {name}")
         if name == "deepspeed" and dev.type == "cpu":
-            from orchestrator.train.engine import deepspeed_cpu_op_pending
+            from orchestrator.train.engine import deepspeed_cpu_op_notice
 
-            pending = deepspeed_cpu_op_pending()
-            if pending is not None:
-                log(f"bench: DeepSpeed compiles its CPU communication op first (about 30 s on 2 cores, once; kept in "
-                    f"{pending}): the deepspeed row's first step includes it")
+            notice = deepspeed_cpu_op_notice()
+            if notice is not None:
+                log(f"bench: {notice}; the deepspeed row's first step includes it")
         baseline = start_memory_window(dev)
         start = time.perf_counter()
         path = BarePath(spec, data, dev) if name == "bare" else RunnerPath(name, spec, data, dev)

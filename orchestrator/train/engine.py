@@ -406,3 +406,12 @@ def deepspeed_cpu_op_pending() -> Path | None:
         return None if (folder / f"{builder.NAME}.so").is_file() else folder
     except Exception:
         return None
+
+
+def deepspeed_cpu_op_notice() -> str | None:
+    """The console line for :func:`deepspeed_cpu_op_pending` (a run's worker and `difflm bench`), or None."""
+    folder = deepspeed_cpu_op_pending()
+    if folder is None:
+        return None
+    return (f"DeepSpeed compiles its CPU communication op on first use on this machine "
+            f"(about 30 s on 2 cores, once; kept in {folder})")

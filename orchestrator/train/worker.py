@@ -23,7 +23,7 @@ from orchestrator.errors import TrainingStopped
 from orchestrator.spec.run import spec_from_dict
 from orchestrator.rundir.checkpoints import special_ids
 from orchestrator.rundir.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, prune_orphans, update_links
-from orchestrator.train.engine import build_engine, deepspeed_cpu_op_pending, effective_zero_stage
+from orchestrator.train.engine import build_engine, deepspeed_cpu_op_notice, effective_zero_stage
 from orchestrator.train.failures import worker_log_path
 from orchestrator.train.metrics import NullLogger, TensorBoardLogger
 from orchestrator.train.precision import resolve_precision
@@ -115,10 +115,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model = build_model(spec.model, spec.build_diffusion(), data.tokenizer.vocab_size, **special_ids(data.tokenizer))
     if rank == 0:
         emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
-    pending = deepspeed_cpu_op_pending() if (rank == 0 and device.type == "cpu" and spec.scaling.deepspeed) else None
-    if pending is not None:
-        emit("log", {"message": "DeepSpeed compiles its CPU communication op on first use on this machine "
-                                f"(about 30 s on 2 cores, once; kept in {pending})"})
+    notice = deepspeed_cpu_op_notice() if (rank == 0 and device.type == "cpu" and spec.scaling.deepspeed) else None
+    if notice is not None:
+        emit("log", {"message": notice})
     engine = build_engine(model, spec, device)
     stamps = {"worker": entered, "engine": time.time()}
     threads = f"{torch.get_num_threads()} thread(s) each"
