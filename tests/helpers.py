@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import psutil
 import pytest
 import torch
 
@@ -143,3 +144,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def train_workers(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The Ray Train worker processes among ``procs`` (Ray titles them ``ray::RayTrainWorker``)."""
+    out = []
+    for proc in procs:
+        try:
+            if "ray::RayTrainWorker" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return out

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import psutil
 import pytest
 
 from orchestrator.cluster.procs import processes_under, stop_processes
+from tests.helpers import train_workers
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -269,10 +269,9 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
         time.sleep(0.2)
     # A tiny trial trains ~40 steps/s: it could end while `cluster status` starts (a CI run saw both trials
     # end first). SIGSTOP holds both train workers mid-run (their actors stay alive) until the node is gone.
-    on_worker = {p.pid for p in processes_under(cluster.worker_dir)}
-    ours = on_worker | {p.pid for p in processes_under(cluster.head_dir)}
-    held = [p for p in psutil.process_iter(["cmdline"])
-            if p.pid in ours and "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    worker_procs = processes_under(cluster.worker_dir)
+    on_worker = {p.pid for p in worker_procs}
+    held = train_workers([*worker_procs, *processes_under(cluster.head_dir)])
     assert len(held) == 2, held
     for p in held:
         p.send_signal(signal.SIGSTOP)

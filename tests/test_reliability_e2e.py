@@ -17,6 +17,7 @@ import pytest
 
 from orchestrator.rundir.checkpoints import load_checkpoint
 from orchestrator.train.metrics import read_scalars
+from tests.helpers import train_workers
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -40,18 +41,6 @@ def _popen(*args: str) -> subprocess.Popen[str]:
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _train_workers(driver: int) -> list[psutil.Process]:
-    """Ray Train worker processes under this driver (the local Ray instance is its child)."""
-    out = []
-    for proc in psutil.Process(driver).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.Error:
-            pass
-    return out
 
 
 def _ray_exposure(driver: int) -> tuple[set[str], set[str], bool]:
@@ -87,7 +76,7 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
         while time.time() < deadline and driver.poll() is None:
             last = run_dir / "checkpoints" / "last"
             if last.exists():  # the step-10 checkpoint is registered: kill the worker mid-run
-                workers = _train_workers(driver.pid)
+                workers = train_workers(psutil.Process(driver.pid).children(recursive=True))
                 if workers:
                     exposure = _ray_exposure(driver.pid)
                     killed = workers[0].pid
