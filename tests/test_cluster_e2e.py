@@ -159,6 +159,15 @@ def _rows(trial_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _checkpointed_on(train_dir: Path) -> set[str]:
+    """Nodes whose train workers wrote a checkpoint Ray Train has registered (its worker_nodes metric)."""
+    try:
+        snapshot = json.loads((train_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):  # not there yet, or caught mid-write
+        return set()
+    return {n for r in snapshot.get("checkpoint_results", []) for n in r["metrics"].get("worker_nodes", [])}
+
+
 def _results(sweep_dir: Path) -> list[dict[str, str]]:
     with open(sweep_dir / "results.csv") as f:
         return list(csv.DictReader(f))
@@ -231,7 +240,7 @@ def test_resumed_asha_sweep_stops_the_same_trials(cluster: Cluster) -> None:
 
 
 LOSS = MODEL + """
-train: {max_steps: 240, micro_batch_size: 4, warmup_steps: 1, eval_every: 20, checkpoint_every: 20, log_every: 20,
+train: {max_steps: 400, micro_batch_size: 4, warmup_steps: 1, eval_every: 40, checkpoint_every: 40, log_every: 40,
         num_samples: 0, eval_at_start: true}
 scaling: {num_workers: 1, device: cpu, cpus_per_worker: 1, zero_stage: 0}
 output: {dir: %(tmp)s/runs, name: loss}
@@ -261,20 +270,22 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
         )
     nodes = cluster.records()
     worker_node, head = nodes["worker"]["node_id"], nodes["head"]["node_id"]
+    node_dirs = {worker_node: cluster.worker_dir, head: cluster.head_dir}
     deadline = time.monotonic() + 400
-    # Tune writes result.json lazily; a Train run's checkpoint folders appear at once (checkpoint_0*: the
-    # folders, not Ray Train's checkpoint_manager_snapshot.json).
-    while len([d for d in sweep_dir.glob("*-schedule=*") if any((d / "train").glob("checkpoint_0*"))]) < 2:
+    # A tiny trial trains ~40 steps/s, and one trial can start seconds after the other (its node first starts a
+    # worker process): waiting for both checkpoints and then for `cluster status` (~3 s) let one trial or both end
+    # first on CI. So each trial's train worker is held (SIGSTOP; its actor stays alive) as soon as Ray Train has
+    # registered a checkpoint of it: the registry (checkpoint_manager_snapshot.json) names the node that wrote it,
+    # and each node has room for one train worker.
+    held: dict[str, Any] = {}
+    while len(held) < 2:
         assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    # A tiny trial trains ~40 steps/s: it could end while `cluster status` starts (a CI run saw both trials
-    # end first). SIGSTOP holds both train workers mid-run (their actors stay alive) until the node is gone.
-    worker_procs = processes_under(cluster.worker_dir)
-    on_worker = {p.pid for p in worker_procs}
-    held = train_workers([*worker_procs, *processes_under(cluster.head_dir)])
-    assert len(held) == 2, held
-    for p in held:
-        p.send_signal(signal.SIGSTOP)
+        for node in {n for d in sweep_dir.glob("*-schedule=*") for n in _checkpointed_on(d / "train")} - set(held):
+            found = train_workers(processes_under(node_dirs[node]))
+            assert len(found) == 1, (node, found)
+            found[0].send_signal(signal.SIGSTOP)
+            held[node] = found[0]
+        time.sleep(0.1)
 
     def blocks() -> tuple[str, list[str]]:
         status = cluster.cli("cluster", "status", "--address", cluster.address).stdout
@@ -289,15 +300,12 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
         time.sleep(2)
     assert all(f"difflm sweep {spec}" in b and "1 train worker" in b for b in per_node), status
     assert sum(int(n) for n in re.findall(r"(\d+) sweep trials?", status)) == 2, status  # wherever Ray put them
-    killed = processes_under(cluster.worker_dir)
-    for p in killed:
+    for p in processes_under(cluster.worker_dir):
         p.send_signal(signal.SIGKILL)
-    for p in held:
-        if p.pid not in on_worker:
-            p.send_signal(signal.SIGCONT)
+    held[head].send_signal(signal.SIGCONT)
     assert driver.wait(timeout=500) == 0, log.read_text()[-3000:]
     rows = _results(sweep_dir)
-    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == "240" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == "400" for r in rows), rows
     starts = {r["trial_dir"]: len((Path(r["trial_dir"]) / "starts.log").read_text().split()) for r in rows}
     assert set(starts.values()) <= {1, 2}, starts  # a trial whose Tune actor was on the lost node restarts once
     # The trial that had its train worker on the lost node recovered: Ray Train restarted its worker group
@@ -310,4 +318,4 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
         # from its last checkpoint: a restart from scratch would log the step-0 eval twice
         acc = EventAccumulator(str(lost / "tensorboard"), purge_orphaned_data=False).Reload()
         val_steps = [e.step for e in acc.Scalars("val/nll")]
-        assert val_steps.count(0) == 1 and val_steps[-1] == 240, val_steps
+        assert val_steps.count(0) == 1 and val_steps[-1] == 400, val_steps
