@@ -97,7 +97,19 @@ def fit_count(sweep: SweepFile, device: str, cpus: float, gpus: float) -> int:
 
 
 def _param_space(sweep: SweepFile) -> dict[str, Any]:
-    return {path: dom.to_tune() for path, dom in sweep.sweep.search.items()}
+    return _seed_space(sweep) | {path: dom.to_tune() for path, dom in sweep.sweep.search.items()}
+
+
+def _seed_space(sweep: SweepFile) -> dict[str, Any]:
+    """Replicates (sweep.seeds > 1): a grid over the training seed (spec.SEED_KEY) crossed with every configuration.
+
+    The basic generator then keeps sampled (random/choice) values constant across that grid
+    (``constant_grid_search``), so a configuration's seeds differ only in their training seed."""
+    from ray import tune
+
+    from orchestrator.sweep.spec import SEED_KEY, replicate_seeds
+
+    return {SEED_KEY: tune.grid_search(replicate_seeds(sweep))} if sweep.sweep.seeds > 1 else {}
 
 
 def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
@@ -114,6 +126,7 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
             max_t=sweep.trial_max_steps(),
             grace_period=cfg.scheduler.grace_period,
             reduction_factor=cfg.scheduler.reduction_factor,
+            seeds=cfg.seeds,
         )
     else:
         scheduler = FIFOScheduler()
@@ -126,7 +139,8 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
         from ray.tune.search import BasicVariantGenerator
 
         # A SearchGenerator ignores TuneConfig.max_concurrent_trials: the limit goes here.
-        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent)
+        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent,
+                                           constant_grid_search=cfg.seeds > 1)
     return tune.TuneConfig(
         metric=cfg.metric,
         mode=cfg.mode,
