@@ -111,7 +111,8 @@ def grid(sweep_file: Path, overrides: tuple[str, ...], output: Path, threads: in
     ]
     for p in ranking.rows:
         c = p.cand
-        step = c.draws.meta.get("step") if c.draws is not None and c.draws.meta else None
+        d = c.members[0].draws if c.members else None
+        step = d.meta.get("step") if d is not None and d.meta else None
         lines.append(f"| {p.rank}{' (best)' if p.is_best else ''} | {c.family} | {c.key} | {fmt_pm(c.nll, c.se)} | "
                      f"{step} | {fmt_diff(p)} | {'tied' if p.tied else ''} | {walls[c.key]:.0f} |"
                      + (f" {p.overall} |" if ranking.mixed else ""))

@@ -253,7 +253,7 @@ def replicate_seeds(sweep: "SweepFile") -> list[int]:
 
 def config_key(params: dict[str, Any]) -> str:
     """A configuration's identity: its searched values without the replicate seed (what seeds are grouped by)."""
-    items = sorted((k, repr(v)) for k, v in params.items() if k != SEED_KEY and not k.startswith("__"))
+    items = sorted((k, _fmt_value(v)) for k, v in params.items() if k != SEED_KEY and not k.startswith("__"))
     return ", ".join(f"{k}={v}" for k, v in items)
 
 
