@@ -144,15 +144,14 @@ class SweepTable(Callback):
         """Best val NLL ± SE and paired differences of every trial, from its saved draws (None: not the val NLL)."""
         if not self.with_errors:
             return None
-        from orchestrator.sweep.spec import SEED_KEY, config_key
+        from orchestrator.sweep.spec import config_key, trial_seed
 
         cands = []
         for t in trials:
             evals = self._draws.by_step(self._trial_dir(t) / "train" / "val")
-            seed = t.config.get(SEED_KEY, self.base.get("train", {}).get("seed"))
             cands.append(Candidate(
                 t.trial_id, self._family(t), None, None, config=config_key(dict(t.config)),
-                seed=int(seed) if isinstance(seed, (int, float)) else None,
+                seed=trial_seed(dict(t.config), int(self.base.get("train", {}).get("seed", 0))),
                 curve={s: (d.nll, d.se) for s, d in evals.items()}, draws_at=evals.get,
             ))
         return rank_candidates(cands, self.min_effect)

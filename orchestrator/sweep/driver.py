@@ -135,6 +135,10 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg: Any = OptunaSearch(sampler=TPESampler(seed=cfg.seed))
+        if cfg.seeds > 1:  # each suggestion runs sweep.seeds times (REPEAT_INDEX -> train.seed + k); TPE sees the mean
+            from ray.tune.search import Repeater
+
+            search_alg = Repeater(search_alg, repeat=cfg.seeds, set_index=True)
     else:
         from ray.tune.search import BasicVariantGenerator
 
@@ -144,7 +148,7 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
     return tune.TuneConfig(
         metric=cfg.metric,
         mode=cfg.mode,
-        num_samples=cfg.num_samples,
+        num_samples=cfg.num_samples * (cfg.seeds if cfg.algorithm == "optuna" else 1),
         search_alg=search_alg,
         scheduler=scheduler,
         max_concurrent_trials=max_concurrent,

@@ -154,10 +154,10 @@ class ConfigResult:
 
 def _trial_seed(params: dict[str, Any], meta: dict[str, Any]) -> int | None:
     """The training seed a trial ran with: the replicate grid's, else the base spec's."""
-    from orchestrator.sweep.spec import SEED_KEY
+    from orchestrator.sweep.spec import trial_seed
 
-    value = params.get(SEED_KEY, meta.get("train", {}).get("seed"))
-    return int(value) if isinstance(value, (int, float)) else None
+    base = meta.get("train", {}).get("seed")
+    return trial_seed(params, base) if isinstance(base, int) else None
 
 
 def collect_ranked(sweep_dir: Path) -> tuple[tuple[dict[str, Any], list[TrialResult]], Ranking]:

@@ -189,8 +189,6 @@ class SweepFile(RunSpec):
                 "sweep.seeds and a search over train.seed conflict: sweep.seeds sets each trial's train.seed "
                 "(train.seed + k); drop one of them"
             )
-        if cfg.algorithm == "optuna" and cfg.seeds > 1:
-            raise ValueError("sweep.seeds > 1 needs algorithm: basic (optuna's trials are not replicated yet)")
         if cfg.algorithm == "optuna":
             grids = [p for p, d in cfg.search.items() if d.kind == "grid"]
             if grids:
@@ -251,6 +249,19 @@ def replicate_seeds(sweep: "SweepFile") -> list[int]:
     return [sweep.train.seed + k for k in range(sweep.sweep.seeds)]
 
 
+#: What Tune's Repeater (optuna with sweep.seeds > 1) calls a replicate's index within its configuration.
+REPEAT_INDEX = "__trial_index__"
+
+
+def trial_seed(params: dict[str, Any], base_seed: int) -> int:
+    """The training seed of a trial: its replicate seed (basic: SEED_KEY; optuna: train.seed + Repeater index)."""
+    if SEED_KEY in params:
+        return int(params[SEED_KEY])
+    if REPEAT_INDEX in params:
+        return int(base_seed) + int(params[REPEAT_INDEX])
+    return int(base_seed)
+
+
 def config_key(params: dict[str, Any]) -> str:
     """A configuration's identity: its searched values without the replicate seed (what seeds are grouped by)."""
     items = sorted((k, _fmt_value(v)) for k, v in params.items() if k != SEED_KEY and not k.startswith("__"))
@@ -260,8 +271,9 @@ def config_key(params: dict[str, Any]) -> str:
 def trial_raw(base: dict[str, Any], params: dict[str, Any], linked: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Base spec + sampled params + linked values, as a plain dict (validated by the caller)."""
     raw = copy.deepcopy(base)
-    if SEED_KEY in params:  # a replicate: its training seed
-        set_path(raw, ["train", "seed"], params[SEED_KEY], label="sweep.seeds")
+    if SEED_KEY in params or REPEAT_INDEX in params:  # a replicate: its training seed
+        seed = trial_seed(params, raw.get("train", {}).get("seed", 0))
+        set_path(raw, ["train", "seed"], seed, label="sweep.seeds")
     for path, value in params.items():
         if "." in path or path in raw:  # labels (plain words defined in `linked`) set nothing themselves
             set_path(raw, path.split("."), value, label=f"sweep.search.{path}")
