@@ -5,11 +5,12 @@ each loop and from what the trials wrote to disk, so it needs no state of its ow
 and works unchanged after a resume (Tune pickles callbacks with the experiment; the
 console is looked up at run time through :data:`ACTIVE`, never pickled).
 
-For the val NLL it shows, per trial, the best value ± SE and the difference to the
-best of its family ± the paired SE, read from the per-sequence val draws each trial
-saves at its eval points (``<trial>/train/val/step_*.npz``), with ties marked and the
-verdict (is the winner separated from the runner-up?) as the table's caption: the same
-ranking as ``difflm results`` (:mod:`orchestrator.sweep.ranking`).
+For the val NLL it shows, on each trial's row, its configuration's numbers (seeds
+grouped): rank, mean ± SE at the last step all its seeds reached, between-seed SD, seeds,
+and the difference to the best of its family ± SE taken at that same step, read from the
+per-sequence val draws each trial saves at its eval points
+(``<trial>/train/val/step_*.npz``), with ties marked and the verdict as the table's
+caption: the same ranking as ``difflm results`` (:mod:`orchestrator.sweep.ranking`).
 """
 
 from __future__ import annotations

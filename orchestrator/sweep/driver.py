@@ -281,4 +281,6 @@ def _describe(sweep: SweepFile) -> str:
     cfg = sweep.sweep
     space = ", ".join(f"{p} {d.kind}{list(d.value)}" for p, d in cfg.search.items())
     sched = "ASHA" if cfg.scheduler.kind == "asha" else "no early stopping"
-    return f"search {space}; {cfg.algorithm}, {cfg.num_samples} sample(s), {sched}, {sweep.trial_max_steps()} steps/trial"
+    seeds = f", {cfg.seeds} training seeds per configuration" if cfg.seeds > 1 else ""
+    return (f"search {space}; {cfg.algorithm}, {cfg.num_samples} sample(s){seeds}, {sched}, "
+            f"{sweep.trial_max_steps()} steps/trial")
