@@ -186,7 +186,7 @@ def test_identical_weights_identical_val_nll_across_schedules_batches_and_worker
 # ---- the estimator against an independent one ------------------------------------------------------
 
 
-def independent_nelbo(model: MDLM, blocks: np.ndarray, nodes: int = 32, masks: int = 4,
+def independent_nelbo(model: MDLM, blocks: np.ndarray, nodes: int = 24, masks: int = 4,
                       seed: int = 99) -> tuple[float, float]:
     """The masking-rate NELBO, integral over m in (0, 1] (from 1e-6: below it the integrand, m f(m) in log m, adds
     ~1e-6 of f(0)) of (1/m) E[sum over masked counted tokens of

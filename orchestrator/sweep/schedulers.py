@@ -98,9 +98,9 @@ class GroupRungs:
     values; it is then stopped or promoted on that mean against the other configurations'
     means (ASHA's cutoff). Seeds that reach the rung first continue meanwhile; when the group is
     stopped, every seed still running stops at its next report at or past that rung (and one that
-    starts later runs up to it), so no configuration is judged on one lucky seed; a seed that went
-    on meanwhile ends at most one report later, and the results compare the configuration at the
-    last step all its seeds reached. Depends only on each trial's own reports: replaying them rebuilds it.
+    starts later runs up to it), so no configuration is judged on one lucky seed. A seed that went
+    on meanwhile (its siblings started later) stops at its next report, or has already finished;
+    the results compare the configuration at the last step all its seeds reached. Depends only on each trial's own reports: replaying them rebuilds it.
     """
 
     def __init__(self, seeds: int) -> None:
