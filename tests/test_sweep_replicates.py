@@ -258,3 +258,30 @@ def test_bad_seeds_exit_2_naming_the_field(tmp_path: Path, extra: str, expected:
     assert res.exit_code == 2, res.output
     assert re.search(expected, res.output), res.output
     assert "Traceback" not in res.output
+
+
+def test_seed_assignment_basic_grid_and_optuna_repeater() -> None:
+    """basic: a grid over SEED_KEY that varies fastest (a configuration's seeds are adjacent), sampled values kept
+    across it; optuna: Tune's Repeater, num_samples x seeds trials; both set train.seed = base + k."""
+    from ray.tune.search import BasicVariantGenerator, Repeater
+    from ray.tune.search.variant_generator import generate_variants
+
+    from orchestrator.sweep.driver import _param_space, _tune_config
+    from orchestrator.sweep.spec import REPEAT_INDEX, SweepFile, trial_raw
+
+    sweep = SweepFile.model_validate({"train": {"seed": 7}, "sweep": {
+        "search": {"diffusion.schedule": {"grid": ["cosine", "linear"]}, "train.lr": {"loguniform": [1e-4, 1e-2]}},
+        "seeds": 3}})
+    variants = [v for _, v in generate_variants(_param_space(sweep), constant_grid_search=True)]
+    assert [(v["diffusion.schedule"], v[SEED_KEY]) for v in variants] == [
+        ("cosine", 7), ("cosine", 8), ("cosine", 9), ("linear", 7), ("linear", 8), ("linear", 9)]
+    assert len({v["train.lr"] for v in variants}) == 1
+    assert trial_raw(sweep.base_raw(), variants[1], {})["train"]["seed"] == 8
+    cfg = _tune_config(sweep, 2)
+    assert isinstance(cfg.search_alg, BasicVariantGenerator) and cfg.num_samples == 1
+    opt = SweepFile.model_validate({"train": {"seed": 7}, "sweep": {
+        "search": {"train.lr": {"loguniform": [1e-4, 1e-2]}}, "algorithm": "optuna", "num_samples": 4, "seeds": 3}})
+    cfg = _tune_config(opt, 2)
+    assert isinstance(cfg.search_alg, Repeater) and cfg.num_samples == 12
+    assert trial_raw(opt.base_raw(), {"train.lr": 1e-3, REPEAT_INDEX: 2}, {})["train"]["seed"] == 9
+    assert config_key({"train.lr": 1e-3, REPEAT_INDEX: 2}) == config_key({"train.lr": 1e-3, REPEAT_INDEX: 0})
