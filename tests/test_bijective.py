@@ -230,7 +230,7 @@ def test_val_nll_is_mdlms_nelbo_estimate() -> None:
         xt = torch.where(masked, m.mask_id, tokens)
         logp = m.log_probs(xt, -torch.log1p(-mk).float())
         nll = -logp.gather(-1, tokens[..., None]).squeeze(-1)
-        expected = noise.span * torch.where(masked, nll, 0.0).sum(-1).double() / mk
+        expected = noise.weights[:, k] * torch.where(masked, nll, 0.0).sum(-1).double() / mk
         torch.testing.assert_close(got[:, k], expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(m.val_nll(tokens, counted, noise), got, rtol=0, atol=0)
 

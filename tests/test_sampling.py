@@ -303,4 +303,4 @@ def test_mdlm_val_nll_is_the_masking_rate_nelbo_draw() -> None:
             with torch.no_grad():
                 logp = m.log_probs(torch.where(masked, m.mask_id, tokens), sigma)  # (3, 16, V+1)
             nll = -logp.gather(-1, tokens[..., None])[..., 0].masked_fill(~masked, 0).double().sum(-1)
-            torch.testing.assert_close(out[:, k], noise.span / rate * nll, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(out[:, k], noise.weights[:, k] / rate * nll, rtol=1e-6, atol=1e-9)

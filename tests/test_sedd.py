@@ -200,7 +200,7 @@ def test_val_nll_absorb_is_the_masked_nelbo_when_scores_are_normalised() -> None
     assert got.shape == (3, 4) and got.dtype == torch.float64
     for k in range(4):
         n_masked = noise.masked(k, counted).sum(-1).double()
-        expected = noise.span * n_masked * math.log(V) / noise.rates[:, k]
+        expected = noise.weights[:, k] * n_masked * math.log(V) / noise.rates[:, k]
         torch.testing.assert_close(got[:, k], expected, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(m.val_nll(tokens, counted, noise), got, rtol=0, atol=0)  # common random numbers
 
@@ -219,7 +219,7 @@ def test_val_nll_uniform_matches_dse_integral_and_is_reproducible() -> None:
         sigma = -torch.log1p(-mk)
         xt = torch.where(noise.masked(k, counted), ids[:, k], tokens)
         dse = m.graph.score_entropy(m.log_score(xt, sigma), xt, tokens, sigma)
-        expected = noise.span * torch.where(counted, dse, 0.0).sum(-1) / (1 - mk)
+        expected = noise.weights[:, k] * torch.where(counted, dse, 0.0).sum(-1) / (1 - mk)
         torch.testing.assert_close(got[:, k], expected, rtol=1e-10, atol=0)
     torch.testing.assert_close(m.val_nll(tokens, counted, noise), got, rtol=0, atol=0)
 

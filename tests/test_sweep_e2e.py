@@ -45,7 +45,8 @@ def _rows_at(trial_dir: Path, step: int) -> dict[str, float]:
 def test_quickstart_sweep_asha(tmp_path: Path) -> None:
     """The README's main job: 4 trials x 1 worker, ASHA stops at least one early, complete table + HParams."""
     # with the step-0 eval a trial skips by default, for the common-random-number check below
-    proc = _cli("sweep", "sweeps/quickstart.yaml", "--set", f"output.dir={tmp_path}", "--set", "train.eval_at_start=true")
+    proc = _cli("sweep", "sweeps/quickstart.yaml", "--set", f"output.dir={tmp_path}", "--set", "train.eval_at_start=true",
+                "--set", "sweep.seeds=1")  # one seed here: the 2 x 2 replicate test below covers seeds
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "Traceback" not in log
@@ -53,12 +54,15 @@ def test_quickstart_sweep_asha(tmp_path: Path) -> None:
     rows = _results(sweep_dir)
     assert len(rows) == 4
     assert {r["diffusion.schedule"] for r in rows} == {"loglinear", "linear", "cosine", "geometric"}
-    assert all(r["status"] == "TERMINATED" and float(r["best_metric"]) > 0 for r in rows)
+    assert all(r["status"] == "TERMINATED" and float(r["val_nll_mean"]) > 0 and r["n_seeds"] == "1" for r in rows)
     assert any(r["stopped_early"] == "True" for r in rows), rows
     assert any(int(r["steps"]) == 60 for r in rows)
     best = [r for r in rows if r["is_best"] == "True"]
-    assert len(best) == 1 and best[0]["rank"] == "1"
-    assert float(best[0]["best_metric"]) == min(float(r["best_metric"]) for r in rows)
+    assert len(best) == 1 and best[0]["rank"] == "1" and best[0]["full_budget"] == "True"
+    full = [r for r in rows if r["full_budget"] == "True"]
+    assert float(best[0]["val_nll_mean"]) == min(float(r["val_nll_mean"]) for r in full)
+    for r in rows:  # every difference is taken at the step the trial reached, against the best at that step
+        assert r["rank"] == "1" or int(r["diff_at_step"]) == int(r["step"]), r
     assert all(Path(r["best_checkpoint"], "model.safetensors").exists() for r in rows)
     assert "| 1 (best) |" in proc.stdout
     for png in ("val_nll_vs_step.png", "params_vs_objective.png"):
@@ -67,28 +71,71 @@ def test_quickstart_sweep_asha(tmp_path: Path) -> None:
         acc = EventAccumulator(str(Path(r["trial_dir"]) / "tensorboard" / "hparams"))
         acc.Reload()
         assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
-        assert acc.Scalars("hparams/best_val_nll")[-1].value == pytest.approx(float(r["best_metric"]), rel=1e-5)
+        assert acc.Scalars("hparams/config_val_nll_mean")[-1].value == pytest.approx(float(r["val_nll_mean"]), rel=1e-5)
         assert "val/nll" in EventAccumulator(str(Path(r["trial_dir"]) / "tensorboard")).Reload().Tags()["scalars"]
     # `difflm results` rebuilds the same ranking from disk
     again = _cli("results", str(sweep_dir))
     assert again.returncode == 0 and "| 1 (best) |" in again.stdout
-    assert [r["trial_id"] for r in _results(sweep_dir)] == [r["trial_id"] for r in rows]
+    assert [r["trials"] for r in _results(sweep_dir)] == [r["trials"] for r in rows]
     # Common random numbers: the four untrained models (same init seed, no time conditioning) read the same
     # val NLL at step 0 whatever their schedule (before: 5.07 / 5.50 / 5.56 / 5.63).
     step0 = [_rows_at(Path(r["trial_dir"]), 0)["val/nll"] for r in rows]
     assert max(step0) - min(step0) <= 1e-4, step0
-    # error bars: best ± SE, the difference to the best ± its paired SE, ties, and the verdict line
-    assert "best val/nll ± SE" in proc.stdout and "Δ to best ± paired SE" in proc.stdout
-    assert "separated from the runner-up" in proc.stdout, proc.stdout
+    # error bars: mean ± SE, the difference to the best ± its SE at a step, ties, and the verdict line
+    assert "val/nll mean ± SE" in proc.stdout and "Δ to best ± SE" in proc.stdout
+    assert "1 training seed: add sweep.seeds to compare training runs" in proc.stdout, proc.stdout
+    assert "is separated" not in proc.stdout
     for r in rows:
-        assert 0 < float(r["best_se"]) < 0.05, r  # eval_samples 16: ~0.016 nats/token at this size
+        assert 0 < float(r["val_nll_se"]) < 0.05, r  # eval_samples 16: ~0.016 nats/token at this size
         assert r["rank"] == "1" or (float(r["diff_se"]) > 0 and r["paired"] == "True"), r
         draws = sorted(p.name for p in (Path(r["trial_dir"]) / "train" / "val").iterdir())
-        assert draws[0] == "step_0000000.npz" and f"step_{int(r['best_step']):07d}.npz" in draws, draws
+        assert draws[0] == "step_0000000.npz" and f"step_{int(r['step']):07d}.npz" in draws, draws
         tags = EventAccumulator(str(Path(r["trial_dir"]) / "tensorboard")).Reload().Tags()["scalars"]
         assert "val/nll_se" in tags
     tied = [r for r in rows if r["tied"] == "True"]
     assert not tied or any(r["rank"] == "1" for r in tied)  # a tie always includes the best
+
+
+REPLICATE_SPEC = """
+model: {family: mdlm, size: null, d_model: 32, n_layers: 1, n_heads: 2, cond_dim: 16}
+diffusion: {sample_steps: 4}
+data: {source: builtin, seq_len: 32, max_documents: 300}
+train: {max_steps: 30, micro_batch_size: 8, warmup_steps: 1, eval_every: 10, checkpoint_every: 30, log_every: 10,
+        num_samples: 1, eval_samples: 2, eval_batches: 4}
+scaling: {num_workers: 1, device: cpu, zero_stage: 0}
+output: {dir: %s, name: rep}
+sweep:
+  search:
+    train.lr: {grid: [3.0e-3, 1.0e-7]}
+  seeds: 2
+  scheduler: {kind: asha, grace_period: 10, reduction_factor: 2}
+  resources: {max_concurrent_trials: 2}
+"""
+
+
+def test_replicates_grouped_and_stopped_together(tmp_path: Path) -> None:
+    """2 configurations x 2 seeds: one row per configuration (mean, seed SD, 2 seeds, paired over seeds); the
+    configuration that learns nothing (lr 1e-7) is cut at the first rung with both its seeds."""
+    spec = tmp_path / "rep.yaml"
+    spec.write_text(REPLICATE_SPEC % tmp_path)
+    proc = _cli("sweep", str(spec))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _results(tmp_path / "rep")
+    assert len(rows) == 2 and all(r["n_seeds"] == "2" and r["seeds"] == "0;1" for r in rows), rows
+    good, bad = rows
+    assert float(good["train.lr"]) == 3.0e-3 and good["full_budget"] == "True" and int(good["steps"]) == 30
+    assert float(good["seed_sd"]) > 0 and len(good["per_seed"].split(";")) == 2
+    # the bad configuration was cut on its seeds' mean at the first rung: the seed whose report completed the pair
+    # stopped there; one that had run ahead alone stops at its next report (or had finished: a 30-step trial is
+    # quick), and the configuration is compared at the last step both seeds reached, against the best at that step
+    ends = {}
+    for tid in bad["trials"].split(";"):
+        tdir = next((tmp_path / "rep").glob(f"{tid}-*"))
+        ends[tid] = max(int(json.loads(line)["step"]) for line in (tdir / "result.json").read_text().splitlines())
+    assert bad["stopped_early"] == "True" and bad["full_budget"] == "False" and min(ends.values()) == 10, ends
+    assert int(bad["diff_at_step"]) == int(bad["step"]) == 10 and bad["seeds_paired"] == "2", bad
+    assert bad["rank"] == "2" and float(bad["diff_to_best"]) > 0.5 and bad["tied"] == "False", bad
+    assert "over 2 paired seeds" in proc.stdout
 
 
 RESUME_SPEC = """

@@ -170,14 +170,14 @@ class Family(nn.Module, ABC):
         counted (B, L) bool, the positions that count (:func:`difflm.evaluation.counted_positions`):
                 only they are noised and scored; the others stay clean context.
         noise   :class:`difflm.evaluation.ValNoise` of these B sequences: K masking rates (B, K)
-                stratified over the common range, per-position uniforms (B, K, L) and per-sequence
+                importance-sampled over (0, 1], per-position uniforms (B, K, L) and per-sequence
                 seeds (B,). Use only this noise (never a generator of your own), so that a
                 sequence's val noise depends on (eval_seed, its index) alone.
         Returns (B, K) sums over counted positions in nats, float64 (float32 on MPS: see
         :func:`wide_float`); column k must be an unbiased estimate of the sequence's NLL (bound)
         on its own. Called under ``torch.no_grad`` in eval mode by :func:`difflm.evaluation.val_pass`.
         For discrete diffusion, integrate over the masking rate m (``noise.masked(k, counted)``,
-        weight ``noise.span * w(m)``) and map m to the model's conditioning without the schedule
+        weight ``noise.weights[:, k] * w(m)``, the importance weight over (0, 1]) and map m to the model's conditioning without the schedule
         (e.g. sigma = -log(1 - m)), so the schedule enters only through the trained weights."""
         raise NotImplementedError(
             f"family {self.name!r} does not implement val_nll(tokens, counted, noise) -> (B, K) float64 "

@@ -5,8 +5,9 @@
 No Ray, no DeepSpeed (plain PyTorch, :class:`~orchestrator.train.engine.TorchEngine`, one process, CPU):
 the same trial specs as ``difflm sweep`` (base + grid values + linked values), the same
 :class:`~orchestrator.train.runner.Runner` loop, validation and saved val draws, and the same
-ranking as ``difflm results`` (best val/nll ± SE, difference to the family's best ± paired
-SE, ties, verdict lines). It answers "which configuration is best at the full budget" on a
+ranking as ``difflm results`` (configurations with ``sweep.seeds`` training seeds each, mean
+val/nll ± SE at the last eval step, between-seed SD, difference to the family's best ± SE
+paired over seeds and val draws, ties, verdict lines). It answers "which configuration is best at the full budget" on a
 machine where running a Ray sweep is impractical, and it is deterministic. Not a timed test:
 the markdown it prints goes to docs/benchmarks.md by hand.
 """
@@ -75,9 +76,11 @@ def run_point(raw: dict[str, Any], out_dir: Path, threads: int) -> tuple[Any, fl
               help="torch threads (1 is fastest for tiny models on a shared CPU).")
 def grid(sweep_file: Path, overrides: tuple[str, ...], output: Path, threads: int) -> None:
     """Train every grid point of SWEEP_FILE in-process to its full budget and rank them with standard errors."""
-    from orchestrator.sweep.ranking import MIXED_NOTE, Candidate, fmt_diff, fmt_pm, rank_candidates
+    from orchestrator.sweep.ranking import MIXED_NOTE, Candidate, fmt_diff, fmt_pm, fmt_sd, rank_candidates
     from orchestrator.sweep.results import trial_family
     from orchestrator.sweep.spec import load_sweep_file, trial_raw
+
+    from difflm.evaluation import load_val_draws
 
     sweep = load_sweep_file(str(sweep_file), overrides)
     base, linked = sweep.base_raw(), sweep.sweep.linked
@@ -85,36 +88,44 @@ def grid(sweep_file: Path, overrides: tuple[str, ...], output: Path, threads: in
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = output.resolve() / f"{sweep_file.stem}-{stamp}"
     points = grid_points(sweep)
+    seeds = [base["train"]["seed"] + k for k in range(sweep.sweep.seeds)]  # seed k shared by every configuration
     cands: list[Candidate] = []
     walls: dict[str, float] = {}
-    names: dict[str, dict[str, Any]] = {}
-    for i, params in enumerate(points):
+    runs = [(params, seed) for params in points for seed in seeds]
+    for i, (params, seed) in enumerate(runs):
         key = "-".join(f"{p.split('.')[-1]}={v}" for p, v in params.items())
-        names[key] = params
-        click.echo(f"[{i + 1}/{len(points)}] {key}", err=True)
-        best, walls[key] = run_point(trial_raw(base, params, linked), root / key, threads)
-        cands.append(Candidate(key, trial_family(meta, params), best.nll, best.se, best))
+        name = key + (f"-seed={seed}" if len(seeds) > 1 else "")
+        click.echo(f"[{i + 1}/{len(runs)}] {name}", err=True)
+        raw = trial_raw(base, params, linked)
+        raw["train"]["seed"] = seed
+        best, wall = run_point(raw, root / name, threads)
+        walls[key] = walls.get(key, 0.0) + wall
+        evals = {int(d.meta["step"]): d for d in (load_val_draws(p) for p in sorted((root / name / "val").glob("step_*.npz")))}
+        cands.append(Candidate(name, trial_family(meta, params), best.nll, best.se, best, step=int(best.meta["step"]),
+                               config=key, seed=seed, curve={s: (d.nll, d.se) for s, d in evals.items()},
+                               draws_at=evals.get))
         click.echo(f"    best val/nll {fmt_pm(best.nll, best.se)} at step {best.meta['step']}, "  # type: ignore[index]
-                   f"{walls[key]:.0f} s", err=True)
-    ranking = rank_candidates(cands)
+                   f"last {fmt_pm(evals[max(evals)].nll, evals[max(evals)].se)} at step {max(evals)}, {wall:.0f} s",
+                   err=True)
+    ranking = rank_candidates(cands, sweep.sweep.min_effect)
     t = base["train"]
     lines = [
         f"- Date: {_dt.date.today()}; machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f} at the end; torch threads {threads}; command: `difflm bench grid {sweep_file}"
         + "".join(f" --set {o}" for o in overrides) + "`",
-        f"- {len(points)} grid points x {t['max_steps']} steps, eval every {t['eval_every']} steps with "
-        f"{t['eval_samples']} val draws per sequence (seed {t['eval_seed']}); each trial's best eval point",
+        f"- {len(points)} grid points x {len(seeds)} training seed(s) x {t['max_steps']} steps, eval every "
+        f"{t['eval_every']} steps with {t['eval_samples']} val draws per sequence (seed {t['eval_seed']}); each "
+        "configuration at its last eval step (mean over seeds)",
         "",
-        "| rank | family | trial | best val/nll ± SE | step | Δ to best ± paired SE | tied | wall s |"
+        "| rank | family | configuration | val/nll mean ± SE | seed SD | seeds | step | Δ to best ± SE | tied | wall s |"
         + (" overall (bounds differ) |" if ranking.mixed else ""),
-        "|---|---|---|---|---:|---|---|---:|" + ("---:|" if ranking.mixed else ""),
+        "|---|---|---|---|---|---:|---:|---|---|---:|" + ("---:|" if ranking.mixed else ""),
     ]
     for p in ranking.rows:
         c = p.cand
-        step = c.draws.meta.get("step") if c.draws is not None and c.draws.meta else None
         lines.append(f"| {p.rank}{' (best)' if p.is_best else ''} | {c.family} | {c.key} | {fmt_pm(c.nll, c.se)} | "
-                     f"{step} | {fmt_diff(p)} | {'tied' if p.tied else ''} | {walls[c.key]:.0f} |"
-                     + (f" {p.overall} |" if ranking.mixed else ""))
+                     f"{fmt_sd(c.sd, c.n_seeds)} | {c.n_seeds} | {c.step} | {fmt_diff(p)} | {'tied' if p.tied else ''} | "
+                     f"{walls[c.key]:.0f} |" + (f" {p.overall} |" if ranking.mixed else ""))
     lines += [""] + ([MIXED_NOTE] if ranking.mixed else []) + ranking.verdicts
     if any(not math.isfinite(c.nll or math.nan) for c in cands):
         lines.append("(a trial without a finite val/nll is listed last)")

@@ -282,7 +282,7 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int | N
     say(f"data        {described}: {len(blocks)} blocks x {blocks.shape[1]} tokens"
         + (f", the first {num} scored" if num < len(blocks) else ""))
     say(f"protocol    batch {bs}, noise seed {base_seed}, {k} draw(s) per sequence "
-        f"(masking rates stratified over [{RATE_MIN:g}, {RATE_MAX:g}])")
+        f"(masking rates importance-sampled over ({RATE_MIN:g}, {RATE_MAX:g}], stratified)")
 
     start = time.perf_counter()
     draws = val_pass(model, blocks, 0, num, batch_size=bs, samples=k, seed=base_seed, device=ckpt.device)

@@ -24,7 +24,11 @@ def _finish(sweep_dir: Path) -> bool:
     best = next((t for t in trials if t.is_best), None)
     lines = ["", table, ""]
     if best is not None:
-        lines.append(f"best trial {best.trial_id}: {best.params} -> {best.best_metric:.4f}")
+        from orchestrator.sweep.spec import SEED_KEY
+
+        seeds = [t.trial_id for t in trials if t.is_best]
+        params = {k: v for k, v in best.params.items() if k != SEED_KEY}
+        lines.append(f"best configuration {params} (trial(s) {', '.join(seeds)}); see the table for its value and step")
     lines += [
         f"results   {sweep_dir / 'results.csv'}  {sweep_dir / 'results.json'}",
         f"plots     {sweep_dir / 'val_nll_vs_step.png'}  {sweep_dir / 'params_vs_objective.png'}",

@@ -5,11 +5,12 @@ each loop and from what the trials wrote to disk, so it needs no state of its ow
 and works unchanged after a resume (Tune pickles callbacks with the experiment; the
 console is looked up at run time through :data:`ACTIVE`, never pickled).
 
-For the val NLL it shows, per trial, the best value ± SE and the difference to the
-best of its family ± the paired SE, read from the per-sequence val draws each trial
-saves at its eval points (``<trial>/train/val/step_*.npz``), with ties marked and the
-verdict (is the winner separated from the runner-up?) as the table's caption: the same
-ranking as ``difflm results`` (:mod:`orchestrator.sweep.ranking`).
+For the val NLL it shows, on each trial's row, its configuration's numbers (seeds
+grouped): rank, mean ± SE at the last step all its seeds reached, between-seed SD, seeds,
+and the difference to the best of its family ± SE taken at that same step, read from the
+per-sequence val draws each trial saves at its eval points
+(``<trial>/train/val/step_*.npz``), with ties marked and the verdict as the table's
+caption: the same ranking as ``difflm results`` (:mod:`orchestrator.sweep.ranking`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from typing import Any
 from ray.tune import Callback
 
 from difflm.evaluation import ValDraws, load_val_draws
-from orchestrator.sweep.ranking import MIXED_NOTE, Candidate, Placed, Ranking, fmt_diff, fmt_pm, rank_candidates
+from orchestrator.sweep.ranking import (
+    MIXED_NOTE,
+    Candidate,
+    Placed,
+    Ranking,
+    fmt_diff,
+    fmt_pm,
+    fmt_sd,
+    rank_candidates,
+)
 from orchestrator.sweep.spec import SweepFile, trial_dirname, trial_raw
 
 #: the driver's console (orchestrator.train.console.TrainConsole); set by `difflm sweep`
@@ -48,8 +58,10 @@ def trial_row(trial: Any, params: list[str], metric: str, placed: Placed | None 
         _val(res.get(metric)),
     ]
     if placed is not None:
-        c = placed.cand
-        row += [fmt_pm(c.nll, c.se), fmt_diff(placed), "tied" if placed.tied else ""]
+        g = placed.cand
+        rank = "-" if placed.rank is None else str(placed.rank) + ("" if g.full else " (early)")
+        row += [rank, fmt_pm(g.nll, g.se), fmt_sd(g.sd, g.n_seeds), str(g.n_seeds),
+                "-" if g.step is None else str(g.step), fmt_diff(placed), "tied" if placed.tied else ""]
     return row
 
 
@@ -61,7 +73,12 @@ class DrawsCache:
 
     def best(self, val_dir: Path) -> ValDraws | None:
         """The draws with the lowest val NLL among ``val_dir/step_*.npz`` (None: no eval saved yet)."""
-        best: ValDraws | None = None
+        evals = self.by_step(val_dir)
+        return min(evals.values(), key=lambda d: d.nll) if evals else None
+
+    def by_step(self, val_dir: Path) -> dict[int, ValDraws]:
+        """step -> the draws saved at that eval (``val_dir/step_XXXXXXX.npz``), unreadable ones left out."""
+        out: dict[int, ValDraws] = {}
         for path in sorted(val_dir.glob("step_*.npz")) if val_dir.is_dir() else []:
             try:
                 mtime = path.stat().st_mtime_ns
@@ -75,9 +92,12 @@ class DrawsCache:
                     draws = None
                 self._files[str(path)] = cached = (mtime, draws)
             d = cached[1]
-            if d is not None and (best is None or d.nll < best.nll):
-                best = d
-        return best
+            if d is not None:
+                try:
+                    out[int(path.stem.split("_")[-1])] = d
+                except ValueError:
+                    continue
+        return out
 
 
 class SweepTable(Callback):
@@ -92,6 +112,7 @@ class SweepTable(Callback):
         self.sweep_dir = None if sweep_dir is None else str(sweep_dir)
         self.base = sweep.base_raw()
         self.linked = sweep.sweep.linked
+        self.min_effect = sweep.sweep.min_effect
         self._draws = DrawsCache()
         self.plain_every_s = plain_every_s
         self.refresh_s = refresh_s
@@ -124,12 +145,17 @@ class SweepTable(Callback):
         """Best val NLL ± SE and paired differences of every trial, from its saved draws (None: not the val NLL)."""
         if not self.with_errors:
             return None
+        from orchestrator.sweep.spec import config_key, trial_seed
+
         cands = []
         for t in trials:
-            d = self._draws.best(self._trial_dir(t) / "train" / "val")
-            cands.append(Candidate(t.trial_id, self._family(t), None if d is None else d.nll,
-                                   None if d is None else d.se, d))
-        return rank_candidates(cands)
+            evals = self._draws.by_step(self._trial_dir(t) / "train" / "val")
+            cands.append(Candidate(
+                t.trial_id, self._family(t), None, None, config=config_key(dict(t.config)),
+                seed=trial_seed(dict(t.config), int(self.base.get("train", {}).get("seed", 0))),
+                curve={s: (d.nll, d.se) for s, d in evals.items()}, draws_at=evals.get,
+            ))
+        return rank_candidates(cands, self.min_effect)
 
     def _table(self, trials: list[Any]) -> Any:
         from rich.table import Table
@@ -139,10 +165,10 @@ class SweepTable(Callback):
                       caption_justify="left")
         heads = ["trial", *(p.split(".")[-1] for p in self.params), "status", "step", self.metric]
         if ranking is not None:
-            heads += ["best ± SE", "Δ to best ± paired SE", "tied"]
+            heads += ["rank", "config mean ± SE", "seed SD", "seeds", "at step", "Δ to best ± SE", "tied"]
         for head in heads:
             table.add_column(head)
-        placed = {p.cand.key: p for p in ranking.rows} if ranking is not None else {}
+        placed = {k: p for p in ranking.rows for k in p.cand.trials} if ranking is not None else {}
         for t in trials:
             table.add_row(*trial_row(t, self.params, self.metric, placed.get(t.trial_id)))
         if ranking is not None and any(p.rank for p in ranking.rows):

@@ -97,7 +97,19 @@ def fit_count(sweep: SweepFile, device: str, cpus: float, gpus: float) -> int:
 
 
 def _param_space(sweep: SweepFile) -> dict[str, Any]:
-    return {path: dom.to_tune() for path, dom in sweep.sweep.search.items()}
+    return _seed_space(sweep) | {path: dom.to_tune() for path, dom in sweep.sweep.search.items()}
+
+
+def _seed_space(sweep: SweepFile) -> dict[str, Any]:
+    """Replicates (sweep.seeds > 1): a grid over the training seed (spec.SEED_KEY) crossed with every configuration.
+
+    The basic generator then keeps sampled (random/choice) values constant across that grid
+    (``constant_grid_search``), so a configuration's seeds differ only in their training seed."""
+    from ray import tune
+
+    from orchestrator.sweep.spec import SEED_KEY, replicate_seeds
+
+    return {SEED_KEY: tune.grid_search(replicate_seeds(sweep))} if sweep.sweep.seeds > 1 else {}
 
 
 def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
@@ -114,6 +126,7 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
             max_t=sweep.trial_max_steps(),
             grace_period=cfg.scheduler.grace_period,
             reduction_factor=cfg.scheduler.reduction_factor,
+            seeds=cfg.seeds,
         )
     else:
         scheduler = FIFOScheduler()
@@ -122,15 +135,20 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg: Any = OptunaSearch(sampler=TPESampler(seed=cfg.seed))
+        if cfg.seeds > 1:  # each suggestion runs sweep.seeds times (REPEAT_INDEX -> train.seed + k); TPE sees the mean
+            from ray.tune.search import Repeater
+
+            search_alg = Repeater(search_alg, repeat=cfg.seeds, set_index=True)
     else:
         from ray.tune.search import BasicVariantGenerator
 
         # A SearchGenerator ignores TuneConfig.max_concurrent_trials: the limit goes here.
-        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent)
+        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent,
+                                           constant_grid_search=cfg.seeds > 1)
     return tune.TuneConfig(
         metric=cfg.metric,
         mode=cfg.mode,
-        num_samples=cfg.num_samples,
+        num_samples=cfg.num_samples * (cfg.seeds if cfg.algorithm == "optuna" else 1),
         search_alg=search_alg,
         scheduler=scheduler,
         max_concurrent_trials=max_concurrent,
@@ -263,4 +281,6 @@ def _describe(sweep: SweepFile) -> str:
     cfg = sweep.sweep
     space = ", ".join(f"{p} {d.kind}{list(d.value)}" for p, d in cfg.search.items())
     sched = "ASHA" if cfg.scheduler.kind == "asha" else "no early stopping"
-    return f"search {space}; {cfg.algorithm}, {cfg.num_samples} sample(s), {sched}, {sweep.trial_max_steps()} steps/trial"
+    seeds = f", {cfg.seeds} training seeds per configuration" if cfg.seeds > 1 else ""
+    return (f"search {space}; {cfg.algorithm}, {cfg.num_samples} sample(s){seeds}, {sched}, "
+            f"{sweep.trial_max_steps()} steps/trial")

@@ -28,7 +28,16 @@ import yaml
 
 from difflm.atomic import atomic_path, atomic_write_text
 from orchestrator.errors import SpecError
-from orchestrator.sweep.ranking import MIXED_NOTE, Candidate, Ranking, draws_at, fmt_diff, fmt_pm, rank_candidates
+from orchestrator.sweep.ranking import (
+    MIXED_NOTE,
+    Candidate,
+    Ranking,
+    draws_at,
+    fmt_diff,
+    fmt_pm,
+    fmt_sd,
+    rank_candidates,
+)
 
 
 @dataclass
@@ -108,9 +117,61 @@ def collect(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult]]:
     return trials
 
 
+@dataclass
+class ConfigResult:
+    """One configuration (its seeds grouped): the row of the results table, CSV and JSON."""
+
+    config: str
+    params: dict[str, Any]
+    family: str
+    trials: list[str]
+    seeds: list[int | None]
+    n_seeds: int
+    step: int | None  # the step its value (mean over seeds) was taken at: its last common eval step
+    val_nll_mean: float | None
+    val_nll_se: float | None
+    seed_sd: float | None
+    per_seed: list[float | None]
+    rank: int | None
+    overall_rank: int | None
+    is_best: bool
+    diff_to_best: float | None
+    diff_se: float | None
+    diff_at_step: int | None
+    paired: bool
+    seeds_paired: int
+    tied: bool
+    why_tied: str
+    full_budget: bool
+    stopped_early: bool
+    steps: int
+    status: str
+    wall_time_s: float
+    error: str | None
+    best_checkpoint: str | None
+    trial_dir: str
+
+
+def _trial_seed(params: dict[str, Any], meta: dict[str, Any]) -> int | None:
+    """The training seed a trial ran with: the replicate grid's, else the base spec's."""
+    from orchestrator.sweep.spec import trial_seed
+
+    base = meta.get("train", {}).get("seed")
+    return trial_seed(params, base) if isinstance(base, int) else None
+
+
 def collect_ranked(sweep_dir: Path) -> tuple[tuple[dict[str, Any], list[TrialResult]], Ranking]:
     """:func:`collect` plus the :class:`~orchestrator.sweep.ranking.Ranking` (verdict lines, mixed families)."""
+    meta, trials, _, ranking = collect_configs(sweep_dir)
+    return (meta, trials), ranking
+
+
+def collect_configs(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult], list[ConfigResult], Ranking]:
+    """Every trial, every configuration (seeds grouped, ranked at equal budget) and the ranking."""
     from ray.tune import ExperimentAnalysis
+
+    from orchestrator.sweep.ranking import MIN_EFFECT
+    from orchestrator.sweep.spec import config_key
 
     meta = load_sweep_meta(sweep_dir)
     cfg = meta["sweep"]
@@ -161,23 +222,71 @@ def collect_ranked(sweep_dir: Path) -> tuple[tuple[dict[str, Any], list[TrialRes
         )
         out.append(t)
         # Paired errors only for the val NLL (other metrics have no per-sequence draws), lower = better.
-        draws = draws_at(tdir / "train" / "val", best_step) if metric == "val/nll" and mode == "min" else None
-        value = None if t.best_metric is None else sign * t.best_metric
-        cands[t.trial_id] = Candidate(t.trial_id, t.family, value, t.best_se, draws)
-    ranking = rank_candidates(list(cands.values()))
-    order = {p.cand.key: i for i, p in enumerate(ranking.rows)}
+        with_draws = metric == "val/nll" and mode == "min"
+        val_dir = tdir / "train" / "val"
+        curve: dict[int, tuple[float, float | None]] = {}
+        for r in scored:
+            if "step" in r:
+                se_r = r.get(f"{metric}_se")
+                curve[int(r["step"])] = (sign * float(r[metric]), float(se_r) if isinstance(se_r, (int, float)) else None)
+        cands[t.trial_id] = Candidate(
+            t.trial_id, t.family, None if t.best_metric is None else sign * t.best_metric, t.best_se,
+            step=best_step, config=config_key(params), seed=_trial_seed(params, meta), curve=curve,
+            draws_at=(lambda s, d=val_dir: draws_at(d, s)) if with_draws else None,
+        )
+    ranking = rank_candidates(list(cands.values()), float(cfg.get("min_effect", MIN_EFFECT)))
+    by_id = {t.trial_id: t for t in out}
+    configs: list[ConfigResult] = []
+    order: dict[str, int] = {}
     for p in ranking.rows:
-        t = next(x for x in out if x.trial_id == p.cand.key)
-        t.rank, t.overall_rank, t.is_best = p.rank, p.overall, p.is_best
-        t.diff_to_best = None if p.diff is None else sign * p.diff
-        t.diff_se, t.paired, t.tied = p.diff_se, p.paired, p.tied
-    out.sort(key=lambda t: order[t.trial_id])
-    return (meta, out), ranking
+        g = p.cand
+        members = [by_id[k] for k in g.trials]
+        first = members[0]
+        for t in members:
+            order[t.trial_id] = len(order)
+            t.rank, t.overall_rank, t.is_best = p.rank, p.overall, p.is_best
+            t.diff_to_best = None if p.diff is None else sign * p.diff
+            t.diff_se, t.paired, t.tied = p.diff_se, p.paired, p.tied
+        statuses = sorted({t.status for t in members})
+        per_seed = [None if g.step is None and g.nll is None else (c.points().get(g.step, (None,))[0]) for c in g.members]
+        configs.append(ConfigResult(
+            config=g.key,
+            params={k: v for k, v in first.params.items() if k in cfg["search"]},
+            family=g.family,
+            trials=g.trials,
+            seeds=[c.seed for c in g.members],
+            n_seeds=g.n_seeds,
+            step=g.step,
+            val_nll_mean=None if g.nll is None else sign * g.nll,
+            val_nll_se=g.se,
+            seed_sd=g.sd if g.sd is not None and math.isfinite(g.sd) else None,
+            per_seed=[None if v is None else sign * v for v in per_seed],
+            rank=p.rank,
+            overall_rank=p.overall,
+            is_best=p.is_best,
+            diff_to_best=None if p.diff is None else sign * p.diff,
+            diff_se=p.diff_se,
+            diff_at_step=p.at_step,
+            paired=p.paired,
+            seeds_paired=p.seeds_paired,
+            tied=p.tied,
+            why_tied=p.why_tied,
+            full_budget=g.full if p.rank is not None else False,
+            stopped_early=any(t.stopped_early for t in members),
+            steps=max(t.steps for t in members),
+            status="/".join(statuses),
+            wall_time_s=sum(t.wall_time_s for t in members),
+            error=next((t.error for t in members if t.error), None),
+            best_checkpoint=first.best_checkpoint,
+            trial_dir=first.trial_dir,
+        ))
+    out.sort(key=lambda t: order.get(t.trial_id, len(order)))
+    return meta, out, configs, ranking
 
 
 def expected_trials(meta: dict[str, Any]) -> int:
     """Trials a complete sweep has: num_samples x the product of grid sizes."""
-    n = int(meta["sweep"]["num_samples"])
+    n = int(meta["sweep"]["num_samples"]) * int(meta["sweep"].get("seeds") or 1)
     for domain in meta["sweep"]["search"].values():
         if domain.get("grid") is not None:
             n *= len(domain["grid"])
@@ -192,65 +301,83 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(meta: dict[str, Any], trials: list[TrialResult], mixed: bool = False) -> str:
-    """Ranked table: rank in family, params, best metric ± SE, difference to the family's best ± paired SE, ties."""
+def markdown_table(meta: dict[str, Any], configs: list[ConfigResult], mixed: bool = False) -> str:
+    """Ranked table, one row per configuration: mean val NLL ± SE over its seeds at the step compared,
+    between-seed SD, n seeds, the difference to the family's best ± SE at that step, ties."""
     params = list(meta["sweep"]["search"])
     metric = meta["sweep"]["metric"]
-    head = ["rank", "trial", *[p.split(".")[-1] for p in params], f"best {metric} ± SE", "Δ to best ± paired SE",
-            "tied", "steps", "early stop", "wall s", "status", "best checkpoint"]
+    head = ["rank", "trial(s)", *[p.split(".")[-1] for p in params], f"{metric} mean ± SE", "seed SD", "seeds",
+            "at step", "Δ to best ± SE", "tied", "steps", "early stop", "wall s", "status", "best checkpoint"]
     if mixed:
         head[1:1] = ["family", "overall (bounds differ)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in trials:
-        status = t.status + (f": {t.error}" if t.error else "")
-        rank = "-" if t.rank is None else f"{t.rank}{' (best)' if t.is_best else ''}"
-        row = [rank, t.trial_id, *[_cell(t.params.get(p)) for p in params], fmt_pm(t.best_metric, t.best_se),
-               _diff_cell(t), "tied" if t.tied else "", str(t.steps), "yes" if t.stopped_early else "no",
-               f"{t.wall_time_s:.0f}", status.replace("|", "/"), t.best_checkpoint or "-"]
+    for c in configs:
+        status = c.status + (f": {c.error}" if c.error else "")
+        rank = "-" if c.rank is None else f"{c.rank}{' (best)' if c.is_best else ''}"
+        if c.rank is not None and not c.full_budget:
+            rank += " (stopped early)"
+        row = [rank, ", ".join(c.trials), *[_cell(c.params.get(p)) for p in params], fmt_pm(c.val_nll_mean, c.val_nll_se),
+               fmt_sd(c.seed_sd, c.n_seeds), str(c.n_seeds), "-" if c.step is None else str(c.step), _diff_cell(c),
+               "tied" if c.tied else "", str(c.steps), "yes" if c.stopped_early else "no", f"{c.wall_time_s:.0f}",
+               status.replace("|", "/"), c.best_checkpoint or "-"]
         if mixed:
-            row[1:1] = [t.family, "-" if t.overall_rank is None else str(t.overall_rank)]
+            row[1:1] = [c.family, "-" if c.overall_rank is None else str(c.overall_rank)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def _diff_cell(t: TrialResult) -> str:
-    from orchestrator.sweep.ranking import Placed
+def _diff_cell(c: ConfigResult) -> str:
+    from orchestrator.sweep.ranking import Group, Placed
 
-    placed = Placed(Candidate(t.trial_id, t.family, t.best_metric, t.best_se), rank=t.rank,
-                    diff=t.diff_to_best, diff_se=t.diff_se, paired=t.paired)
+    placed = Placed(Group(c.config, c.family, []), rank=c.rank, diff=c.diff_to_best, diff_se=c.diff_se,
+                    paired=c.paired, at_step=c.diff_at_step)
     return fmt_diff(placed)
 
 
-def write_tables(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]) -> None:
+def write_tables(sweep_dir: Path, meta: dict[str, Any], configs: list[ConfigResult]) -> None:
+    """results.json / results.csv: one row per configuration, in rank order (seeds grouped)."""
     params = list(meta["sweep"]["search"])
     records = []
-    for rank, t in enumerate(trials, 1):
-        rec = {k: v for k, v in asdict(t).items() if k not in ("history", "params")}
-        rec = {"rank": rank, **{p: t.params.get(p) for p in params}, **rec}
+    for c in configs:
+        rec = {k: v for k, v in asdict(c).items() if k != "params"}
+        rec = {"rank": c.rank, **{p: c.params.get(p) for p in params}, **rec}
         records.append(rec)
     atomic_write_text(sweep_dir / "results.json", json.dumps(records, indent=2, default=str))
+    flat = [{k: (";".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()} for r in records]
     with atomic_path(sweep_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["rank"])
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["rank"])
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(flat)
 
 
-def write_hparams(meta: dict[str, Any], trials: list[TrialResult]) -> None:
-    """One HParams session per trial under <trial>/tensorboard/hparams (rewritten each time)."""
+def write_hparams(meta: dict[str, Any], trials: list[TrialResult], configs: list[ConfigResult] | None = None) -> None:
+    """One HParams session per trial under <trial>/tensorboard/hparams (rewritten each time).
+
+    Each session carries its configuration's grouped numbers too (mean ± SE over seeds, between-seed SD,
+    n seeds, the step compared, the difference to the best), so HParams sorts by what the table ranks."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
+    of_trial = {tid: c for c in (configs or []) for tid in c.trials}
     for t in trials:
         hp_dir = Path(t.trial_dir) / "tensorboard" / "hparams"
         if hp_dir.exists():
             shutil.rmtree(hp_dir)
         hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in t.params.items()}
+        c = of_trial.get(t.trial_id)
         metrics = {
             "hparams/best_val_nll": t.best_metric,
             "hparams/best_val_nll_se": t.best_se,
             "hparams/final_val_nll": t.final_metric,
             "hparams/best_val_ppl": t.best_ppl,
             "hparams/final_val_ppl": t.final_ppl,
+            "hparams/config_val_nll_mean": c.val_nll_mean if c else None,
+            "hparams/config_val_nll_se": c.val_nll_se if c else None,
+            "hparams/config_seed_sd": c.seed_sd if c else None,
+            "hparams/config_n_seeds": c.n_seeds if c else None,
+            "hparams/config_step": c.step if c else None,
+            "hparams/config_diff_to_best": c.diff_to_best if c else None,
+            "hparams/config_diff_se": c.diff_se if c else None,
         }
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         writer = SummaryWriter(str(hp_dir))
@@ -264,25 +391,55 @@ def write_hparams(meta: dict[str, Any], trials: list[TrialResult]) -> None:
         writer.close()
 
 
-def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]) -> list[Path]:
+def config_curves(c: ConfigResult, trials: list[TrialResult]) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, between-seed SD) of a configuration's val curve, at the steps all its seeds evaluated."""
+    from statistics import fmean, stdev
+
+    by_id = {t.trial_id: t for t in trials}
+    hists = [dict(by_id[k].history) for k in c.trials if k in by_id]
+    if not hists:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(h) for h in hists)))
+    means = [fmean(h[s] for h in hists) for s in steps]
+    sds = [stdev(h[s] for h in hists) if len(hists) > 1 else 0.0 for s in steps]
+    return steps, means, sds
+
+
+def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult],
+                configs: list[ConfigResult] | None = None) -> list[Path]:
+    """val_nll_vs_step.png: each configuration's mean over seeds, a ± between-seed SD band, an x where ASHA
+    stopped it and a ring at the step its difference to the best was taken; params_vs_objective.png: the
+    compared value ± SE per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    configs = configs or []
     metric = meta["sweep"]["metric"]
     params = list(meta["sweep"]["search"])
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5))
-    for t in trials:
-        if t.history:
-            xs, ys = zip(*sorted(t.history))
-            label = ", ".join(f"{p.split('.')[-1]}={_cell(t.params.get(p))}" for p in params)
-            ax.plot(xs, ys, marker="o", markersize=3, label=label + (" (best)" if t.is_best else ""))
+    for c in configs:
+        xs, ys, sds = config_curves(c, trials)
+        if not xs:
+            continue
+        label = ", ".join(f"{p.split('.')[-1]}={_cell(c.params.get(p))}" for p in params)
+        label += f" ({c.n_seeds} seeds)" if c.n_seeds > 1 else ""
+        line = ax.plot(xs, ys, marker="o", markersize=3, label=label + (" (best)" if c.is_best else ""))[0]
+        if c.n_seeds > 1:
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        if c.stopped_early:
+            ax.plot([xs[-1]], [ys[-1]], marker="x", markersize=9, color=line.get_color())
+        if c.diff_at_step is not None and c.diff_at_step in xs and not c.is_best:
+            ax.plot([c.diff_at_step], [ys[xs.index(c.diff_at_step)]], marker="o", markersize=9, fillstyle="none",
+                    color=line.get_color())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(metric)
-    ax.set_title("val NLL per trial")
-    if any(t.history for t in trials):
+    ax.set_title("val NLL per configuration: mean over seeds ± between-seed SD; x: stopped by ASHA; "
+                 "ring: step of its Δ to best", fontsize=8)
+    if any(config_curves(c, trials)[0] for c in configs):
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(sweep_dir / "val_nll_vs_step.png")
@@ -292,9 +449,9 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
 
     fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 4), squeeze=False)
     for ax, p in zip(axes[0], params):
-        scored = [t for t in trials if t.best_metric is not None]
-        pts = [(t.params.get(p), t.best_metric) for t in scored]
-        errs = [t.best_se if t.best_se is not None and math.isfinite(t.best_se) else 0.0 for t in scored]
+        scored = [c for c in configs if c.val_nll_mean is not None]
+        pts = [(c.params.get(p), c.val_nll_mean) for c in scored]
+        errs = [c.val_nll_se if c.val_nll_se is not None and math.isfinite(c.val_nll_se) else 0.0 for c in scored]
         if pts and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in pts):
             ax.errorbar([x for x, _ in pts], [y for _, y in pts], yerr=errs, fmt="o", capsize=3)
             if "log" in str(meta["sweep"]["search"][p]):
@@ -304,7 +461,7 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
             ax.errorbar([cats.index(str(x)) for x, _ in pts], [y for _, y in pts], yerr=errs, fmt="o", capsize=3)
             ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
         ax.set_xlabel(p)
-        ax.set_ylabel(f"best {metric} ± SE")
+        ax.set_ylabel(f"{metric} at the step compared ± SE")
     fig.tight_layout()
     paths.append(sweep_dir / "params_vs_objective.png")
     with atomic_path(paths[-1]) as tmp:
@@ -315,11 +472,11 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
 
 def report(sweep_dir: Path, *, write_hparams_data: bool = True) -> tuple[str, list[TrialResult]]:
     """Collect, write CSV/JSON/plots (+ HParams), return the markdown table with its verdict lines."""
-    (meta, trials), ranking = collect_ranked(sweep_dir)
-    write_tables(sweep_dir, meta, trials)
-    write_plots(sweep_dir, meta, trials)
+    meta, trials, configs, ranking = collect_configs(sweep_dir)
+    write_tables(sweep_dir, meta, configs)
+    write_plots(sweep_dir, meta, trials, configs)
     if write_hparams_data:
-        write_hparams(meta, trials)
-    text = markdown_table(meta, trials, mixed=ranking.mixed)
+        write_hparams(meta, trials, configs)
+    text = markdown_table(meta, configs, mixed=ranking.mixed)
     notes = ([MIXED_NOTE] if ranking.mixed else []) + ranking.verdicts
     return text + ("\n\n" + "\n".join(notes) if notes else ""), trials

@@ -31,10 +31,28 @@ from orchestrator.sweep.results import read_results
 class ResumableASHA(AsyncHyperBandScheduler):
     """``AsyncHyperBandScheduler`` whose rungs are rebuilt from the trials' reported results on restore."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, seeds: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: trial id -> reports replayed into the rungs (what a restore recovered; 0 for new trials)
         self.replayed: dict[str, int] = {}
+        #: replicates per configuration (sweep.seeds); above 1 a configuration's seeds are judged together
+        self.seeds = seeds
+        self.groups = GroupRungs(seeds)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if self.seeds <= 1:
+            return super().on_trial_result(tune_controller, trial, result)
+        t, value = result.get(self._time_attr), result.get(self._metric)
+        if not isinstance(t, (int, float)) or not isinstance(value, (int, float)):
+            return self.CONTINUE
+        action = self.groups.on_result(trial.trial_id, dict(trial.config), t, self._metric_op * value,
+                                       self._milestones(), self._brackets[0].cutoff)
+        if t >= self._max_t and self._stop_last_trials:
+            return self.STOP
+        return action
+
+    def _milestones(self) -> list[float]:
+        return [milestone for milestone, _ in self._brackets[0]._rungs]  # highest first
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -52,17 +70,76 @@ class ResumableASHA(AsyncHyperBandScheduler):
         for row in rows:
             t, value = row.get(self._time_attr), row.get(self._metric)
             if isinstance(t, (int, float)) and isinstance(value, (int, float)):
-                bracket.on_result(trial, t, self._metric_op * value)
+                if self.seeds > 1:  # the configuration's rung means (and a group stop) come back the same way
+                    self.groups.on_result(trial.trial_id, dict(trial.config), t, self._metric_op * value,
+                                          self._milestones(), bracket.cutoff)
+                else:
+                    bracket.on_result(trial, t, self._metric_op * value)
                 n += 1
         return n
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:
         """(milestone, {trial id: recorded value in the metric's own sign}) per rung, lowest milestone first."""
         sign = self._metric_op or 1.0
+        if self.seeds > 1:  # one value per configuration: the mean of its seeds
+            return [(m, {k: sign * v for k, v in self.groups.means.get(m, {}).items()})
+                    for m in reversed(self._milestones())]
         return [
             (milestone, {tid: sign * v for tid, v in recorded.items()})
             for milestone, recorded in reversed(self._brackets[0]._rungs)
         ]
+
+
+class GroupRungs:
+    """ASHA's rungs over configurations instead of trials (sweep.seeds > 1).
+
+    A configuration is recorded at a rung once *all* its seeds have reported there (each seed's
+    first report at or past the milestone, as ASHA records a trial), with the mean of those
+    values; it is then stopped or promoted on that mean against the other configurations'
+    means (ASHA's cutoff). Seeds that reach the rung first continue meanwhile; when the group is
+    stopped, every seed still running stops at its next report at or past that rung (and one that
+    starts later runs up to it), so no configuration is judged on one lucky seed. A seed that went
+    on meanwhile (its siblings started later) stops at its next report, or has already finished;
+    the results compare the configuration at the last step all its seeds reached. Depends only on each trial's own reports: replaying them rebuilds it.
+    """
+
+    def __init__(self, seeds: int) -> None:
+        self.seeds = seeds
+        #: milestone -> configuration -> trial id -> value recorded there (in ASHA's max-sign)
+        self.values: dict[float, dict[str, dict[str, float]]] = {}
+        #: milestone -> configuration -> mean of its seeds (complete configurations only)
+        self.means: dict[float, dict[str, float]] = {}
+        #: configuration -> the milestone it was stopped at
+        self.stopped: dict[str, float] = {}
+
+    def on_result(self, trial_id: str, config: dict[str, Any], t: float, value: float, milestones: list[float],
+                  cutoff: Any) -> str:
+        from ray.tune.schedulers import TrialScheduler
+
+        from orchestrator.sweep.spec import config_key
+
+        key = config_key(config)
+        stop_at = self.stopped.get(key)
+        if stop_at is not None and t >= stop_at:
+            return TrialScheduler.STOP
+        for milestone in milestones:  # highest first: like ASHA, only the highest rung passed records
+            if t < milestone:
+                continue
+            rec = self.values.setdefault(milestone, {}).setdefault(key, {})
+            if trial_id in rec:
+                break
+            rec[trial_id] = value
+            if len(rec) >= self.seeds:
+                mean = sum(rec.values()) / len(rec)
+                means = self.means.setdefault(milestone, {})
+                others = {k: v for k, v in means.items() if k != key}
+                limit = cutoff(others)
+                means[key] = mean
+                if limit is not None and mean < limit:
+                    self.stopped[key] = milestone
+                    return TrialScheduler.STOP
+            break
+        return TrialScheduler.CONTINUE
 
 
 def _trial_dir(trial: Any) -> Path | None:

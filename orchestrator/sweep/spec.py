@@ -136,6 +136,20 @@ class SweepConfig(StrictModel):
         "basic", description="basic: grid/random variant generator; optuna: TPE (no grid domains)."
     )
     seed: int = Field(0, description="Seed of the search algorithm.")
+    seeds: int = Field(
+        1,
+        ge=1,
+        strict=True,
+        description="Training seeds per configuration (replicates). Seed k of every configuration is "
+        "train.seed + k, so configurations are compared paired over seeds as well as over val draws; results "
+        "group a configuration's seeds (mean, between-seed SD, SE) and ASHA stops them together. With 1, a "
+        "verdict covers the val noise only, not training noise.",
+    )
+    min_effect: float = Field(
+        0.005,
+        ge=0,
+        description="Practical threshold, nats/token: a difference to the best below it is a tie whatever its SE.",
+    )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Early stopping.")
     resources: SweepResources = Field(default_factory=SweepResources, description="Per-trial resources.")
     budget: SweepBudget = Field(default_factory=SweepBudget, description="Step and time limits.")
@@ -170,6 +184,11 @@ class SweepFile(RunSpec):
         for path in cfg.linked:
             if path not in cfg.search:
                 raise ValueError(f"sweep.linked: {path!r} is not a searched path; add it to sweep.search")
+        if "train.seed" in cfg.search and "seeds" in cfg.model_fields_set:
+            raise ValueError(
+                "sweep.seeds and a search over train.seed conflict: sweep.seeds sets each trial's train.seed "
+                "(train.seed + k); drop one of them"
+            )
         if cfg.algorithm == "optuna":
             grids = [p for p, d in cfg.search.items() if d.kind == "grid"]
             if grids:
@@ -215,9 +234,46 @@ class SweepFile(RunSpec):
         return raw
 
 
+#: The key that carries a replicate's training seed (sweep.seeds > 1): a grid whose values set train.seed.
+#: Not "train.seed" itself: Tune's grid varies the alphabetically first key fastest, and "_seed" sorts
+#: first, so a configuration's seeds are created (and start) next to each other and reach ASHA's rungs together.
+SEED_KEY = "_seed"
+
+
+def replicate_seeds(sweep: "SweepFile") -> list[int]:
+    """The training seeds every configuration runs with: train.seed, train.seed + 1, ... (sweep.seeds of them).
+
+    Why shared: seed k of configuration A and seed k of configuration B start from the same
+    initialisation and data order, so their difference is paired over seeds (training noise
+    that both share cancels), as the val draws pair it over the val noise."""
+    return [sweep.train.seed + k for k in range(sweep.sweep.seeds)]
+
+
+#: What Tune's Repeater (optuna with sweep.seeds > 1) calls a replicate's index within its configuration.
+REPEAT_INDEX = "__trial_index__"
+
+
+def trial_seed(params: dict[str, Any], base_seed: int) -> int:
+    """The training seed of a trial: its replicate seed (basic: SEED_KEY; optuna: train.seed + Repeater index)."""
+    if SEED_KEY in params:
+        return int(params[SEED_KEY])
+    if REPEAT_INDEX in params:
+        return int(base_seed) + int(params[REPEAT_INDEX])
+    return int(base_seed)
+
+
+def config_key(params: dict[str, Any]) -> str:
+    """A configuration's identity: its searched values without the replicate seed (what seeds are grouped by)."""
+    items = sorted((k, _fmt_value(v)) for k, v in params.items() if k != SEED_KEY and not k.startswith("__"))
+    return ", ".join(f"{k}={v}" for k, v in items)
+
+
 def trial_raw(base: dict[str, Any], params: dict[str, Any], linked: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Base spec + sampled params + linked values, as a plain dict (validated by the caller)."""
     raw = copy.deepcopy(base)
+    if SEED_KEY in params or REPEAT_INDEX in params:  # a replicate: its training seed
+        seed = trial_seed(params, raw.get("train", {}).get("seed", 0))
+        set_path(raw, ["train", "seed"], seed, label="sweep.seeds")
     for path, value in params.items():
         if "." in path or path in raw:  # labels (plain words defined in `linked`) set nothing themselves
             set_path(raw, path.split("."), value, label=f"sweep.search.{path}")

@@ -359,8 +359,8 @@ class DiffusionLM(Family):
     def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
         """K draws of the variational bound per sequence: (B, K) sums over counted tokens, common random numbers.
 
-        Draw k's step comes from the stratified rate ``noise.rates[:, k]``, rescaled to a uniform
-        u = (m - rate_min) / span in [0, 1) and mapped through the inverse CDF of the importance
+        Draw k's step comes from the stratified uniform ``noise.uniform[:, k]`` in (0, 1) (the u behind the
+        masking rate), mapped through the inverse CDF of the importance
         distribution (weight 1 / q(t)), so the K steps of a sequence are stratified too. The two
         Gaussian draws of x_start and x_t come from a CPU generator per sequence seeded by
         ``noise.seeds``, drawn in draw order: a sequence gets the same noise in any batch, worker
@@ -370,7 +370,7 @@ class DiffusionLM(Family):
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in noise.seeds.tolist()]
         out = torch.empty(B, noise.samples, dtype=wide, device=tokens.device)  # (B, K)
         for k in range(noise.samples):
-            u = ((noise.rates[:, k] - noise.rate_min) / noise.span).clamp(0.0, 1.0 - 1e-12)  # (B,)
+            u = noise.uniform[:, k].clamp(0.0, 1.0 - 1e-12)  # (B,)
             t, t_weight = self.steps_from_uniform(u, importance=True)  # (B,), (B,)
             z = torch.stack([torch.randn(2, L, self.embed_dim, generator=g) for g in gens])  # (B, 2, L, E)
             terms = self.terms(tokens, counted, t, None, t_weight, noise=(z[:, 0], z[:, 1]))

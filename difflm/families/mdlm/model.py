@@ -242,8 +242,8 @@ class MDLM(Family):
         With masking rate m (move chance), the continuous-time NELBO is, whatever the schedule,
         ``integral over m of (1/m) E[sum over masked tokens of -log p(x0 | x_m)] dm`` (substitute
         m = move_chance(t) in the time integral: dsigma/expm1(sigma) dt = dm/m). Draw k uses
-        m = ``noise.rates[:, k]`` (uniform on the common range, density 1/span) and the mask
-        ``noise.masked(k, counted)``, so its estimate is ``span / m * sum_masked CE``. A
+        m = ``noise.rates[:, k]`` (importance-sampled over (0, 1], weight ``noise.weights[:, k]`` = 1/p(m))
+        and the mask ``noise.masked(k, counted)``, so its estimate is ``weight / m * sum_masked CE``. A
         time-conditioned model sees sigma = -log(1 - m): the sigma its schedule gives at the t
         where move_chance(t) = m, so no schedule is needed here. One forward of (B, L) per draw."""
         B, L = tokens.shape
@@ -256,7 +256,7 @@ class MDLM(Family):
             sigma = (-torch.log1p(-m)).to(self.float_dtype())  # (B,)
             logits = self.backbone(xm, sigma if self.time_conditioning else None)  # (B, L, V+1)
             ce = self.subs_ce(logits, tokens).masked_fill(~masked, 0.0)  # (B, L); SUBS: unmasked cost 0
-            out[:, k] = ce.sum(dim=-1, dtype=wide) * (noise.span / m.to(wide))  # (B,)
+            out[:, k] = ce.sum(dim=-1, dtype=wide) * (noise.weights[:, k].to(wide) / m.to(wide))  # (B,)
         return out
 
     # ---- sampling ------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ prior term at t = 1 aside, as for mdlm).
 
 ``val/nll`` (:meth:`SEDD.val_nll`) integrates the same bound over the shared masking rate m of
 :mod:`difflm.evaluation`: sigma = -log(1 - m), d sigma = dm / (1 - m), so draw k estimates
-``span * sum DSE(sigma(m_k)) / (1 - m_k)``; for absorb (r = (1 - m)/m) that is
-``span * (1/m) * sum_masked (expm1(lse a) - a_x0)``, equal to mdlm's NELBO integrand when the
+``weight_k * sum DSE(sigma(m_k)) / (1 - m_k)`` (weight_k = noise.weights, the importance weight over (0, 1]); for absorb (r = (1 - m)/m) that is
+``weight_k * (1/m) * sum_masked (expm1(lse a) - a_x0)``, equal to mdlm's NELBO integrand when the
 scores are normalised. A sweep therefore ranks sedd, mdlm and ar on one scale.
 """
 
@@ -149,7 +149,7 @@ class SEDD(Family):
         """Per-sequence bound sums over counted positions (B, K) float64; column k from draw k of ``noise``.
 
         Draw k: masking rate m (B,), corrupted positions ``noise.masked(k, counted)``, sigma = -log(1 - m);
-        estimate ``span * sum_counted DSE / (1 - m)`` (the DSE integral over m, d sigma = dm / (1 - m)).
+        estimate ``weight_k * sum_counted DSE / (1 - m)`` (the DSE integral over m, d sigma = dm / (1 - m)).
         The uniform graph's new tokens come from a generator seeded by ``noise.seeds`` (CPU, then moved),
         so they are common random numbers too."""
         B, L = tokens.shape
@@ -172,7 +172,7 @@ class SEDD(Family):
             xt = self.graph.corrupt(tokens, noised, None if random_ids is None else random_ids[:, k])
             dse = self.graph.score_entropy(self.log_score(xt, sigma), xt, tokens, sigma)  # (B, L)
             per_seq = torch.where(counted, dse, 0.0).sum(dim=-1, dtype=wide)  # (B,)
-            out[:, k] = noise.span * per_seq / (1 - m.to(wide))
+            out[:, k] = noise.weights[:, k].to(wide) * per_seq / (1 - m.to(wide))
         return out
 
     # ---- sampling ------------------------------------------------------------------------------
