@@ -470,3 +470,27 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
         else:
             click.echo("  corrupted     (continuous noise: no token view)")
         click.echo(f"  reconstructed {_indent(tok.decode(res.reconstructed[0, 1:-1].tolist()))}")
+
+
+# ================================================================================ export
+
+
+@click.command("export")
+@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write (new or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --to folder.")
+@click.option("--push", "push_repo", metavar="REPO", help="Also upload the folder to this Hugging Face Hub repo (needs a reachable hub and a token).")
+@user_errors
+def export(checkpoint: str, to: Path, overwrite: bool, push_repo: str | None) -> None:
+    """Write a self-contained model folder (safetensors weights, spec, tokenizer, model card, eval results).
+
+    `difflm sample DIR`, `difflm eval DIR` and `load_checkpoint(DIR)` load it without the run folder."""
+    from orchestrator.eval.export import export_run, push
+
+    ckpt = _load(checkpoint, "cpu")
+    out = export_run(ckpt, to, overwrite=overwrite)
+    click.echo(f"exported    {ckpt.describe()} -> {out}")
+    click.echo(f"files       {', '.join(sorted(p.name for p in out.iterdir()))}")
+    click.echo(f"load        difflm sample {out}   |   python: load_checkpoint({str(out)!r}) (see {out / 'README.md'})")
+    if push_repo:
+        click.echo(f"pushed      {push(out, push_repo)}")
