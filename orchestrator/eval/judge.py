@@ -116,6 +116,10 @@ class HFJudge:
             config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable config is the same user error
             raise SpecError(f"--judge {self.folder}: not a Hugging Face model folder ({str(exc).splitlines()[0]})") from None
+        archs = list(getattr(config, "architectures", None) or [])
+        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            raise SpecError(f"--judge {self.folder}: {', '.join(archs)} is not a causal LM (its config.json names no "
+                            "*ForCausalLM / *LMHeadModel architecture); give a causal LM folder or a difflm ar run")
         try:
             self.model = AutoModelForCausalLM.from_pretrained(str(self.folder), local_files_only=True)
         except ValueError as exc:
