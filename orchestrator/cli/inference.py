@@ -78,12 +78,13 @@ def _indent(text: str) -> str:
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0), help="Divides log-probabilities of every draw; 0 = greedy. diffusion_lm: scales the noise of each reverse step (0 = deterministic DDIM).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass (not diffusion_lm: no categorical draw).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the samples and settings as JSONL.")
+@click.option("--sample-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Float type of the Gumbel noise of categorical draws; float32 truncates its tail and lowers entropy (docs/evaluation.md).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @user_errors
 @_as_spec_errors
 def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, length: int | None, block: int | None,
            remasking: str, prompt: str | None, seed: int, temperature: float, top_p: float, out: Path | None,
-           device: str) -> None:
+           sample_dtype: str, device: str) -> None:
     """Draw samples from RUN_OR_CHECKPOINT; print them, the throughput and sample diagnostics."""
     import torch
 
@@ -108,6 +109,7 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
         remasking=remasking,  # type: ignore[arg-type]
         window=trained,
         stride=block,
+        sample_dtype=sample_dtype,  # type: ignore[arg-type]
     )
     options.validate()
     gen = torch.Generator(device=ckpt.device).manual_seed(seed)
@@ -122,6 +124,7 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     click.echo(
         f"sampler     {name}: {num} x {total} tokens, {options.steps} steps, temperature {temperature:g}, "
         f"top-p {top_p:g}, remasking {remasking}, seed {seed}"
+        + (f", {sample_dtype} draws" if sample_dtype != "float64" else "")
     )
     if template is not None:
         click.echo(f"prompt      {prompt!r} ({template.kind}: {template.num_free} of {total} tokens generated)")
