@@ -168,12 +168,17 @@ def test_eval_other_text_file(runs: dict[str, Path], tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     paragraphs = [f"Paragraph {i} says something about namespaces and functions." for i in range(12)]
     text.write_text("\n\n".join(paragraphs))
-    res = cli("eval", str(runs["mdlm"]), "--data", str(text), "--split", "all", "--json")
+    res = cli("eval", str(runs["mdlm"]), "--data", str(text), "--json")  # a file given to eval is scored whole
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     # byte tokens, one EOS per paragraph, packed into BOS + 30 + EOS blocks
     assert got["blocks"] == sum(len(p) + 1 for p in paragraphs) // 30
-    assert "text " in got["data"] and "training_val_nll" not in got and got["nll"] > 0
+    assert "all 12 documents" in got["data"] and "training_val_nll" not in got and got["nll"] > 0
+    explicit = json.loads(cli("eval", str(runs["mdlm"]), "--data", str(text), "--split", "all", "--json").stdout)
+    assert explicit["nll"] == got["nll"] and explicit["blocks"] == got["blocks"]
+    val = cli("eval", str(runs["mdlm"]), "--data", str(text), "--split", "train", "--json")  # mimics training's split
+    assert val.exit_code == 0 and "train split" in json.loads(val.stdout)["data"]
+    assert json.loads(val.stdout)["blocks"] < got["blocks"]
     res = cli("eval", str(runs["mdlm"]), "--data", str(tmp_path / "nothing.txt"))
     assert res.exit_code == 2 and "error:" in res.output, res.output
 
@@ -239,3 +244,74 @@ def test_eval_reproduces_multi_worker_validation(runs: dict[str, Path], tmp_path
     assert abs(json.loads(res.stdout)["nll"] - both.nll) <= 1e-9
     assert abs(both.nll - trained_val_nll(runs["mdlm"])) <= 1e-9  # = the 1-worker run's val/nll
     np.testing.assert_allclose(load_val_draws(saved).sums, both.sums, rtol=1e-6)
+
+
+# ---- gen-PPL, export, lm-eval ------------------------------------------------------------------------
+
+
+def test_gen_ppl_frontier_with_an_ar_judge(runs: dict[str, Path], tmp_path: Path) -> None:
+    png = tmp_path / "frontier.png"
+    res = cli("eval", str(runs["mdlm"]), "--gen-ppl", "--judge", str(runs["ar"]), "--num", "4", "--steps", "2,8",
+              "--plot", str(png), "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    rows = got["gen_ppl"]
+    assert [r["steps"] for r in rows] == [2, 8] and got["sample_dtype"] == "float64"
+    for r in rows:  # an 8-step tiny model: gen-PPL between 1 and the vocab, entropy <= log(30 tokens)
+        assert 1 < r["gen_ppl"] < 259 and 0 < r["entropy"] <= math.log(31) and r["gen_ppl_se"] > 0
+        assert r["judge_tokens"] == r["sample_tokens"]  # same tokenizer: every sample token scored once
+    assert png.is_file() and png.stat().st_size > 1000
+    assert "steps             gen-PPL" in res.output
+    saved = json.loads((runs["mdlm"] / "eval" / "sample_quality.json").read_text())
+    assert saved["gen_ppl"][0]["gen_ppl"] == rows[0]["gen_ppl"]
+    for bad, why in ((str(tmp_path / "nope"), "does not exist"), (str(runs["mdlm"]), "not a causal LM")):
+        res = cli("eval", str(runs["mdlm"]), "--gen-ppl", "--judge", bad, "--num", "2")
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+    res = cli("eval", str(runs["mdlm"]), "--gen-ppl", "--num", "2")
+    assert res.exit_code == 2 and "--judge" in res.output
+
+
+def test_export_round_trip_is_bit_identical(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "exported"
+    res = cli("export", str(runs["mdlm"]), "--to", str(out))
+    assert res.exit_code == 0, res.output
+    assert {"model.safetensors", "spec.yaml", "tokenizer", "README.md", "trainer_state.json"} <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert f"{trained_val_nll(runs['mdlm']):.4f} ±" in card and "load_checkpoint" in card
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)  # nothing points back into the run folder
+    a = json.loads(cli("eval", str(runs["mdlm"]), "--json").stdout)
+    b = json.loads(cli("eval", str(moved), "--json").stdout)
+    assert a["nll"] == b["nll"] and a["nll_se"] == b["nll_se"]  # bit-identical
+    assert cli("sample", str(moved), "--num", "1", "--steps", "2").exit_code == 0
+    assert cli("export", str(runs["mdlm"]), "--to", str(moved)).exit_code == 2  # not empty: refuses
+
+
+def test_lm_eval_adapter_on_a_local_task(runs: dict[str, Path], tmp_path: Path) -> None:
+    from orchestrator.eval.lm_eval import DifflmHarnessModel
+
+    req = lambda *args: type("Req", (), {"args": args})()  # noqa: E731
+    ar = DifflmHarnessModel(run=str(runs["ar"]))
+    [(lp, _)] = ar.loglikelihood([req("The ", "cat")])
+    whole = ar.loglikelihood_rolling([req("The cat")])[0]
+    first = ar.loglikelihood([req("", "The ")])[0][0]
+    assert lp < 0 and whole == pytest.approx(first + lp, abs=1e-4)  # chain rule, exact for ar
+    out = ar.generate_until([req("The ", {"until": ["e"], "max_gen_toks": 10})])[0]
+    assert "e" not in out and len(out.encode()) <= 10
+    lm_eval = pytest.importorskip("lm_eval")
+    from orchestrator.eval.lm_eval import register
+
+    register()
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"q": f"Item {i} is", "choices": [" red", " blue"], "gold": i % 2})
+                              for i in range(4)))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{gold}}'\nmetric_list:\n  - metric: acc\n")
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(model="difflm", model_args=f"run={runs['mdlm']},mc_samples=4",
+                                      tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)))
+    acc = results["results"]["tiny_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and results["results"]["tiny_mc"]["alias"] == "tiny_mc"

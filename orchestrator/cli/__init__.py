@@ -3,7 +3,7 @@
     difflm train | resume | tensorboard   orchestrator/cli/train.py
     difflm validate | schema     orchestrator/cli/spec.py
     difflm sweep | results            orchestrator/cli/sweep.py
-    difflm sample | eval | denoise    orchestrator/cli/inference.py
+    difflm sample | eval | denoise | export  orchestrator/cli/inference.py
     difflm bench asha | sampling      orchestrator/cli/bench.py
     difflm doctor SPEC                orchestrator/cli/doctor.py
     difflm cluster up | down | status orchestrator/cli/cluster.py
@@ -36,6 +36,7 @@ for _cmd in (
     inference.sample,
     inference.eval_cmd,
     inference.denoise,
+    inference.export,
     bench.bench,
     doctor.doctor,
     cluster.cluster,

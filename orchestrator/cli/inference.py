@@ -4,7 +4,8 @@
     difflm sample runs/q --prompt "The capital of India is [MASK:5]."
     difflm sample runs/q --length 512 --block 64             # semi-autoregressive, longer than trained
     difflm eval runs/q --samples 16                          # the run's val split, 16 noise draws / sequence
-    difflm eval runs/q/last --data notes.txt --split all
+    difflm eval runs/q/last --data notes.txt                 # all of notes.txt (--split val|train mimics training)
+    difflm eval runs/q --gen-ppl --judge runs/ar --steps 32,128,1000   # samples scored by a judge
     difflm denoise runs/q --text "The capital of India is New Delhi." --t 0.1,0.5,0.9
 
 Every command takes a run dir, RUN_DIR/best or RUN_DIR/last, or a checkpoint folder
@@ -77,12 +78,13 @@ def _indent(text: str) -> str:
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0), help="Divides log-probabilities of every draw; 0 = greedy. diffusion_lm: scales the noise of each reverse step (0 = deterministic DDIM).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass (not diffusion_lm: no categorical draw).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the samples and settings as JSONL.")
+@click.option("--sample-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Float type of the Gumbel noise of categorical draws; float32 truncates its tail and lowers entropy (docs/evaluation.md).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @user_errors
 @_as_spec_errors
 def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, length: int | None, block: int | None,
            remasking: str, prompt: str | None, seed: int, temperature: float, top_p: float, out: Path | None,
-           device: str) -> None:
+           sample_dtype: str, device: str) -> None:
     """Draw samples from RUN_OR_CHECKPOINT; print them, the throughput and sample diagnostics."""
     import torch
 
@@ -107,6 +109,7 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
         remasking=remasking,  # type: ignore[arg-type]
         window=trained,
         stride=block,
+        sample_dtype=sample_dtype,  # type: ignore[arg-type]
     )
     options.validate()
     gen = torch.Generator(device=ckpt.device).manual_seed(seed)
@@ -121,6 +124,7 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     click.echo(
         f"sampler     {name}: {num} x {total} tokens, {options.steps} steps, temperature {temperature:g}, "
         f"top-p {top_p:g}, remasking {remasking}, seed {seed}"
+        + (f", {sample_dtype} draws" if sample_dtype != "float64" else "")
     )
     if template is not None:
         click.echo(f"prompt      {prompt!r} ({template.kind}: {template.num_free} of {total} tokens generated)")
@@ -239,7 +243,7 @@ def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_co
 @click.command("eval")
 @click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
 @click.option("--data", "data_ref", metavar="PATH|builtin|HF_NAME", help="Text to score (default: the run's own data). A .txt/.jsonl/.parquet file or folder, 'builtin', or a Hugging Face dataset name; tokenized with the run's tokenizer into blocks of its seq_len.")
-@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True, help="Document split (the run's val_fraction and split_seed) or all documents.")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), help="Document split (the run's val_fraction and split_seed) or all documents. Default: val for the run's own data; all of a --data file (held-out text is scored whole).")
 @click.option("--samples", "-k", type=click.IntRange(1, 4096), help="Noise draws per sequence (masking rates stratified over one common range); K >= 2 gives the Monte Carlo standard error. Default: the run's train.eval_samples, as training's validation.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward (default: the run's micro_batch_size). Changes speed and memory only: each sequence's noise is its own.")
 @click.option("--max-batches", type=click.IntRange(min=1), help="Score only the first N x the run's micro_batch_size sequences (default: the run's train.eval_batches on its own val split, else all).")
@@ -249,18 +253,29 @@ def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_co
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet/hf records.")
 @click.option("--max-documents", type=click.IntRange(min=2), help="Read at most this many documents of --data.")
 @click.option("--save", "save_to", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-sequence draws (.npz: indices, sums (N, K), counts) for paired comparisons.")
+@click.option("--gen-ppl", "gen_ppl", is_flag=True, help="Generative perplexity + unigram entropy of unconditional samples under --judge (docs/evaluation.md), instead of the NLL.")
+@click.option("--judge", "judge_ref", metavar="RUN_OR_HF_DIR", help="Scorer for --gen-ppl / --mauve: a difflm ar run or a local Hugging Face causal LM folder (default: RUN itself when it is an ar run).")
+@click.option("--num", "-n", "num", default=64, show_default=True, type=click.IntRange(1, 100_000), help="--gen-ppl / --mauve: samples to draw.")
+@click.option("--steps", "steps", metavar="T[,T...]", help="--gen-ppl: sampler steps, comma-separated for the frontier, e.g. 32,128,1000 (default: the run's diffusion.sample_steps).")
+@click.option("--sampler", help="--gen-ppl: sampler name (default: the family's default).")
+@click.option("--sample-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="--gen-ppl: float type of the Gumbel noise of categorical draws; float32 lowers entropy (reproduces older published numbers).")
+@click.option("--mauve", "mauve_ref", type=click.Path(dir_okay=False, path_type=Path), metavar="REF_FILE", help="MAUVE between --num samples and the documents of REF_FILE (.txt, one per blank-line-separated paragraph), on --judge features (mauve-text).")
+@click.option("--plot", "plot_to", type=click.Path(dir_okay=False, path_type=Path), help="--gen-ppl with several --steps: the frontier PNG (default: RUN_DIR/eval/gen_ppl_frontier.png).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line on stdout (the readable report moves to stderr).")
 @user_errors
 @_as_spec_errors
-def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int | None, batch_size: int | None,
+def eval_cmd(checkpoint: str, data_ref: str | None, split: str | None, samples: int | None, batch_size: int | None,
              max_batches: int | None, seed: int | None, hf_config: str | None, hf_split: str, text_field: str,
-             max_documents: int | None, save_to: Path | None, device: str, as_json: bool) -> None:
+             max_documents: int | None, save_to: Path | None, gen_ppl: bool, judge_ref: str | None, num: int,
+             steps: str | None, sampler: str | None, sample_dtype: str, mauve_ref: Path | None, plot_to: Path | None,
+             device: str, as_json: bool) -> None:
     """NLL (bound), bits/token and perplexity of RUN_OR_CHECKPOINT on a dataset, float64 sums, with its standard error.
 
     Scores with :func:`difflm.evaluation.val_pass`, the function training's validation calls: on
     the run's own val split with the defaults it reproduces the checkpoint's val/nll (to float
-    rounding), whatever the batch size and the number of workers the run trained with."""
+    rounding), whatever the batch size and the number of workers the run trained with. With
+    --gen-ppl / --mauve it samples the run instead and scores the samples with a judge."""
     from difflm.evaluation import RATE_MAX, RATE_MIN, save_val_draws, val_count, val_pass
     from orchestrator.errors import SpecError
 
@@ -268,6 +283,17 @@ def eval_cmd(checkpoint: str, data_ref: str | None, split: str, samples: int | N
         click.echo(line, err=as_json)
 
     ckpt = _load(checkpoint, device)
+    if gen_ppl or mauve_ref is not None:
+        from orchestrator.eval.cli import sample_quality
+
+        result_q = sample_quality(ckpt, say, gen_ppl=gen_ppl, judge_ref=judge_ref, num=num, steps=steps,
+                                  sampler=sampler, sample_dtype=sample_dtype, seed=seed or 0,
+                                  batch=batch_size or 64, mauve_ref=mauve_ref, plot_to=plot_to)
+        if as_json:
+            click.echo(json.dumps(result_q))
+        return
+    if split is None:
+        split = "val" if data_ref is None else "all"
     model, spec = ckpt.model, ckpt.spec
     t = spec.train
     blocks, described, own = _eval_blocks(ckpt, data_ref, split, hf_config, hf_split, text_field, max_documents)
@@ -447,3 +473,27 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
         else:
             click.echo("  corrupted     (continuous noise: no token view)")
         click.echo(f"  reconstructed {_indent(tok.decode(res.reconstructed[0, 1:-1].tolist()))}")
+
+
+# ================================================================================ export
+
+
+@click.command("export")
+@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write (new or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --to folder.")
+@click.option("--push", "push_repo", metavar="REPO", help="Also upload the folder to this Hugging Face Hub repo (needs a reachable hub and a token).")
+@user_errors
+def export(checkpoint: str, to: Path, overwrite: bool, push_repo: str | None) -> None:
+    """Write a self-contained model folder (safetensors weights, spec, tokenizer, model card, eval results).
+
+    `difflm sample DIR`, `difflm eval DIR` and `load_checkpoint(DIR)` load it without the run folder."""
+    from orchestrator.eval.export import export_run, push
+
+    ckpt = _load(checkpoint, "cpu")
+    out = export_run(ckpt, to, overwrite=overwrite)
+    click.echo(f"exported    {ckpt.describe()} -> {out}")
+    click.echo(f"files       {', '.join(sorted(p.name for p in out.iterdir()))}")
+    click.echo(f"load        difflm sample {out}   |   python: load_checkpoint({str(out)!r}) (see {out / 'README.md'})")
+    if push_repo:
+        click.echo(f"pushed      {push(out, push_repo)}")
