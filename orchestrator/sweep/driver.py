@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from difflm.data import prepare_data
+from orchestrator import raycompat
 from orchestrator.errors import SpecError
 from difflm.atomic import atomic_write_text
 from orchestrator.train.launch import prepare_and_place
@@ -232,7 +233,7 @@ def run_sweep(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
         # The restored run config carries the unpickled table of the first session; draw with ours.
-        tuner._local_tuner.get_run_config().callbacks = callbacks()
+        raycompat.tuner_run_config(tuner).callbacks = callbacks()
         console.info(
             "resuming: finished trials are kept; unfinished ones continue from their last checkpoint; "
             "ASHA's rungs are rebuilt from the trials' reported results"

@@ -25,6 +25,7 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
+from orchestrator.raycompat import asha_bracket, asha_metric, asha_rungs
 from orchestrator.sweep.results import read_results
 
 
@@ -47,21 +48,22 @@ class ResumableASHA(AsyncHyperBandScheduler):
         The decisions these reports got at the time are not repeated: a trial stopped then is
         TERMINATED and never runs again; one that continued is still running.
         """
-        bracket = self._trial_info[trial.trial_id]
+        bracket = asha_bracket(self, trial.trial_id)
+        time_attr, metric, sign = asha_metric(self)
         n = 0
         for row in rows:
-            t, value = row.get(self._time_attr), row.get(self._metric)
+            t, value = row.get(time_attr), row.get(metric)
             if isinstance(t, (int, float)) and isinstance(value, (int, float)):
-                bracket.on_result(trial, t, self._metric_op * value)
+                bracket.on_result(trial, t, sign * value)
                 n += 1
         return n
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:
         """(milestone, {trial id: recorded value in the metric's own sign}) per rung, lowest milestone first."""
-        sign = self._metric_op or 1.0
+        sign = asha_metric(self)[2] or 1.0
         return [
             (milestone, {tid: sign * v for tid, v in recorded.items()})
-            for milestone, recorded in reversed(self._brackets[0]._rungs)
+            for milestone, recorded in reversed(asha_rungs(self))
         ]
 
 
