@@ -195,3 +195,18 @@ def test_debug_shows_the_driver_traceback(tmp_path: Path, monkeypatch: pytest.Mo
         assert len(res.output.strip().splitlines()) == 1
     else:
         assert "Traceback (most recent call last)" in res.output and "fake_launch" in res.output
+
+
+def test_eval_lines_say_ppl_for_ar_and_a_bound_otherwise() -> None:
+    import io
+
+    from orchestrator.train.console import TrainConsole
+
+    out = io.StringIO()
+    console = TrainConsole(stream=out)
+    payload = {"step": 3, "val/nll": 2.0, "val/best_nll": 2.0, "val/ppl": 7.389}
+    console.handle("eval", {**payload, "exact_likelihood": True})
+    console.handle("eval", {**payload, "exact_likelihood": False})
+    ar, mdlm = out.getvalue().strip().splitlines()
+    assert "  ppl 7.389  " in ar and "ppl<=" not in ar
+    assert "  ppl<= 7.389  " in mdlm
