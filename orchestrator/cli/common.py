@@ -37,7 +37,9 @@ PROFILE_HELP = (
 )
 
 
-def profile_defaults(profile: str | None) -> tuple[dict[str, Any] | None, str | None]:
+def profile_defaults(
+    profile: str | None, precedence: str = "the spec and --set override these"
+) -> tuple[dict[str, Any] | None, str | None]:
     """(the profile's partial run spec, a line saying what it set) for --profile; (None, None) without one."""
     if profile is None:
         return None, None
@@ -46,7 +48,7 @@ def profile_defaults(profile: str | None) -> tuple[dict[str, Any] | None, str | 
     prof, path = load_profile(profile)
     defaults = prof.defaults()
     fields = ", ".join(f"{s}.{k}={v}" for s, sec in defaults.items() for k, v in sec.items())
-    return defaults, f"profile {path}: {fields} (the spec and --set override these)"
+    return defaults, f"profile {path}: {fields} ({precedence})"
 
 
 def profile_overrides(defaults: dict[str, Any]) -> list[str]:

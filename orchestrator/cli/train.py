@@ -120,7 +120,8 @@ def resume(directory: Path, overrides: tuple[str, ...], allow_spec_change: bool,
                         f"{directory.name} --output {directory.parent} --resume`")
     from orchestrator.spec.run import load_run_spec
 
-    defaults, note = profile_defaults(profile)  # over the saved spec (it sets every field), under --set
+    # over the saved spec (it sets every field), under --set
+    defaults, note = profile_defaults(profile, "replacing the run's spec.yaml values; --set overrides these")
     spec = load_run_spec(directory / SPEC_FILE, [
         *profile_overrides(defaults or {}), *overrides, f"output.dir={directory.parent}", f"output.name={directory.name}",
     ])
