@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/difflm sweep sweeps/quickstart.yaml --set output.name=quickstart-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/difflm sweep sweeps/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +61,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from difflm.atomic import atomic_path
 
 if TYPE_CHECKING:
     from difflm.families.base import Family
@@ -364,20 +365,14 @@ def draws_path(val_dir: str | os.PathLike[str], step: int) -> Path:
 
 
 def save_val_draws(path: str | os.PathLike[str], draws: ValDraws) -> Path:
-    """Write ``draws`` (and its meta, as JSON) to ``path`` atomically: a temp file in the same folder, then rename."""
+    """Write ``draws`` (and its meta, as JSON) to ``path`` atomically (difflm.atomic: a temp file beside it,
+    fsynced, then renamed; readable like every other run file)."""
     import json
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, indices=draws.indices.astype(np.int64), sums=draws.sums.astype(np.float64),
-                     counts=draws.counts.astype(np.float64), meta=np.array(json.dumps(draws.meta or {})))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, indices=draws.indices.astype(np.int64), sums=draws.sums.astype(np.float64),
+                 counts=draws.counts.astype(np.float64), meta=np.array(json.dumps(draws.meta or {})))
     return path
 
 

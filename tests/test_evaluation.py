@@ -287,6 +287,26 @@ def test_save_is_atomic_and_round_trips(tmp_path: Path) -> None:
     assert np.array_equal(back.sums, d.sums) and back.meta == {"seed": 1} and back.nll == d.nll
 
 
+def test_val_draws_are_written_like_every_other_run_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through difflm.atomic: fsynced before the rename, and readable by others (0o666 minus the umask,
+    not mkstemp's owner-only 0o600)."""
+    import os
+
+    import difflm.atomic
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(difflm.atomic.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    old_umask = os.umask(0o022)
+    try:
+        d = ValDraws(np.arange(2), np.ones((2, 1)), np.full(2, 4.0), {})
+        path = save_val_draws(tmp_path / "step_0000001.npz", d)
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert len(synced) >= 1  # the file (and the folder) reach the disk before the rename is relied on
+
+
 # ---- ranking: ties called ties ----------------------------------------------------------------------
 
 

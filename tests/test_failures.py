@@ -18,7 +18,9 @@ from orchestrator.train.failures import DIED, TrainingFailed, explain_fit_error,
 
 def _ray_errors() -> tuple[Exception, Exception]:
     from ray.exceptions import ActorDiedError
-    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from orchestrator.raycompat import load
+
+    WorkerHealthCheckFailedError = load("ray.train.v2._internal.exceptions:WorkerHealthCheckFailedError")
 
     died = WorkerHealthCheckFailedError("Worker health check failed: the actor died\n" + "x" * 600, ActorDiedError())
     user = ValueError("Traceback (most recent call last):\n  File ...\nValueError: tokens out of range [0, 259)")

@@ -90,6 +90,6 @@ def test_resume_needs_a_run_or_sweep_folder(run: tuple[Path, Path], tmp_path: Pa
     sweep_dir.mkdir()
     (sweep_dir / "difflm_sweep.json").write_text('{"spec_path": "x.yaml", "overrides": []}')
     code, out = _cli("resume", str(sweep_dir), "--set", "train.lr=1")
-    assert code == 2 and "is a sweep: --set and --allow-spec-change apply to runs only" in out
+    assert code == 2 and "is a sweep: --set applies to runs only" in out
     with pytest.raises(SpecError, match="already holds a run"):
         check_run_folder(run_dir, {}, resume=False, allow_spec_change=False)

@@ -176,22 +176,22 @@ def test_console_entry_point_exit_code(tmp_path: Path) -> None:
 
 def test_cluster_configs_pass_rays_own_validator() -> None:
     import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
     from orchestrator.cluster.profile import is_ray_launcher_config
+    from orchestrator.raycompat import validate_launcher_config
 
     files = [f for f in sorted((REPO / "clusters").glob("*.yaml")) if is_ray_launcher_config(yaml.safe_load(f.read_text()))]
     assert [f.name for f in files] == ["local.yaml"]
     for f in files:
         cfg = yaml.safe_load(f.read_text())
-        validate_config(prepare_config(cfg))
+        validate_launcher_config(cfg)
         assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
         assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
                    if "ray start" in c)
     bad = yaml.safe_load(files[0].read_text())
     bad["max_worker"] = 3  # a typo must not pass
     with pytest.raises(Exception, match="max_worker"):
-        validate_config(prepare_config(bad))
+        validate_launcher_config(bad)
 
 
 def test_every_shipped_cluster_file_validates_and_says_what_it_is_for() -> None:

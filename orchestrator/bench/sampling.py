@@ -1,6 +1,8 @@
 """Benchmark: ``ddpm_cache`` against ``ddpm`` on one checkpoint, side by side in one process.
 
-    python -m orchestrator.bench.sampling runs/quickstart --steps 1000 --length 128 --num 1 --num 4
+    difflm bench sampling runs/quickstart --steps 1000 --length 128 --num 1 --num 4
+
+(the options live on the click command in orchestrator/cli/bench.py, so ``--help`` lists them).
 
 For each batch size the two samplers run with the same seed, alternating order over
 ``--repeats`` rounds (so drifting machine load hits both alike); the best wall time of each
@@ -10,10 +12,10 @@ identical. Not a timed test: the numbers go to docs/benchmarks.md by hand.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,18 +32,22 @@ def _time_one(sampler, options, seed: int, device: torch.device):  # type: ignor
     return time.perf_counter() - start, out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.bench.sampling", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--num", type=int, action="append", help="Samples per batch; repeat for several (default 1).")
-    parser.add_argument("--repeats", type=int, default=2, help="Rounds per sampler; the best time counts.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice.")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class SamplingBench:
+    """What ``difflm bench sampling`` was asked (its click options)."""
 
+    checkpoint: str
+    steps: int
+    length: int
+    num: list[int]
+    repeats: int
+    seed: int
+    device: str
+    threads: int | None
+
+
+def run_sampling_bench(args: SamplingBench) -> int:
+    """Print the markdown table; 0, or 2 for a checkpoint this benchmark cannot load."""
     from difflm.sampling import SampleOptions, get_sampler
     from orchestrator.rundir.checkpoints import load_checkpoint
     from orchestrator.errors import SpecError
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print("")
     print("| samples | ddpm s | ddpm calls | ddpm_cache s | ddpm_cache calls | speed-up | same tokens |")
     print("|---:|---:|---:|---:|---:|---:|:---:|")
-    for num in args.num or [1]:
+    for num in args.num:
         options = SampleOptions(num=num, length=args.length, steps=args.steps)
         best: dict[str, float] = {}
         tokens: dict[str, torch.Tensor] = {}
@@ -77,6 +83,3 @@ def main(argv: list[str] | None = None) -> int:
               f"{best['ddpm'] / best['ddpm_cache']:.1f}x | {'yes' if same else 'NO'} |", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

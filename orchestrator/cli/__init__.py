@@ -17,10 +17,12 @@ from __future__ import annotations
 import click
 
 from orchestrator.cli import bench, cluster, doctor, inference, spec, sweep, train
+from orchestrator.cli.common import debug_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="difflm")
+@debug_option
 def main() -> None:
     """difflm: train, sweep and compare text diffusion language models."""
 

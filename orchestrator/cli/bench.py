@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from orchestrator.bench.grid import grid
-from orchestrator.cli.common import DEVICES, user_errors
+from orchestrator.cli.common import DENOISE_STEPS_HELP, DEVICES, TRAIN_STEPS_HELP, user_errors
 
 PATH_NAMES = ("bare", "torch", "deepspeed", "train")
 
@@ -45,11 +45,11 @@ def throughput_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True),
         click.option("--seq-len", type=click.IntRange(8), default=256, show_default=True),
         click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Sequences per step."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="fp32",
-                     show_default=True, help="auto: what `train.precision: auto` picks on this device."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="auto: what `difflm train` picks on this device (train.precision: auto)."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--steps", type=click.IntRange(1), default=20, show_default=True,
-                     help="Timed steps per path and round."),
+                     help=f"Optimizer steps timed per path and round. {TRAIN_STEPS_HELP}."),
         click.option("--warmup", type=click.IntRange(1), default=3, show_default=True,
                      help="Untimed steps first (the first step included)."),
         click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
@@ -133,14 +133,23 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
     click.echo(asha_report(sweep_file, overrides, output))
 
 
-@bench.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
+@bench.command()
+@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help=f"{DENOISE_STEPS_HELP}.")
+@click.option("--length", type=click.IntRange(1), default=128, show_default=True, help="Tokens per sample.")
+@click.option("--num", type=click.IntRange(1), multiple=True, help="Samples per batch; repeat for several (default 1).")
+@click.option("--repeats", type=click.IntRange(1), default=2, show_default=True,
+              help="Rounds per sampler; the best time counts.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="torch.set_num_threads (CPU); default: torch's choice.")
 @user_errors
-def sampling(ctx: click.Context) -> None:
-    """ddpm_cache vs ddpm side by side (arguments as `python -m orchestrator.bench.sampling -h`)."""
-    from orchestrator.bench.sampling import main as bench_main
+def sampling(checkpoint: str, steps: int, length: int, num: tuple[int, ...], repeats: int, seed: int, device: str,
+             threads: int | None) -> None:
+    """ddpm_cache vs ddpm side by side on one checkpoint: best wall time, network calls, same tokens."""
+    from orchestrator.bench.sampling import SamplingBench, run_sampling_bench
 
-    sys.exit(bench_main(list(ctx.args)))
+    sys.exit(run_sampling_bench(SamplingBench(checkpoint, steps, length, list(num) or [1], repeats, seed, device, threads)))
 
 
 # grid's click command lives with its logic in orchestrator/bench/grid.py; user errors exit 2 like the others

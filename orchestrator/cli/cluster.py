@@ -117,8 +117,8 @@ def status(address: str | None) -> None:
 def _auto_cluster_exists() -> bool:
     """Whether `--address auto` would find a running cluster (Ray records the latest in /tmp/ray)."""
     try:
-        from ray._private.services import find_bootstrap_address
+        from orchestrator.raycompat import find_bootstrap_address
 
-        return find_bootstrap_address(None) is not None
+        return find_bootstrap_address() is not None
     except Exception:
         return False

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from orchestrator.cli.common import DEVICES, user_errors
+from orchestrator.cli.common import DENOISE_STEPS_HELP, DEVICES, user_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,7 +68,7 @@ def _indent(text: str) -> str:
 @click.command()
 @click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
 @click.option("--num", "-n", default=4, show_default=True, type=click.IntRange(1, 4096), help="Samples to draw (one batch).")
-@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps (default: the run's diffusion.sample_steps); per window when semi-autoregressive. ar ignores it.")
+@click.option("--steps", type=click.IntRange(min=1), help=f"{DENOISE_STEPS_HELP}; default: the run's diffusion.sample_steps; per window when semi-autoregressive. ar ignores it.")
 @click.option("--sampler", help="Sampler name (default: the family's first; mdlm: ddpm_cache; diffusion_lm: ancestral, or ancestral_clamp when the run set clamp_sampling). A wrong name lists the valid ones.")
 @click.option("--length", type=click.IntRange(min=1), help="Tokens per sample (default: the trained length; for an infill prompt, the template's).")
 @click.option("--block", type=click.IntRange(min=1), help="mdlm, longer than trained: new tokens per semi-autoregressive window (default: half the trained length).")
@@ -408,7 +408,7 @@ def _fmt_metric(v: float) -> str:
 @click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
 @click.option("--text", required=True, help="Clean text to corrupt and reconstruct.")
 @click.option("--t", "levels", default="0.1,0.5,0.9", show_default=True, help="Comma-separated noise levels in [0, 1].")
-@click.option("--steps", default=0, show_default=True, type=click.IntRange(min=0), help="0: one-shot reconstruction (mdlm: argmax of p(x0|x_t); diffusion_lm: x0_hat rounded); N: the family's sampler from t in N steps.")
+@click.option("--steps", default=0, show_default=True, type=click.IntRange(min=0), help=f"{DENOISE_STEPS_HELP}. 0: one-shot reconstruction (mdlm: argmax of p(x0|x_t); diffusion_lm: x0_hat rounded); N: the family's sampler from t in N steps.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the corruption (the same seed nests the corruptions: what t=0.1 hides, t=0.5 hides too).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @user_errors

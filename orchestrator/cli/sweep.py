@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.common import PROFILE_HELP, profile_defaults, user_errors
+from orchestrator.cli.common import PROFILE_HELP, debug_option, profile_defaults, user_errors
 from orchestrator.errors import SpecError
 from orchestrator.rundir.run_folder import SWEEP_STATE as STATE_FILE
 
@@ -38,7 +38,8 @@ def _finish(sweep_dir: Path) -> bool:
     return complete
 
 
-def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None, profile: str | None) -> None:
+def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None, profile: str | None,
+         allow_spec_change: bool = False) -> None:
     from orchestrator.sweep.spec import load_sweep_file
 
     defaults, profile_note = profile_defaults(profile)
@@ -54,7 +55,8 @@ def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str
     interrupted = "\ninterrupted: trials stopped, state saved in {}\nresume with: {}"
     try:
         elapsed = run_sweep(
-            sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides, profile=profile
+            sweep, str(spec_file), resume=resume, address=address, console=console, overrides=overrides, profile=profile,
+            allow_spec_change=allow_spec_change,
         )
     except KeyboardInterrupt:
         click.echo(interrupted.format(sweep_dir, resume_cmd), err=True)
@@ -72,17 +74,29 @@ def _run(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str
 @click.command()
 @click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field of the sweep file.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Parent folder for the sweep (output.dir).")
+@click.option("--name", help="Sweep folder name (output.name; default: the sweep file's name).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted or killed sweep in its folder.")
+@click.option("--allow-spec-change", is_flag=True, help="With --resume: accept a sweep file (or --set) that differs "
+              "from the sweep's saved sweep.yaml beyond locations and cadence.")
 @click.option("--address", help="Join an existing Ray cluster (HOST:PORT or 'auto') instead of starting one.")
 @click.option("--profile", metavar="NAME|PATH", help=PROFILE_HELP)
+@debug_option
 @user_errors
-def sweep(spec_file: Path, overrides: tuple[str, ...], resume: bool, address: str | None, profile: str | None) -> None:
+def sweep(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, resume: bool,
+          allow_spec_change: bool, address: str | None, profile: str | None) -> None:
     """Run a Ray Tune sweep described by SPEC_FILE (a run spec plus a `sweep:` section)."""
-    _run(spec_file, overrides, resume, address, profile)
+    extra = list(overrides)
+    if output is not None:
+        extra.append(f"output.dir={output}")
+    if name is not None:
+        extra.append(f"output.name={name}")
+    _run(spec_file, tuple(extra), resume, address, profile, allow_spec_change)
 
 
-def resume_sweep(sweep_dir: Path, address: str | None) -> None:
-    """Continue the sweep in SWEEP_DIR (same as `difflm sweep SPEC --resume`); `difflm resume` calls it."""
+def resume_sweep(sweep_dir: Path, address: str | None, profile: str | None = None, allow_spec_change: bool = False) -> None:
+    """Continue the sweep in SWEEP_DIR (same as `difflm sweep SPEC --resume`); `difflm resume` calls it.
+    ``profile`` replaces the profile the sweep started with."""
     state = sweep_dir / STATE_FILE
     if not state.exists():
         raise SpecError(f"{sweep_dir}: no sweep state here ({STATE_FILE}); give the folder `difflm sweep` printed")
@@ -92,7 +106,7 @@ def resume_sweep(sweep_dir: Path, address: str | None) -> None:
         f"output.dir={sweep_dir.resolve().parent}",
         f"output.name={sweep_dir.resolve().name}",
     )
-    _run(Path(saved["spec_path"]), overrides, True, address, saved.get("profile"))
+    _run(Path(saved["spec_path"]), overrides, True, address, profile or saved.get("profile"), allow_spec_change)
 
 
 @click.command()

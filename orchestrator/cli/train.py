@@ -19,7 +19,10 @@ from typing import Any
 
 import click
 
-from orchestrator.cli.common import PROFILE_HELP, profile_defaults, user_errors
+from orchestrator.cli.common import (
+    DEBUG_HINT, PROFILE_HELP, debug_option, debug_enabled, profile_defaults, profile_overrides, show_traceback,
+    user_errors,
+)
 from orchestrator.errors import SpecError
 
 
@@ -33,6 +36,7 @@ from orchestrator.errors import SpecError
 @click.option("--allow-spec-change", is_flag=True, help="With --resume: accept a spec that differs from the run's "
               "spec.yaml beyond max_steps, cadence and locations.")
 @click.option("--profile", metavar="NAME|PATH", help=PROFILE_HELP)
+@debug_option
 @user_errors
 def train(spec_file: Path, overrides: tuple[str, ...], output: Path | None, name: str | None, address: str | None,
           resume: bool, allow_spec_change: bool, profile: str | None) -> None:
@@ -68,13 +72,16 @@ def _launch(spec: Any, address: str | None, *, resume: bool, allow_spec_change: 
     except SpecError:
         raise
     except TrainingStopped as exc:
+        show_traceback(exc)
         click.echo(f"error: training stopped: {exc}", err=True)
         sys.exit(1)
     except TrainingFailed as exc:
+        show_traceback(exc)
         click.echo(f"error: training failed: {exc}", err=True)
         sys.exit(1)
     except Exception as exc:  # other failures arrive wrapped by Ray
-        click.echo(f"error: training failed: {_root_cause(exc)}", err=True)
+        show_traceback(exc)
+        click.echo(f"error: training failed: {_root_cause(exc)}{'' if debug_enabled() else DEBUG_HINT}", err=True)
         sys.exit(1)
     _print_summary(result)
 
@@ -83,20 +90,25 @@ def _launch(spec: Any, address: str | None, *, resume: bool, allow_spec_change: 
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Runs only: change a field of the saved spec, e.g. train.max_steps=600.")
-@click.option("--allow-spec-change", is_flag=True, help="Runs only: accept --set changes beyond max_steps, cadence "
-              "and locations.")
+@click.option("--allow-spec-change", is_flag=True, help="Accept changes beyond max_steps, cadence and locations: a "
+              "run's --set or --profile changes, a sweep's edited sweep file.")
 @click.option("--address", help="Join an existing Ray cluster instead of starting one.")
+@click.option("--profile", metavar="NAME|PATH", help="Scaling profile for this machine (a name in clusters/ or a "
+              "file). A run: its fields replace the saved spec's (a change of workers, batch split or precision "
+              "needs --allow-spec-change). A sweep: replaces the profile the sweep started with.")
+@debug_option
 @user_errors
-def resume(directory: Path, overrides: tuple[str, ...], allow_spec_change: bool, address: str | None) -> None:
+def resume(directory: Path, overrides: tuple[str, ...], allow_spec_change: bool, address: str | None,
+           profile: str | None) -> None:
     """Continue the run or sweep in DIRECTORY (a run folder, or a sweep folder) from its last checkpoint."""
     from orchestrator.rundir.run_folder import SPEC_FILE, holds_run
     from orchestrator.cli.sweep import STATE_FILE, resume_sweep
 
     directory = directory.expanduser().resolve()
     if (directory / STATE_FILE).is_file():
-        if overrides or allow_spec_change:
-            raise SpecError(f"{directory} is a sweep: --set and --allow-spec-change apply to runs only")
-        resume_sweep(directory, address)
+        if overrides:
+            raise SpecError(f"{directory} is a sweep: --set applies to runs only (a sweep resumes its own sweep file)")
+        resume_sweep(directory, address, profile=profile, allow_spec_change=allow_spec_change)
         return
     if not directory.is_dir() or not holds_run(directory):
         raise SpecError(
@@ -108,8 +120,12 @@ def resume(directory: Path, overrides: tuple[str, ...], allow_spec_change: bool,
                         f"{directory.name} --output {directory.parent} --resume`")
     from orchestrator.spec.run import load_run_spec
 
-    spec = load_run_spec(directory / SPEC_FILE, [*overrides, f"output.dir={directory.parent}", f"output.name={directory.name}"])
-    _launch(spec, address, resume=True, allow_spec_change=allow_spec_change)
+    # over the saved spec (it sets every field), under --set
+    defaults, note = profile_defaults(profile, "replacing the run's spec.yaml values; --set overrides these")
+    spec = load_run_spec(directory / SPEC_FILE, [
+        *profile_overrides(defaults or {}), *overrides, f"output.dir={directory.parent}", f"output.name={directory.name}",
+    ])
+    _launch(spec, address, resume=True, allow_spec_change=allow_spec_change, note=note)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -138,9 +154,12 @@ def _print_summary(result: Any) -> None:
     if best is not None and math.isfinite(best):
         se = s.get("best_val_nll_se")
         pm = f" ± {se:.4f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""
+        ppl = f"{math.exp(min(best, 700)):.4g}"
+        exact = bool(s.get("exact_likelihood"))  # ar: exact NLL; diffusion families: an upper bound
         lines += [
-            f"  best val NLL    {best:.4f}{pm} nats/token ({best / math.log(2):.4f} bits/token)",
-            f"  perplexity <=   {math.exp(min(best, 700)):.4g}",
+            f"  best val NLL    {best:.4f}{pm} nats/token ({best / math.log(2):.4f} bits/token)"
+            + ("" if exact else ", an upper bound"),
+            f"  perplexity      {ppl} (exact)" if exact else f"  perplexity <=   {ppl}",
         ]
     lines += [
         f"  best checkpoint {result.best_checkpoint}",

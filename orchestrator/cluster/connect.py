@@ -60,21 +60,12 @@ def _enable_token_auth_if_available() -> None:
     """Use token authentication when this machine has a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token) and RAY_AUTH_MODE is unset: Ray does this for ``auto`` but not for HOST:PORT, where
     a token cluster then refuses the driver. A token sent to a cluster without authentication is ignored."""
-    import logging
+    from orchestrator.raycompat import enable_token_auth_if_available
 
     try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
+        enable_token_auth_if_available()
     except ImportError:  # a Ray without token authentication
         return
-    setup_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = setup_log.level
-    setup_log.setLevel(logging.ERROR)  # its "token authentication is enabled" warning says nothing to act on
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        setup_log.setLevel(level)
 
 
 def _auth_refused(exc: BaseException) -> bool:
@@ -100,7 +91,7 @@ PROBE_TIMEOUT_S = 5.0
 
 def resolve_address(address: str) -> str:
     """HOST:PORT of the cluster's GCS (``auto``: the last ``ray start`` on this machine); SpecError if none."""
-    from ray._private.services import canonicalize_bootstrap_address
+    from orchestrator.raycompat import canonicalize_bootstrap_address
 
     try:
         resolved = canonicalize_bootstrap_address(address)

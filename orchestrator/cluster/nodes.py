@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from orchestrator import raycompat
 from orchestrator.cluster.private import runtime_dir
 from orchestrator.cluster.procs import processes_under, stop_processes
 from orchestrator.errors import SpecError
@@ -73,9 +74,7 @@ def ray_exe() -> str:
 
 def _has_token() -> bool:
     try:
-        from ray._raylet import AuthenticationTokenLoader
-
-        return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
+        return raycompat.has_auth_token()
     except Exception:
         return False
 
@@ -251,10 +250,8 @@ def read_launcher_config(path: Path) -> dict[str, Any]:
 
 
 def check_launcher_config(raw: dict[str, Any], source: str) -> None:
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     try:
-        validate_config(prepare_config(dict(raw)))
+        raycompat.validate_launcher_config(raw)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"{source}: Ray's cluster-launcher schema rejects it: {first}") from None

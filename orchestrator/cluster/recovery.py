@@ -28,17 +28,13 @@ from ray.tune import Callback
 
 def orphaned_placement_groups(job_id_hex: str) -> list[bytes]:
     """Ids of the job's live placement groups whose creating actor is dead."""
-    from ray import ActorID
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
+    from orchestrator.raycompat import placement_groups
 
-    removed = gcs_pb2.PlacementGroupTableData.REMOVED
     out = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if pg.state == removed or pg.is_detached or pg.creator_job_id.hex() != job_id_hex:
+    for pg in placement_groups():
+        if pg.removed or pg.detached or pg.creator_job_hex != job_id_hex:
             continue
-        if not pg.creator_actor_id or ActorID(pg.creator_actor_id).is_nil():
+        if not pg.creator_actor_id:
             continue  # made by the driver (Tune's trial groups): its creator is alive
         if pg.creator_actor_dead:
             out.append(pg.placement_group_id)

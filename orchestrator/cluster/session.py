@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from orchestrator import raycompat
 from orchestrator.cluster.connect import start_or_join
 
 # The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
@@ -76,11 +77,9 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     os.environ.update(env)
     if address is None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         # Read by every process ray.init starts; Ray caches its config at import, so refresh it
-        # the way Ray's own default-enabling code does (ray._private.authentication).
+        # the way Ray's own default-enabling code does (orchestrator.raycompat.refresh_ray_config).
         os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
-
-        Config.initialize("")
+        raycompat.refresh_ray_config()
     kwargs: dict[str, Any] = dict(
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -110,11 +109,7 @@ def _prestart_autoscaling_coordinator() -> None:
     theirs. The same function, so the controller finds it by name; best effort: on failure the
     controller starts it as before."""
     try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-
-        get_or_create_autoscaling_coordinator()  # non-blocking: returns the handle, the process starts
+        raycompat.prestart_autoscaling_coordinator()  # non-blocking: returns the handle, the process starts
     except Exception:  # another Ray version: nothing is lost but the head start
         logging.getLogger(__name__).debug("autoscaling coordinator not prestarted", exc_info=True)
 
@@ -128,19 +123,12 @@ def _quiet_worker_startup_warning() -> None:
     killed ...": a 600-character paragraph per dead worker, which orchestrator.train.failures
     replaces with one line. Every other raylet message still prints.
     """
-    import ray._private.worker as ray_worker
+    raycompat.filter_driver_log_lines(_noisy_raylet_lines)
 
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "_difflm_filtered", False):
-        return
 
-    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
-        lines = data.get("lines", [])
-        if data.get("pid") == "raylet" and any(
-            "worker processes have been started" in ln or "A worker died or was killed" in ln for ln in lines
-        ):
-            return  # a dead worker: the driver prints one line with its rank, cause and log instead
-        original(data, ignore_prefix)
-
-    filtered._difflm_filtered = True  # type: ignore[attr-defined]
-    ray_worker.print_to_stdstream = filtered
+def _noisy_raylet_lines(data: dict[str, Any]) -> bool:
+    """Whether a batch of log lines is one of the two raylet messages difflm drops (see above)."""
+    lines = data.get("lines", [])
+    return data.get("pid") == "raylet" and any(
+        "worker processes have been started" in ln or "A worker died or was killed" in ln for ln in lines
+    )

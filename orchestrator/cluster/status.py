@@ -45,7 +45,7 @@ def gather() -> tuple[list[NodeView], str | None]:
     import ray
 
     try:
-        from ray._private.state import available_resources_per_node
+        from orchestrator.raycompat import available_resources_per_node
 
         available: dict[str, dict[str, float]] | None = available_resources_per_node()
     except Exception:  # a private API: totals are still shown

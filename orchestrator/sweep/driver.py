@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from difflm.data import prepare_data
+from orchestrator import raycompat
 from orchestrator.errors import SpecError
 from difflm.atomic import atomic_write_text
 from orchestrator.train.launch import prepare_and_place
@@ -172,6 +173,28 @@ def _trainable(sweep: SweepFile, sweep_dir: Path, device: str) -> Any:
     return tune.with_resources(fn, {"CPU": share} if share > 0 else {"CPU": 0, "memory": TRIAL_MEMORY})
 
 
+def check_sweep_unchanged(sweep_dir: Path, sweep: SweepFile) -> None:
+    """SpecError (exit 2, before Ray) when a resume's sweep differs from the sweep.yaml the sweep saved.
+
+    The resumed trials would otherwise run a different sweep than the finished ones (and sweep.yaml,
+    rewritten, would no longer say what those ran). Locations and cadence may change freely, as for a
+    run (orchestrator.rundir.run_folder.RESUME_FREE); ``--allow-spec-change`` accepts the rest."""
+    import yaml
+
+    from orchestrator.rundir.run_folder import spec_differences
+
+    saved_file = sweep_dir / "sweep.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    diffs = spec_differences(saved, yaml.safe_load(spec_yaml(sweep)) or {})
+    if diffs:
+        raise SpecError(
+            f"{sweep_dir}: the sweep differs from its saved sweep.yaml in {'; '.join(diffs)}; pass "
+            "--allow-spec-change to resume with the new values anyway, or restore the sweep file"
+        )
+
+
 def sweep_dir_for(sweep: SweepFile, spec_path: str) -> Path:
     name = sweep.output.name or Path(spec_path).stem
     return Path(sweep.output.dir).expanduser().resolve() / name
@@ -186,6 +209,7 @@ def run_sweep(
     console: Any,
     overrides: tuple[str, ...] = (),
     profile: str | None = None,
+    allow_spec_change: bool = False,
 ) -> float:
     """Validate resources, start/join Ray, run (or restore) the Tuner. Returns the seconds Tune ran."""
     from ray import tune
@@ -197,8 +221,10 @@ def run_sweep(
     if not resume and state.exists():
         raise SpecError(
             f"{sweep_dir} already holds a sweep; resume it with `difflm resume {sweep_dir}` "
-            f"(or `difflm sweep {spec_path} --resume`) or choose another folder with --set output.name=..."
+            f"(or `difflm sweep {spec_path} --resume`) or choose another folder with --name NEW_NAME"
         )
+    if resume and not allow_spec_change:
+        check_sweep_unchanged(sweep_dir, sweep)
     base_spec = validate_as(RunSpec, sweep.base_raw(), source=spec_path)
     # Tokenize once on the driver (trials hit the cache); data errors stop here, before Ray.
     _, _, device, cpus, gpus = prepare_and_place(base_spec, address, console, dashboard=True)
@@ -250,7 +276,7 @@ def run_sweep(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
         # The restored run config carries the unpickled table of the first session; draw with ours.
-        tuner._local_tuner.get_run_config().callbacks = callbacks()
+        raycompat.tuner_run_config(tuner).callbacks = callbacks()
         console.info(
             "resuming: finished trials are kept; unfinished ones continue from their last checkpoint; "
             "ASHA's rungs are rebuilt from the trials' reported results"

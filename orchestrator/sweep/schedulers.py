@@ -25,6 +25,7 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
+from orchestrator.raycompat import asha_bracket, asha_limits, asha_metric, asha_rungs
 from orchestrator.sweep.results import read_results
 
 
@@ -42,17 +43,19 @@ class ResumableASHA(AsyncHyperBandScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         if self.seeds <= 1:
             return super().on_trial_result(tune_controller, trial, result)
-        t, value = result.get(self._time_attr), result.get(self._metric)
+        time_attr, metric, sign = asha_metric(self)
+        t, value = result.get(time_attr), result.get(metric)
         if not isinstance(t, (int, float)) or not isinstance(value, (int, float)):
             return self.CONTINUE
-        action = self.groups.on_result(trial.trial_id, dict(trial.config), t, self._metric_op * value,
-                                       self._milestones(), self._brackets[0].cutoff)
-        if t >= self._max_t and self._stop_last_trials:
+        action = self.groups.on_result(trial.trial_id, dict(trial.config), t, sign * value,
+                                       self._milestones(), asha_bracket(self, trial.trial_id).cutoff)
+        max_t, stop_last_trials = asha_limits(self)
+        if t >= max_t and stop_last_trials:
             return self.STOP
         return action
 
     def _milestones(self) -> list[float]:
-        return [milestone for milestone, _ in self._brackets[0]._rungs]  # highest first
+        return [milestone for milestone, _ in asha_rungs(self)]  # highest first
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -65,28 +68,29 @@ class ResumableASHA(AsyncHyperBandScheduler):
         The decisions these reports got at the time are not repeated: a trial stopped then is
         TERMINATED and never runs again; one that continued is still running.
         """
-        bracket = self._trial_info[trial.trial_id]
+        bracket = asha_bracket(self, trial.trial_id)
+        time_attr, metric, sign = asha_metric(self)
         n = 0
         for row in rows:
-            t, value = row.get(self._time_attr), row.get(self._metric)
+            t, value = row.get(time_attr), row.get(metric)
             if isinstance(t, (int, float)) and isinstance(value, (int, float)):
                 if self.seeds > 1:  # the configuration's rung means (and a group stop) come back the same way
-                    self.groups.on_result(trial.trial_id, dict(trial.config), t, self._metric_op * value,
+                    self.groups.on_result(trial.trial_id, dict(trial.config), t, sign * value,
                                           self._milestones(), bracket.cutoff)
                 else:
-                    bracket.on_result(trial, t, self._metric_op * value)
+                    bracket.on_result(trial, t, sign * value)
                 n += 1
         return n
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:
         """(milestone, {trial id: recorded value in the metric's own sign}) per rung, lowest milestone first."""
-        sign = self._metric_op or 1.0
+        sign = asha_metric(self)[2] or 1.0
         if self.seeds > 1:  # one value per configuration: the mean of its seeds
             return [(m, {k: sign * v for k, v in self.groups.means.get(m, {}).items()})
                     for m in reversed(self._milestones())]
         return [
             (milestone, {tid: sign * v for tid, v in recorded.items()})
-            for milestone, recorded in reversed(self._brackets[0]._rungs)
+            for milestone, recorded in reversed(asha_rungs(self))
         ]
 
 

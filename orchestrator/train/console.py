@@ -88,7 +88,8 @@ class TrainConsole:
         pm = f" ± {se:.4f}" if isinstance(se, (int, float)) and se == se else ""  # se == se: not nan
         line = (
             f"eval step {int(p.get('step', 0))}: val_nll {_fmt(self.last_val_nll)}{pm} nats/token  "
-            f"ppl<= {_fmt(p.get('val/ppl'), '.4g')}  best {_fmt(self.best_val_nll)}"
+            f"{'ppl' if p.get('exact_likelihood') else 'ppl<='} {_fmt(p.get('val/ppl'), '.4g')}  "
+            f"best {_fmt(self.best_val_nll)}"
         )
         if self._progress is not None:
             self._progress.console.print(line, markup=False)

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from orchestrator import raycompat
+
 DIED = "died (killed by a signal such as SIGKILL or the out-of-memory killer, or crashed)"
 
 
@@ -28,9 +30,10 @@ def worker_log_path() -> str | None:
     if target.startswith("/") and Path(target).is_file():
         return target
     try:  # not Linux: Ray names worker logs worker-<id>-<job>-<pid>.err
-        import ray
-
-        logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # type: ignore[attr-defined]
+        folder = raycompat.logs_dir()
+        if folder is None:
+            return None
+        logs = Path(folder)
         found = sorted(logs.glob(f"worker-*-{os.getpid()}.err"))
         return str(found[-1]) if found else None
     except Exception:
@@ -46,7 +49,7 @@ def summarize(exc: BaseException) -> str:
     """One line for a worker's exception: ``died (...)`` for a lost process, else ``Type: last line``."""
     from ray.exceptions import RayActorError
 
-    inner = getattr(exc, "health_check_failure", None)  # Ray Train's WorkerHealthCheckFailedError
+    inner = raycompat.health_check_failure(exc)
     if isinstance(exc, RayActorError) or isinstance(inner, RayActorError):
         return DIED
     if inner is not None:
@@ -95,7 +98,7 @@ def failure_line(errors: dict[int, str], workers: dict[int, dict[str, Any]]) -> 
 
 def failure_reporter(queue: Any) -> Any:
     """A Ray Train UserCallback (runs on the controller) that sends each worker-group failure to ``queue``."""
-    from ray.train.v2.api.callback import UserCallback
+    from ray.train import UserCallback
 
     class FailureReporter(UserCallback):
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:

@@ -432,7 +432,8 @@ class Runner:
                 for warning in sdiag.warnings:
                     self.emit("log", {"message": f"warning (step {self.step}): samples: {warning}"})
             self.logger.flush()
-            self.emit("eval", {**metrics, "samples": texts[:2]})
+            exact = bool(getattr(self.engine.module, "exact_likelihood", False))  # the console: "ppl" or "ppl<="
+            self.emit("eval", {**metrics, "samples": texts[:2], "exact_likelihood": exact})
         if self.report is not None:
             if checkpoint:
                 tmp = Path(tempfile.mkdtemp(prefix="difflm-ckpt-"))

@@ -20,10 +20,10 @@ Everything else (controller, worker group, checkpoints, failure handling) is Ray
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
+from orchestrator import raycompat
 from orchestrator.spec.run import RunSpec
 from orchestrator.train.startup import thread_env
 from orchestrator.train.worker import train_fn_per_worker
@@ -32,29 +32,10 @@ from orchestrator.train.worker import train_fn_per_worker
 VAL_DIR = "val"
 
 
-@functools.cache
 def lean_trainer_class() -> type:
-    """``LeanTorchTrainer``, defined on first use: importing this module (the doctor does) must not
-    import Ray Train (2-3 s)."""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    class _Lean(TorchTrainer):  # type: ignore[misc, valid-type]
-        """TorchTrainer that starts no Ray Data actor and, with ``pg_cleaner=False``, no placement-group cleaner."""
-
-        def __init__(self, *args: Any, pg_cleaner: bool = True, **kwargs: Any) -> None:
-            self.pg_cleaner = pg_cleaner
-            super().__init__(*args, **kwargs)
-
-        def _create_default_callbacks(self) -> list[Any]:
-            drop: tuple[type, ...] = () if self.datasets else (DatasetsCallback,)
-            if not self.pg_cleaner:
-                drop += (PlacementGroupCleanerCallback,)
-            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, drop)]
-
-    _Lean.__name__ = _Lean.__qualname__ = "LeanTorchTrainer"
-    return _Lean
+    """``LeanTorchTrainer`` (orchestrator.raycompat, which touches Ray Train's private callback API),
+    defined on first use: importing this module (the doctor does) must not import Ray Train (2-3 s)."""
+    return raycompat.lean_torch_trainer_class()
 
 
 def build_trainer(

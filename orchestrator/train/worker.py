@@ -192,6 +192,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     summary["threads"] = torch.get_num_threads()
     summary["peak_memory_bytes"] = peak_memory_above(device, memory_baseline)
     summary["worker_nodes"] = nodes  # summary.json: which Ray node each rank ran on
+    summary["exact_likelihood"] = bool(model.exact_likelihood)  # val/nll exact (ar) or a bound: the CLI says which
     emit("done", summary)
     return summary
 
