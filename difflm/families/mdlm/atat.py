@@ -20,6 +20,7 @@ Only MDLM's *training* forward uses this; validation, ``difflm eval`` and sampli
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -38,6 +39,22 @@ FOCUS_CENTRE: dict[str, float] = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 
 #: bisection steps of the rate-preserving shift: the shift lies in [0, strength], so the error is strength / 2^40
 _BISECT_STEPS = 40
+
+
+@dataclass
+class AtatMasks:
+    """What :meth:`MDLM.atat_masking` decides before the training forward (all (B, L)).
+
+    ``probs`` None means plain masking; ``target``/``where`` are the head's training target and positions
+    when the importance came from a noisy probe (None: clean, the final mask's own CE is the target)."""
+
+    head_logits: Tensor  # with grad into the head only
+    importance: Tensor  # sigmoid of the detached logits, float32
+    probs: Tensor | None  # per-token masking probabilities, 0 where a token cannot be masked
+    rate: Tensor  # (B,) the mean of probs over the candidates: plain masking's probability there
+    target: Tensor | None
+    where: Tensor | None
+    focus: Focus
 
 
 class ImportanceHead(nn.Module):
@@ -144,6 +161,23 @@ def importance_weights(importance: Tensor, masked: Tensor, mix: float) -> Tensor
     s = importance.detach().float()  # (B, L)
     mean = (s * masked).sum() / masked.sum().clamp(min=1)
     return (1 - mix) + mix * s / mean.clamp(min=1e-6)  # (B, L)
+
+
+def unbiased_weights(rate: Tensor, probs: Tensor, masked: Tensor, max_weight: float) -> Tensor:
+    """Importance-sampling weights (B, L): ``rate / probs`` at the masked tokens, clipped at ``max_weight``; 0 elsewhere.
+
+    ``probs`` (B, L) is each candidate token's adaptive masking probability given what it was computed
+    from (the clean sequence, or the noisy probe), ``rate`` (B,) the probability plain masking gives every
+    candidate there (clean: m = move_chance(t); noisy: m / m', the uniform thinning of the probe's masks,
+    which makes plain Bernoulli(m) masks). A candidate is masked with probability p_i and then weighs
+    rate / p_i, so its expected weight is the plain one whatever p_i is: in each token's masking marginal
+    the biased masks become the plain ones. For a denoiser whose per-token loss does not depend on which
+    *other* tokens are masked this makes the expected loss exactly the plain NELBO; for a contextual one
+    the context is still drawn from the biased masks (the exact correction would be a product of L such
+    ratios: unusable variance). Detached."""
+    r = rate.detach().to(torch.float32)[:, None]  # (B, 1)
+    p = probs.detach().to(torch.float32).clamp(min=1e-12)  # (B, L)
+    return torch.where(masked, (r / p).clamp(max=max_weight), 0.0)  # (B, L)
 
 
 def pearson(a: Tensor, b: Tensor, where: Tensor) -> Tensor:
