@@ -20,9 +20,9 @@ class AtatConfig(StrictModel):
     importance_head: bool = Field(
         False,
         description="Build and train the importance estimator: a small transformer reading the backbone's "
-        "final hidden states of the clean sequence and predicting, per token, in [0, 1], how likely the "
-        "denoiser is to get that token wrong when it is masked (target: 1 - p(x0 | x_t), detached). "
-        "Costs one extra no-grad backbone pass per training micro-batch.",
+        "final hidden states (of a noisy probe or of the clean sequence: importance_from) and predicting, per "
+        "token, in [0, 1], how likely the denoiser is to get that token wrong when it is masked (target: "
+        "1 - p(x0 | x_t), detached). Costs one extra no-grad backbone pass per training micro-batch.",
     )
     head_width: int = Field(256, ge=8, le=4096, description="Importance head: hidden width (the journal: 256).")
     head_layers: int = Field(2, ge=1, le=12, description="Importance head: transformer layers (the journal: 2).")

@@ -3,15 +3,19 @@
 The pieces, all pure tensor maths except the head (docs/atat.md has the why and the numbers):
 
 * :class:`ImportanceHead`: a small transformer (the journal: 256 wide, 2 layers, 4 heads, ~2M
-  parameters at a 768-wide backbone) reading the backbone's final hidden states of the *clean*
-  sequence and predicting, per token, a logit whose sigmoid is the importance s in [0, 1].
-* :func:`importance_target`: what s is trained towards: ``1 - p(x0 | x_t)`` at the masked
-  positions of the same step, detached, i.e. the probability that the denoiser gets that token
-  wrong. It is in [0, 1] by construction, so the head trains with binary cross-entropy (logged as
-  the KL to the targets, :func:`head_loss`: 0 for a perfect estimator).
+  parameters at a 768-wide backbone) reading the backbone's final hidden states of a uniformly
+  masked probe x_t' (``importance_from: noisy``) or of the clean sequence (``clean``, the journal's)
+  and predicting, per token, a logit whose sigmoid is the importance s in [0, 1].
+* :func:`importance_target`: what s is trained towards: ``1 - p(x0 | x)`` at the masked positions
+  (x the probe, or the final x_t for clean), detached, i.e. the probability that the denoiser gets
+  that token wrong. It is in [0, 1] by construction, so the head trains with binary cross-entropy
+  (logged as the KL to the targets, :func:`head_loss`: 0 for a perfect estimator).
 * :func:`adaptive_mask_probs`: per-token masking probabilities biased by importance rank, whose
-  mean over each sequence's real tokens is exactly ``move_chance(t)`` (a per-sequence logit shift
-  found by bisection): the schedule still sets *how many* tokens are masked, ATAT only *which*.
+  mean over each sequence's candidates is exactly the plain rate (a per-sequence logit shift found
+  by bisection): the schedule still sets *how many* tokens are masked, ATAT only *which*. noisy:
+  the candidates are the probe's masks, so every token the head saw stays visible.
+* :func:`unbiased_weights`: importance-sampling weights plain rate / p_i that give every token the
+  plain expected loss weight (``unbiased: true``).
 * :func:`curriculum_phase`: easy -> medium -> hard by the fraction of the stage's steps done
   (a function of the step, so a resumed run is in the right phase without extra state).
 

@@ -15,8 +15,9 @@ the schedule's own time sampling. Validation (:meth:`MDLM.val_nll`) integrates t
 over the masking rate on one range for every schedule, with the shared val noise.
 
 ATAT (``diffusion.atat``, ``atat.py``) changes only the *training* forward (``self.training``):
-an importance head, importance-biased masking at the schedule's rate, a curriculum and an
-importance-weighted loss. In eval mode, and in ``val_nll``/``denoise``/sampling, masking is
+an importance head (reading a uniformly masked probe, or the clean sequence), importance-biased
+masking at the schedule's rate, a curriculum, and importance-weighted or importance-sampling
+(unbiased) loss weights. In eval mode, and in ``val_nll``/``denoise``/sampling, masking is
 always plain and unbiased, so the val NELBO of an ATAT run compares with plain mdlm's.
 """
 
