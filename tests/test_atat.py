@@ -195,6 +195,10 @@ def test_the_head_never_trains_the_backbone(source: str) -> None:
         grads.append([p.grad.clone() for p in m.backbone.parameters()])
         if atat is not None:
             assert m.importance is not None and all(p.grad is not None for p in m.importance.parameters())
+            # ... and does not throttle it either: the global grad-norm clip sees (almost) only the backbone
+            backbone = torch.stack([p.grad.norm() for p in m.backbone.parameters()]).norm()
+            head = torch.stack([p.grad.norm() for p in m.importance.parameters()]).norm()
+            assert float(head) < 0.2 * float(backbone), (float(head), float(backbone))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 

@@ -29,8 +29,10 @@ class AtatConfig(StrictModel):
     head_heads: int = Field(4, ge=1, le=64, description="Importance head: attention heads; must divide head_width.")
     head_loss_weight: float = Field(
         1.0, gt=0.0, le=100.0,
-        description="Weight of the head's binary cross-entropy in the training loss. The head reads detached "
-        "features, so this only scales its own learning rate; the backbone's gradients never see it.",
+        description="Weight of the head's loss (its KL to the targets) in the training loss, on top of a fixed "
+        "1e-3 that keeps the head's gradients out of the global grad-norm clip (atat.HEAD_GRAD_SCALE). The head "
+        "reads detached features, so the backbone's gradients never see it; under AdamW a constant factor "
+        "barely changes the head's own steps either (Adam normalises them).",
     )
     adaptive_masking: bool = Field(
         False,

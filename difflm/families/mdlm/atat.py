@@ -41,6 +41,14 @@ PHASES: tuple[Focus, ...] = ("easy", "medium", "hard")
 #: which importance-rank quantile each focus favours (0 = the sequence's easiest token, 1 = its hardest)
 FOCUS_CENTRE: dict[str, float] = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 
+#: factor on the head's loss in the training loss. Adam(W) normalises each parameter's steps by its own
+#: gradient scale, so the head learns the same with or without it; but the trainer clips the *global*
+#: gradient norm (train.grad_clip, DeepSpeed's too), and the head's raw gradient (norm ~13 at init at size
+#: tiny, against the backbone's ~0.5) made that clip shrink the backbone's gradient ~25x from the stage
+#: that switches the head on, with AdamW's second moments from the plain stage then cutting its steps
+#: for ~1/(1 - beta2) steps: every ATAT arm was ~0.1 nats/token worse than staged plain (docs/atat.md).
+HEAD_GRAD_SCALE = 1e-3
+
 #: bisection steps of the rate-preserving shift: the shift lies in [0, strength], so the error is strength / 2^40
 _BISECT_STEPS = 40
 

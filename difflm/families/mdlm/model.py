@@ -265,7 +265,9 @@ class MDLM(Family):
             metrics["curriculum_phase"] = torch.tensor(float(at.PHASES.index(am.focus)), device=tokens.device)
         scored = nelbo_tok if not (cfg.unbiased and am.probs is not None) else nelbo_tok * weights
         return LossOutput(
-            loss=main + cfg.head_loss_weight * h_loss,
+            # The head's loss enters scaled by HEAD_GRAD_SCALE: its gradients must not dominate the global
+            # grad-norm clip that the backbone's share (atat.HEAD_GRAD_SCALE says why; Adam undoes the scale).
+            loss=main + (cfg.head_loss_weight * at.HEAD_GRAD_SCALE) * h_loss,
             # biased masks: not a val number (with unbiased weights an unbiased estimate, still not val's noise)
             nll_sum=scored.detach().sum(dtype=wide_float(tokens.device)),
             num_tokens=num_tokens,
