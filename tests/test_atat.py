@@ -29,7 +29,9 @@ def make(atat: AtatConfig | None = None, seed: int = 0) -> MDLM:
 
 
 def head_cfg(**kw: object) -> AtatConfig:
-    return AtatConfig(importance_head=True, head_width=16, head_layers=1, head_heads=2, **kw)
+    """A small head; the seed journal's clean importance unless the test asks for ``importance_from``."""
+    kw.setdefault("importance_from", "clean")
+    return AtatConfig(importance_head=True, head_width=16, head_layers=1, head_heads=2, **kw)  # type: ignore[arg-type]
 
 
 def easy_hard_batch(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -170,26 +172,42 @@ def test_importance_estimator_trains_and_tells_easy_from_hard_tokens() -> None:
     assert hard - easy > 0.3, (easy, hard)
 
 
-def test_the_head_never_trains_the_backbone() -> None:
-    """Joint training: the head reads detached features, so the backbone's gradients equal plain mdlm's."""
+@pytest.mark.parametrize("source", ["clean", "noisy"])
+def test_the_head_never_trains_the_backbone(source: str) -> None:
+    """Joint training: the head reads detached features, so the backbone's gradients equal plain mdlm's.
+    (noisy without adaptive masking: the plain reference replays the probe and its uniform thinning.)"""
     grads = []
-    for atat in (None, head_cfg(head_loss_weight=50.0)):
+    for atat in (None, head_cfg(head_loss_weight=50.0, importance_from=source)):
         m = make(atat)
         randomize_zero_init(m.backbone)
         m.train()
         tokens = easy_hard_batch(4, torch.Generator().manual_seed(1))
-        out = m(tokens, torch.ones_like(tokens, dtype=torch.bool), torch.Generator().manual_seed(2))
-        out.loss.backward()
+        g = torch.Generator().manual_seed(2)
+        if atat is None and source == "noisy":
+            t = m.sample_times(4, tokens.device, g)
+            move = m.schedule.move_chance(t)[:, None]
+            probe = torch.rand(tokens.shape, generator=g) < move.sqrt()  # the probe's masks, thinned uniformly
+            probs = torch.where(probe, move / move.sqrt(), 0.0)
+            nelbo_tok = m.nelbo_terms(tokens, torch.ones_like(tokens, dtype=torch.bool), t, g, mask_probs=probs)[0]
+            (nelbo_tok.sum() / tokens.numel()).backward()
+        else:
+            m(tokens, torch.ones_like(tokens, dtype=torch.bool), g).loss.backward()
         grads.append([p.grad.clone() for p in m.backbone.parameters()])
         if atat is not None:
             assert m.importance is not None and all(p.grad is not None for p in m.importance.parameters())
+            # ... and does not throttle it either: the global grad-norm clip sees (almost) only the backbone
+            backbone = torch.stack([p.grad.norm() for p in m.backbone.parameters()]).norm()
+            head = torch.stack([p.grad.norm() for p in m.importance.parameters()]).norm()
+            assert float(head) < 0.2 * float(backbone), (float(head), float(backbone))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
 
-def test_eval_mode_and_val_paths_are_plain_masking() -> None:
+@pytest.mark.parametrize("source", ["clean", "noisy"])
+def test_eval_mode_and_val_paths_are_plain_masking(source: str) -> None:
     """ATAT only changes training: in eval mode the loss and masks, and val_nll always, equal plain mdlm's."""
-    atat_model = make(head_cfg(adaptive_masking=True, weighted_loss=1.0, strength=5.0))
+    atat_model = make(head_cfg(adaptive_masking=True, weighted_loss=1.0, strength=5.0, importance_from=source,
+                               unbiased=source == "noisy"))
     plain = make()
     plain.backbone.load_state_dict(atat_model.backbone.state_dict())
     randomize_zero_init(atat_model.backbone)
@@ -226,9 +244,75 @@ def test_importance_weights_keep_the_loss_scale() -> None:
 def test_config_rejects_inconsistent_switches() -> None:
     with pytest.raises(ValueError, match="adaptive_masking needs the importance estimator"):
         AtatConfig(adaptive_masking=True)
+    with pytest.raises(ValueError, match="unbiased reweights adaptive masks"):
+        AtatConfig(importance_head=True, unbiased=True)
     with pytest.raises(ValueError, match="curriculum moves the adaptive-masking focus"):
         AtatConfig(importance_head=True, curriculum=True)
     with pytest.raises(ValueError, match="curriculum_bounds"):
         AtatConfig(curriculum_bounds=(0.8, 0.2))
     with pytest.raises(ValueError, match="was built without the head"):
         make().configure(DiffusionConfig(atat=head_cfg()))
+
+
+def test_noisy_masks_ignore_the_tokens_the_probe_hid() -> None:
+    """importance_from noisy: two sequences that differ only where the probe x_t' is masked get the same
+    masking probabilities (and the final mask stays inside the probe's masks, so every token the head saw
+    is visible in x_t). The clean variant's probabilities do change: the test can tell them apart."""
+    valid = torch.ones(4, L, dtype=torch.bool)
+    a = torch.randint(0, V, (4, L), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    probs = {}
+    for source in ("noisy", "clean"):
+        m = make(head_cfg(adaptive_masking=True, strength=3.0, importance_from=source))
+        randomize_zero_init(m)
+        m.train()
+        am = m.atat_masking(a, valid, t, torch.Generator().manual_seed(5))
+        hidden = torch.rand(a.shape, generator=torch.Generator().manual_seed(5)) < m.schedule.move_chance(t).sqrt()[:, None]
+        if source == "noisy":
+            assert am.where is not None and torch.equal(am.where, hidden)  # the probe's masks, rate m ** 0.5
+            assert am.probs is not None and torch.all(am.probs[~hidden] == 0)  # final mask inside the probe's
+            rate = (am.probs.sum(-1) / hidden.sum(-1))
+            torch.testing.assert_close(rate, m.schedule.move_chance(t) / m.schedule.move_chance(t).sqrt())
+        b = torch.where(hidden, (a + 1 + torch.randint(0, V - 1, a.shape, generator=torch.Generator().manual_seed(1))) % V, a)
+        assert not torch.equal(a, b)
+        bm = m.atat_masking(b, valid, t, torch.Generator().manual_seed(5))
+        assert am.probs is not None and bm.probs is not None
+        assert am.probs[am.probs > 0].std() > 0.02  # actually biased
+        probs[source] = float((am.probs - bm.probs).abs().max())
+    assert probs["noisy"] == 0.0 and probs["clean"] > 1e-3, probs
+
+
+class _FixedImportance(torch.nn.Module):
+    """A stand-in head: importance logits fixed per position (whatever the hidden states)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits[None].expand(hidden.shape[0], -1)
+
+
+@pytest.mark.parametrize("source", ["clean", "noisy"])
+def test_unbiased_weights_give_the_plain_nelbo_on_a_context_free_toy(source: str) -> None:
+    """A denoiser whose per-token CE l_i ignores the context (patched subs_ce) and the loglinear schedule:
+    nelbo_weight(t) * move_chance(t) = 1 - eps, so the plain expected loss is (1 - eps) * mean(l), known.
+    Adaptive masks with 'hard' focus and importance ranked like l mask the costly tokens more often: their
+    loss is measurably above it; with unbiased weights it is back on it within MC error."""
+    ell = torch.linspace(0.5, 3.0, L)  # (L,)
+    known = (1 - 1e-3) * float(ell.mean())
+    tokens = torch.zeros(256, L, dtype=torch.long)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    means = {}
+    for unbiased in (False, True):
+        m = make(head_cfg(adaptive_masking=True, strength=2.0, importance_from=source, unbiased=unbiased))
+        m.importance = _FixedImportance(ell)
+        m.subs_ce = lambda logits, toks: ell[None].expand(toks.shape[0], -1).clone()  # type: ignore[method-assign]
+        m.train()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            losses = torch.tensor([float(m(tokens, valid, g).metrics["nelbo"]) for _ in range(30)])
+        means[unbiased] = (float(losses.mean()), float(losses.std()) / len(losses) ** 0.5)
+    (biased, se_b), (fixed, se_u) = means[False], means[True]
+    assert abs(fixed - known) < 4 * se_u, (source, fixed, known, se_u)
+    assert biased - known > 5 * se_b, (source, biased, known, se_b)

@@ -20,17 +20,19 @@ class AtatConfig(StrictModel):
     importance_head: bool = Field(
         False,
         description="Build and train the importance estimator: a small transformer reading the backbone's "
-        "final hidden states of the clean sequence and predicting, per token, in [0, 1], how likely the "
-        "denoiser is to get that token wrong when it is masked (target: 1 - p(x0 | x_t), detached). "
-        "Costs one extra no-grad backbone pass per training micro-batch.",
+        "final hidden states (of a noisy probe or of the clean sequence: importance_from) and predicting, per "
+        "token, in [0, 1], how likely the denoiser is to get that token wrong when it is masked (target: "
+        "1 - p(x0 | x_t), detached). Costs one extra no-grad backbone pass per training micro-batch.",
     )
     head_width: int = Field(256, ge=8, le=4096, description="Importance head: hidden width (the journal: 256).")
     head_layers: int = Field(2, ge=1, le=12, description="Importance head: transformer layers (the journal: 2).")
     head_heads: int = Field(4, ge=1, le=64, description="Importance head: attention heads; must divide head_width.")
     head_loss_weight: float = Field(
         1.0, gt=0.0, le=100.0,
-        description="Weight of the head's binary cross-entropy in the training loss. The head reads detached "
-        "features, so this only scales its own learning rate; the backbone's gradients never see it.",
+        description="Weight of the head's loss (its KL to the targets) in the training loss, on top of a fixed "
+        "1e-3 that keeps the head's gradients out of the global grad-norm clip (atat.HEAD_GRAD_SCALE). The head "
+        "reads detached features, so the backbone's gradients never see it; under AdamW a constant factor "
+        "barely changes the head's own steps either (Adam normalises them).",
     )
     adaptive_masking: bool = Field(
         False,
@@ -66,6 +68,34 @@ class AtatConfig(StrictModel):
         "0 = off, 1 = fully weighted. Needs importance_head.",
     )
 
+    importance_from: Literal["clean", "noisy"] = Field(
+        "noisy",
+        description="What the importance head reads. noisy: the hidden states of a probe x_t' masked uniformly "
+        "at a higher rate move_chance(t)^probe_power; the adaptive mask is then drawn *inside* the probe's "
+        "masked set, so every token the head saw stays visible and the mask carries no information about "
+        "the masked tokens beyond the visible ones. clean: the hidden states of the clean sequence x0 (the "
+        "seed journal's variant; the mask then depends on the answer). docs/atat.md compares them.",
+    )
+    probe_power: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="importance_from noisy: the probe's masking rate is move_chance(t) ** probe_power (> the "
+        "schedule's rate); the final mask keeps a share move_chance(t) / probe rate of the probe's masks, "
+        "biased by importance. Smaller: more room to bias, but the probe hides more context from the head.",
+    )
+    unbiased: bool = Field(
+        False,
+        description="Importance-sampling weights: each masked token's loss times (its plain masking probability) / "
+        "(its adaptive one), clipped at max_weight, so each token's expected weight equals plain masking's "
+        "and the expected loss is the plain NELBO (exactly for a context-free denoiser; docs/atat.md): "
+        "adaptive masking then changes the variance, not the objective. Needs adaptive_masking.",
+    )
+    max_weight: float = Field(
+        10.0, ge=1.0, le=1000.0,
+        description="unbiased: clip of the importance-sampling weight. The weight never exceeds e^strength, so "
+        "the clip only acts (and only then biases the loss down at the rarely masked tokens) when "
+        "strength > ln(max_weight).",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> "AtatConfig":
         lo, hi = self.curriculum_bounds
@@ -78,6 +108,8 @@ class AtatConfig(StrictModel):
         if needs and not self.importance_head:
             verb = "needs" if len(needs) == 1 else "need"
             raise ValueError(f"{' and '.join(needs)} {verb} the importance estimator: set importance_head: true")
+        if self.unbiased and not self.adaptive_masking:
+            raise ValueError("unbiased reweights adaptive masks: set adaptive_masking: true (plain masks need no weights)")
         if self.curriculum and not self.adaptive_masking:
             raise ValueError("curriculum moves the adaptive-masking focus: set adaptive_masking: true")
         return self

@@ -3,15 +3,19 @@
 The pieces, all pure tensor maths except the head (docs/atat.md has the why and the numbers):
 
 * :class:`ImportanceHead`: a small transformer (the journal: 256 wide, 2 layers, 4 heads, ~2M
-  parameters at a 768-wide backbone) reading the backbone's final hidden states of the *clean*
-  sequence and predicting, per token, a logit whose sigmoid is the importance s in [0, 1].
-* :func:`importance_target`: what s is trained towards: ``1 - p(x0 | x_t)`` at the masked
-  positions of the same step, detached, i.e. the probability that the denoiser gets that token
-  wrong. It is in [0, 1] by construction, so the head trains with binary cross-entropy (logged as
-  the KL to the targets, :func:`head_loss`: 0 for a perfect estimator).
+  parameters at a 768-wide backbone) reading the backbone's final hidden states of a uniformly
+  masked probe x_t' (``importance_from: noisy``) or of the clean sequence (``clean``, the journal's)
+  and predicting, per token, a logit whose sigmoid is the importance s in [0, 1].
+* :func:`importance_target`: what s is trained towards: ``1 - p(x0 | x)`` at the masked positions
+  (x the probe, or the final x_t for clean), detached, i.e. the probability that the denoiser gets
+  that token wrong. It is in [0, 1] by construction, so the head trains with binary cross-entropy
+  (logged as the KL to the targets, :func:`head_loss`: 0 for a perfect estimator).
 * :func:`adaptive_mask_probs`: per-token masking probabilities biased by importance rank, whose
-  mean over each sequence's real tokens is exactly ``move_chance(t)`` (a per-sequence logit shift
-  found by bisection): the schedule still sets *how many* tokens are masked, ATAT only *which*.
+  mean over each sequence's candidates is exactly the plain rate (a per-sequence logit shift found
+  by bisection): the schedule still sets *how many* tokens are masked, ATAT only *which*. noisy:
+  the candidates are the probe's masks, so every token the head saw stays visible.
+* :func:`unbiased_weights`: importance-sampling weights plain rate / p_i that give every token the
+  plain expected loss weight (``unbiased: true``).
 * :func:`curriculum_phase`: easy -> medium -> hard by the fraction of the stage's steps done
   (a function of the step, so a resumed run is in the right phase without extra state).
 
@@ -20,6 +24,7 @@ Only MDLM's *training* forward uses this; validation, ``difflm eval`` and sampli
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -36,8 +41,32 @@ PHASES: tuple[Focus, ...] = ("easy", "medium", "hard")
 #: which importance-rank quantile each focus favours (0 = the sequence's easiest token, 1 = its hardest)
 FOCUS_CENTRE: dict[str, float] = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 
+#: factor on the head's loss in the training loss. Adam(W) normalises each parameter's steps by its own
+#: gradient scale, so the head learns the same with or without it; but the trainer clips the *global*
+#: gradient norm (train.grad_clip, DeepSpeed's too), and the head's raw gradient (norm ~13 at init at size
+#: tiny, against the backbone's ~0.5) made that clip shrink the backbone's gradient ~25x from the stage
+#: that switches the head on, with AdamW's second moments from the plain stage then cutting its steps
+#: for ~1/(1 - beta2) steps: every ATAT arm was ~0.1 nats/token worse than staged plain (docs/atat.md).
+HEAD_GRAD_SCALE = 1e-3
+
 #: bisection steps of the rate-preserving shift: the shift lies in [0, strength], so the error is strength / 2^40
 _BISECT_STEPS = 40
+
+
+@dataclass
+class AtatMasks:
+    """What :meth:`MDLM.atat_masking` decides before the training forward (all (B, L)).
+
+    ``probs`` None means plain masking; ``target``/``where`` are the head's training target and positions
+    when the importance came from a noisy probe (None: clean, the final mask's own CE is the target)."""
+
+    head_logits: Tensor  # with grad into the head only
+    importance: Tensor  # sigmoid of the detached logits, float32
+    probs: Tensor | None  # per-token masking probabilities, 0 where a token cannot be masked
+    rate: Tensor  # (B,) the mean of probs over the candidates: plain masking's probability there
+    target: Tensor | None
+    where: Tensor | None
+    focus: Focus
 
 
 class ImportanceHead(nn.Module):
@@ -144,6 +173,23 @@ def importance_weights(importance: Tensor, masked: Tensor, mix: float) -> Tensor
     s = importance.detach().float()  # (B, L)
     mean = (s * masked).sum() / masked.sum().clamp(min=1)
     return (1 - mix) + mix * s / mean.clamp(min=1e-6)  # (B, L)
+
+
+def unbiased_weights(rate: Tensor, probs: Tensor, masked: Tensor, max_weight: float) -> Tensor:
+    """Importance-sampling weights (B, L): ``rate / probs`` at the masked tokens, clipped at ``max_weight``; 0 elsewhere.
+
+    ``probs`` (B, L) is each candidate token's adaptive masking probability given what it was computed
+    from (the clean sequence, or the noisy probe), ``rate`` (B,) the probability plain masking gives every
+    candidate there (clean: m = move_chance(t); noisy: m / m', the uniform thinning of the probe's masks,
+    which makes plain Bernoulli(m) masks). A candidate is masked with probability p_i and then weighs
+    rate / p_i, so its expected weight is the plain one whatever p_i is: in each token's masking marginal
+    the biased masks become the plain ones. For a denoiser whose per-token loss does not depend on which
+    *other* tokens are masked this makes the expected loss exactly the plain NELBO; for a contextual one
+    the context is still drawn from the biased masks (the exact correction would be a product of L such
+    ratios: unusable variance). Detached."""
+    r = rate.detach().to(torch.float32)[:, None]  # (B, 1)
+    p = probs.detach().to(torch.float32).clamp(min=1e-12)  # (B, L)
+    return torch.where(masked, (r / p).clamp(max=max_weight), 0.0)  # (B, L)
 
 
 def pearson(a: Tensor, b: Tensor, where: Tensor) -> Tensor:

@@ -15,8 +15,9 @@ the schedule's own time sampling. Validation (:meth:`MDLM.val_nll`) integrates t
 over the masking rate on one range for every schedule, with the shared val noise.
 
 ATAT (``diffusion.atat``, ``atat.py``) changes only the *training* forward (``self.training``):
-an importance head, importance-biased masking at the schedule's rate, a curriculum and an
-importance-weighted loss. In eval mode, and in ``val_nll``/``denoise``/sampling, masking is
+an importance head (reading a uniformly masked probe, or the clean sequence), importance-biased
+masking at the schedule's rate, a curriculum, and importance-weighted or importance-sampling
+(unbiased) loss weights. In eval mode, and in ``val_nll``/``denoise``/sampling, masking is
 always plain and unbiased, so the val NELBO of an ATAT run compares with plain mdlm's.
 """
 
@@ -185,52 +186,93 @@ class MDLM(Family):
             },
         )
 
-    def _atat_forward(
+    def atat_masking(
         self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None
-    ) -> LossOutput:
-        """Training forward with ATAT (see atat.py): importance from a no-grad clean pass, biased masks at
-        the schedule's rate, optional importance-weighted loss, plus the head's own BCE loss."""
+    ) -> at.AtatMasks:
+        """ATAT's importance and masking probabilities for clean tokens (B, L) at times t (B,) (atat.py).
+
+        ``importance_from: clean``: the head reads the backbone's hidden states of x0, so the masks depend
+        on the answer. ``noisy``: a probe x_t' is masked uniformly at rate m' = m ** probe_power >= m
+        (one no-grad backbone pass gives its hidden states and its own CE at the probe's masks, the head's
+        target); the final mask is drawn only inside the probe's masked set, keeping a share m / m' of it,
+        biased by the head's importance. Every token the head saw therefore stays visible in x_t, and the
+        mask's law depends on x0 only through x_t's visible tokens: it tells the denoiser nothing about the
+        tokens it must predict (tests/test_atat.py checks this). Draws the probe's noise from ``generator``."""
         assert self.importance is not None
         cfg = self.atat
         B, L = tokens.shape
-        with torch.no_grad():  # the head reads features; it never trains the backbone
-            sigma0 = torch.zeros(B, device=tokens.device, dtype=t.dtype) if self.time_conditioning else None
-            _, hidden = self.backbone(tokens, sigma0, return_hidden=True)  # (B, L, D)
-        logits = self.importance(hidden)  # (B, L) with grad into the head only
-        importance = torch.sigmoid(logits.detach().float())  # (B, L)
-
+        move = self.schedule.move_chance(t)  # (B,)
+        if cfg.importance_from == "clean":
+            with torch.no_grad():  # the head reads features; it never trains the backbone
+                sigma0 = torch.zeros(B, device=tokens.device, dtype=t.dtype) if self.time_conditioning else None
+                _, hidden = self.backbone(tokens, sigma0, return_hidden=True)  # (B, L, D)
+            candidates, rate, target = valid, move, None
+        else:
+            rate_probe = move.clamp(min=1e-12).pow(cfg.probe_power).clamp(max=1 - 1e-6)  # (B,) >= move
+            noise = torch.rand(B, L, generator=generator, device=tokens.device, dtype=t.dtype)  # (B, L)
+            candidates = (noise < rate_probe[:, None]) & valid  # (B, L) the probe's masks
+            xp = torch.where(candidates, self.mask_id, tokens)  # (B, L)
+            with torch.no_grad():
+                sigma_p = (-torch.log1p(-rate_probe)).to(t.dtype)  # (B,) absorbing: move = 1 - e^-sigma
+                logits_p, hidden = self.backbone(xp, sigma_p if self.time_conditioning else None, return_hidden=True)
+                target = at.importance_target(self.subs_ce(logits_p, tokens))  # (B, L) 1 - p(x0 | x_t')
+            rate = move / rate_probe  # (B,) share of the probe's masks the final mask keeps
+        head_logits = self.importance(hidden)  # (B, L) with grad into the head only
+        importance = torch.sigmoid(head_logits.detach().float())  # (B, L)
         focus = at.current_focus(cfg, self.progress)
         probs = None
         if cfg.adaptive_masking:
-            bias = at.focus_bias(at.rank_quantiles(importance, valid), focus, cfg.strength)  # (B, L)
-            probs = at.adaptive_mask_probs(self.schedule.move_chance(t), bias, valid, cfg.strength)  # (B, L)
-        nelbo_tok, ce, masked = self.nelbo_terms(tokens, valid, t, generator, mask_probs=probs)  # (B, L) each
+            bias = at.focus_bias(at.rank_quantiles(importance, candidates), focus, cfg.strength)  # (B, L)
+            probs = at.adaptive_mask_probs(rate, bias, candidates, cfg.strength)  # (B, L); 0 off the candidates
+        elif cfg.importance_from == "noisy":
+            probs = torch.where(candidates, rate[:, None], 0.0).to(t.dtype)  # uniform thinning: plain masks
+        return at.AtatMasks(head_logits, importance, probs, rate, target, candidates if target is not None else None, focus)
 
-        weights = at.importance_weights(importance, masked, cfg.weighted_loss) if cfg.weighted_loss > 0 else None
+    def _atat_forward(
+        self, tokens: Tensor, valid: Tensor, t: Tensor, generator: torch.Generator | None
+    ) -> LossOutput:
+        """Training forward with ATAT (see atat.py): importance (:meth:`atat_masking`), biased masks at the
+        schedule's rate, optional importance-sampling and importance weights, plus the head's own loss."""
+        cfg = self.atat
+        am = self.atat_masking(tokens, valid, t, generator)
+        nelbo_tok, ce, masked = self.nelbo_terms(tokens, valid, t, generator, mask_probs=am.probs)  # (B, L) each
+
+        weights = at.importance_weights(am.importance, masked, cfg.weighted_loss) if cfg.weighted_loss > 0 else None
+        if cfg.unbiased and am.probs is not None:
+            iw = at.unbiased_weights(am.rate, am.probs, masked, cfg.max_weight)  # (B, L)
+            weights = iw if weights is None else weights * iw
         num_tokens = valid.sum()
         denom = num_tokens.clamp(min=1).to(ce.dtype)
         nelbo = (nelbo_tok if weights is None else nelbo_tok * weights).sum() / denom
         masked_ce = (ce if weights is None else ce * weights).sum() / denom
         w = self.likelihood_weight
         main = nelbo if w == 1.0 else masked_ce if w == 0.0 else w * nelbo + (1 - w) * masked_ce
-        target = at.importance_target(ce)  # (B, L) detached
-        h_loss = at.head_loss(logits, target, masked)
+        if am.target is None:  # clean: the target is the final mask's own CE
+            target, where = at.importance_target(ce), masked  # (B, L) detached
+        else:  # noisy: the probe's CE at the probe's (uniform) masks, what the head's input can predict
+            target, where = am.target, am.where
+            assert where is not None
+        h_loss = at.head_loss(am.head_logits, target, where)
         metrics = {
             "nelbo": nelbo.detach(),
             "masked_ce": masked_ce.detach(),
             "mask_rate": masked.sum().to(ce.dtype) / denom,
             "importance_loss": h_loss.detach(),
-            "importance_mean": (importance * valid).sum() / denom,
-            "importance_corr": at.pearson(importance, target, masked),
+            "importance_mean": (am.importance * valid).sum() / denom,
+            "importance_corr": at.pearson(am.importance, target, where),
         }
         if cfg.curriculum:
-            metrics["curriculum_phase"] = torch.tensor(float(at.PHASES.index(focus)), device=tokens.device)
+            metrics["curriculum_phase"] = torch.tensor(float(at.PHASES.index(am.focus)), device=tokens.device)
+        scored = nelbo_tok if not (cfg.unbiased and am.probs is not None) else nelbo_tok * weights
         return LossOutput(
-            loss=main + cfg.head_loss_weight * h_loss,
-            nll_sum=nelbo_tok.detach().sum(dtype=wide_float(tokens.device)),  # biased masks: not a val number
+            # The head's loss enters scaled by HEAD_GRAD_SCALE: its gradients must not dominate the global
+            # grad-norm clip that the backbone's share (atat.HEAD_GRAD_SCALE says why; Adam undoes the scale).
+            loss=main + (cfg.head_loss_weight * at.HEAD_GRAD_SCALE) * h_loss,
+            # biased masks: not a val number (with unbiased weights an unbiased estimate, still not val's noise)
+            nll_sum=scored.detach().sum(dtype=wide_float(tokens.device)),
             num_tokens=num_tokens,
             metrics=metrics,
-            histograms={"importance": importance[valid]},
+            histograms={"importance": am.importance[valid]},
         )
 
     # ---- validation --------------------------------------------------------------------------
