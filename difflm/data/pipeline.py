@@ -418,26 +418,32 @@ def _pack_entry(root: Path, key: str, tdir: Path, index: dict[str, Any], data: D
 
 def _pack_split(tdir: Path, split: str, n_chunks: int, dtype: str, n_blocks: int, seq_len: int, bos: int, eos: int,
                 out_path: Path) -> None:
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=(n_blocks, seq_len))
-    out[:, 0] = bos
-    out[:, -1] = eos
+    """Write ``out_path`` (.npy) block by block with plain writes: one shard in memory, and no mapped
+    output pages (those would count in this process's RSS as the file grows)."""
     chunk = seq_len - 2
     row = 0
     carry = np.zeros(0, dtype=dtype)
-    for i in range(n_chunks):
-        if row >= n_blocks:
-            break
-        shard = np.fromfile(shard_path(tdir, split, i), dtype=dtype)
-        buf = np.concatenate([carry, shard]) if len(carry) else shard
-        rows = min(len(buf) // chunk, n_blocks - row)
-        out[row:row + rows, 1:-1] = buf[: rows * chunk].reshape(rows, chunk)
-        row += rows
-        carry = buf[rows * chunk:]
+    with open(out_path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                "shape": (n_blocks, seq_len)})
+        for i in range(n_chunks):
+            if row >= n_blocks:
+                break
+            shard = np.fromfile(shard_path(tdir, split, i), dtype=dtype)
+            buf = np.concatenate([carry, shard]) if len(carry) else shard
+            rows = min(len(buf) // chunk, n_blocks - row)
+            block = np.empty((rows, seq_len), dtype=dtype)
+            block[:, 0], block[:, -1] = bos, eos
+            block[:, 1:-1] = buf[: rows * chunk].reshape(rows, chunk)
+            block.tofile(f)
+            row += rows
+            carry = buf[rows * chunk:]
+        f.flush()
+        os.fsync(f.fileno())
     if row != n_blocks:
         raise DataError(f"token shards of {tdir} hold fewer {split} tokens than index.json says; "
                         "delete the folder and prepare again")
-    out.flush()
-    del out
 
 
 # ----------------------------------------------------------------------------- reading
