@@ -208,3 +208,25 @@ def test_cli_prepare_then_info(tmp_path: Path) -> None:
     assert "cache hit" in again.output
     bad = runner.invoke(main, ["data", "prepare", str(spec), "--set", "data.path=/nonexistent/x.txt"])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+@pytest.mark.slow
+def test_ray_data_preparation_gives_the_local_shards(tmp_path: Path) -> None:
+    """Ray Data tasks (a single local Ray instance here; the 2-node run is in docs/data.md) write the same bytes."""
+    import ray
+
+    from orchestrator.data.ray_runner import ray_data_runner
+
+    src = _write_text(tmp_path / "c.txt", 800)
+    tok = TokenizerConfig(kind="bpe", vocab_size=400)
+    local = prepare_data(_cfg(src, tmp_path / "local"), tok, log=_quiet)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        lines: list[str] = []
+        remote = prepare_data(_cfg(src, tmp_path / "ray"), tok, log=lines.append, runner=ray_data_runner(window=3))
+    finally:
+        ray.shutdown()
+    a, b = _shard_bytes(Path(local.stats["tokens_dir"])), _shard_bytes(Path(remote.stats["tokens_dir"]))
+    assert len(a) > 3 * 3 and a == b
+    np.testing.assert_array_equal(local.train, remote.train)
+    np.testing.assert_array_equal(local.val, remote.val)
