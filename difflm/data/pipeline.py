@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -152,10 +153,12 @@ def local_runner(num_proc: int) -> ChunkRunner:
     """``num_proc`` processes on this machine (1: in this process, where Rust tokenizers use their threads)."""
 
     def run(job: ShardJob, tasks: Iterator[ChunkTask]) -> Iterator[ChunkResult]:
-        if num_proc <= 1:
-            for task in tasks:
+        head = list(itertools.islice(tasks, 2))
+        if num_proc <= 1 or len(head) < 2:  # one chunk (a small corpus): no pool to start (~1 s per process)
+            for task in itertools.chain(head, tasks):
                 yield tokenize_chunk(job, task)
             return
+        tasks = itertools.chain(head, tasks)
         # spawn, not fork: a forked child of a process that already used the Rust tokenizer's
         # thread pool would deadlock or run single-threaded with a warning
         ctx = multiprocessing.get_context("spawn")
