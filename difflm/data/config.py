@@ -44,8 +44,9 @@ class DataConfig(StrictModel):
     )
     num_proc: int | Literal["auto"] = Field(
         "auto",
-        description="Processes that tokenize chunks in parallel: auto = every CPU of this machine (1 = one "
-        "process, where a Rust tokenizer still uses its own threads). Does not change the result.",
+        description="Processes that tokenize chunks in parallel. auto = 1 process whose Rust tokenizer "
+        "(bpe, hf) spreads encode_batch over every CPU with its own threads, measured faster than one process "
+        "per core on 2 cores (docs/benchmarks.md); N = N processes of one thread each. Does not change the result.",
     )
     bad_records: Literal["error", "skip"] = Field(
         "error",
