@@ -10,8 +10,8 @@ sources and tokenizer kinds that need them.
 from difflm.data.config import DataConfig, TokenizerConfig
 from difflm.data.errors import DataError
 from difflm.data.loader import iterate_train_batches, train_batches_per_epoch
-from difflm.data.pipeline import PreparedData, load_prepared, prepare_data
-from difflm.data.sources import load_documents
+from difflm.data.pipeline import PreparedData, Progress, load_prepared, prepare_data, prepare_tokens
+from difflm.data.sources import iter_documents, load_documents
 from difflm.data.tokenization import Tokenizer, build_tokenizer, load_tokenizer
 
 __all__ = [
@@ -19,6 +19,9 @@ __all__ = [
     "TokenizerConfig",
     "DataError",
     "prepare_data",
+    "prepare_tokens",
+    "Progress",
+    "iter_documents",
     "load_prepared",
     "PreparedData",
     "Tokenizer",

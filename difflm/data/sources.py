@@ -1,4 +1,8 @@
-"""Read a corpus into a list of documents (plain strings), whatever its source.
+"""Stream a corpus as documents (plain strings), whatever its source.
+
+:func:`iter_documents` yields them one at a time, so preparing a corpus of any size holds
+one document (and one parquet/hf batch) at a time here; :func:`load_documents` is the list
+of them for small corpora and tests.
 
 A *document* is the unit of the train/val split and of packing (each one ends with
 EOS), so every source decides what a document is:
@@ -29,8 +33,8 @@ jsonl
 parquet
     A ``.parquet`` file, or a folder of them (sorted); column ``text_field``.
 hf
-    ``datasets.load_dataset(path, hf_config, split=hf_split)``, one document per
-    non-empty row of ``text_field``. ``path`` may be a hub name (``wikitext``), a
+    ``datasets.load_dataset(path, hf_config, split=hf_split)`` (``streaming=True`` for a
+    hub name: nothing is downloaded in full first), one document per non-empty row of ``text_field``. ``path`` may be a hub name (``wikitext``), a
     local folder that ``load_dataset`` reads (parquet/jsonl/csv files), a single
     local parquet/jsonl/json/csv/txt file (read with the matching packaged
     builder; its split is ``train``), or a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``,
@@ -38,23 +42,33 @@ hf
     (hub ``wikitext``: one line per row, the first non-blank one a `` = Title = ``)
     are regrouped into articles exactly like a WikiText ``.txt`` file.
 
+``data.path`` of text/jsonl/parquet may also be a glob (``shards/*.jsonl``,
+``data/**/part-*.parquet``): the matching files in sorted order; a glob that matches
+nothing is an error naming it.
+
 Every source drops documents that are empty after stripping, then keeps the first
-``max_documents``. Problems raise :class:`DataError` saying what to fix.
+``max_documents``. Problems raise :class:`DataError` naming the file and line (text,
+jsonl) or row (parquet): bad UTF-8, a jsonl line that is not a JSON object, a
+truncated or corrupt parquet file. With ``data.bad_records: skip`` a bad jsonl line
+or a text line that is not UTF-8 is skipped instead, counted in
+:class:`ReadReport` (and reported by ``prepare_data``), never dropped silently.
 """
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import re
-import itertools
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from difflm.data.config import DataConfig
 from difflm.data.errors import DataError
 
-__all__ = ["load_documents", "source_files", "builtin_documents"]
+__all__ = ["load_documents", "iter_documents", "source_files", "builtin_documents", "ReadReport"]
 
 # RST heading underline/overline: a line made of one repeated punctuation character.
 _RST_UNDERLINE = re.compile(r"^\s*([*=\-~^\"#+])\1{2,}\s*$")
@@ -63,30 +77,48 @@ _MIN_PROSE_WORDS = 8
 _MIN_PROSE_LETTER_SHARE = 0.85
 
 
+@dataclass
+class ReadReport:
+    """What a pass over the source skipped (``data.bad_records: skip``): a count and the first few places."""
+
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, where: str) -> None:
+        self.skipped += 1
+        if len(self.examples) < 5:
+            self.examples.append(where)
+
+
 def load_documents(cfg: DataConfig) -> list[str]:
-    """All documents of the configured source, in a deterministic order, at most ``max_documents``."""
-    readers: dict[str, Callable[[DataConfig], Iterator[str]]] = {
-        "builtin": lambda _cfg: iter(builtin_documents()),
+    """All documents of the configured source as a list (small corpora; big ones use :func:`iter_documents`)."""
+    return list(iter_documents(cfg))
+
+
+def iter_documents(cfg: DataConfig, report: ReadReport | None = None) -> Iterator[str]:
+    """The non-empty documents of the configured source, in a deterministic order, at most ``max_documents``."""
+    readers: dict[str, Callable[[DataConfig, ReadReport], Iterator[str]]] = {
+        "builtin": lambda _cfg, _r: iter(builtin_documents()),
         "text": _text_documents,
         "jsonl": _jsonl_documents,
         "parquet": _parquet_documents,
-        "hf": _hf_documents,
+        "hf": lambda c, _r: _hf_documents(c),
     }
     limit = cfg.max_documents
-    docs: list[str] = []
-    for doc in readers[cfg.source](cfg):
+    n = 0
+    for doc in readers[cfg.source](cfg, report if report is not None else ReadReport()):
         if doc.strip():
-            docs.append(doc)
-            if limit is not None and len(docs) >= limit:
-                break
-    if not docs:
+            yield doc
+            n += 1
+            if limit is not None and n >= limit:
+                return
+    if n == 0:
         where = "the built-in corpus" if cfg.source == "builtin" else repr(cfg.path)
         raise DataError(
             f"empty corpus: {where} (data.source={cfg.source!r}) has no non-empty documents; "
             "point data.path at files that contain text"
             + (f" in field {cfg.text_field!r}" if cfg.source in ("jsonl", "parquet", "hf") else "")
         )
-    return docs
 
 
 def source_files(cfg: DataConfig) -> list[Path]:
@@ -142,14 +174,26 @@ def _looks_like_prose(text: str) -> bool:
 # ----------------------------------------------------------------------------- local files
 
 
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
 def _files(cfg: DataConfig, ext: str) -> list[Path]:
-    """The ``*.ext`` files under ``cfg.path`` (a file or a folder, recursive), sorted."""
+    """The ``*.ext`` files under ``cfg.path`` (a file, a folder searched recursively, or a glob), sorted."""
     assert cfg.path is not None  # DataConfig enforces it for non-builtin sources
+    if _GLOB_CHARS.search(cfg.path):
+        pattern = str(Path(cfg.path).expanduser())
+        matched = sorted(Path(p).resolve() for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matched:
+            raise DataError(
+                f"data.path glob {cfg.path!r} matches no files (data.source={cfg.source!r}); check the pattern "
+                f"(e.g. 'shards/*.{ext}', or 'data/**/*.{ext}' for sub-folders)"
+            )
+        return matched
     root = Path(cfg.path).expanduser()
     if not root.exists():
         raise DataError(
             f"data.path {str(root)!r} does not exist (data.source={cfg.source!r}); "
-            f"set data.path to a .{ext} file or a folder of .{ext} files"
+            f"set data.path to a .{ext} file, a folder of .{ext} files or a glob"
         )
     if root.is_file():
         return [root.resolve()]
@@ -170,19 +214,62 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{str(path)!r} is not valid UTF-8 (byte {e.start}: {e.reason}); convert it to UTF-8, "
-            "e.g. `iconv -f latin1 -t utf-8`"
-        ) from e
+def _utf8_lines(path: Path, cfg: DataConfig, report: ReadReport) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of ``path``, decoded one line at a time (bounded memory).
+
+    A line that is not UTF-8 is an error naming the file and line, or skipped and counted
+    with ``data.bad_records: skip``. Newlines are normalised as ``open()`` does (``\\r\\n`` -> ``\\n``).
+    """
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"{str(path)!r} line {lineno}"
+                if cfg.bad_records == "skip":
+                    report.skip(f"{where}: not UTF-8")
+                    continue
+                raise DataError(
+                    f"{where} is not valid UTF-8 (byte {e.start} of the line: {e.reason}); convert the file "
+                    "to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or set data.bad_records: skip"
+                ) from e
+            if "\r" in line:
+                line = line.replace("\r\n", "\n").replace("\r", "\n")
+            yield lineno, line
 
 
-def _text_documents(cfg: DataConfig) -> Iterator[str]:
+def _text_documents(cfg: DataConfig, report: ReadReport) -> Iterator[str]:
     for path in _files(cfg, "txt"):
-        yield from split_text(_read_utf8(path))
+        yield from _stream_text(line for _, line in _utf8_lines(path, cfg, report))
+
+
+def _stream_text(lines: Iterable[str]) -> Iterator[str]:
+    """:func:`split_text` over a stream of lines (each ending with its newline), one document at a time."""
+    it = iter(lines)
+    head: list[str] = []
+    first = ""
+    for ln in it:
+        head.append(ln)
+        if ln.strip():
+            first = ln.splitlines()[0] if ln.splitlines() else ln
+            break
+    rest = itertools.chain(head, it)
+    if _is_wikitext_title(first):
+        yield from _wikitext_articles(sub for ln in rest for sub in ln.splitlines())
+        return
+    para: list[str] = []
+    for ln in rest:
+        if ln.strip(" \t\r\f\v\n") == "" and ln.endswith("\n"):  # a blank line ends a paragraph
+            if para:
+                doc = "".join(para).strip()
+                if doc:
+                    yield doc
+                para = []
+        else:
+            para.append(ln)
+    doc = "".join(para).strip()
+    if doc:
+        yield doc
 
 
 def split_text(text: str) -> list[str]:
@@ -213,26 +300,34 @@ def _is_wikitext_title(line: str) -> bool:
     return len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
 
 
-def _jsonl_documents(cfg: DataConfig) -> Iterator[str]:
-    field = cfg.text_field
+def _jsonl_documents(cfg: DataConfig, report: ReadReport) -> Iterator[str]:
+    field_name = cfg.text_field
+    skip = cfg.bad_records == "skip"
     for path in _files(cfg, "jsonl"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
+        for lineno, line in _utf8_lines(path, cfg, report):
+            if not line.strip():
+                continue
+            where = f"{str(path)!r} line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if skip:
+                    report.skip(f"{where}: not JSON")
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{str(path)!r} line {lineno} is not valid JSON ({e.msg}, column {e.colno}); "
-                        f'each line must be one JSON object such as {{"{field}": "..."}}'
-                    ) from e
-                if not isinstance(record, dict):
-                    raise DataError(
-                        f"{str(path)!r} line {lineno} is a JSON {type(record).__name__}, not an object; "
-                        f'each line must be one JSON object such as {{"{field}": "..."}}'
-                    )
-                yield _text_value(record.get(field, _MISSING), field, f"{str(path)!r} line {lineno}", record)
+                raise DataError(
+                    f"{where} is not valid JSON ({e.msg}, column {e.colno}); "
+                    f'each line must be one JSON object such as {{"{field_name}": "..."}} '
+                    "(or set data.bad_records: skip)"
+                ) from e
+            if not isinstance(record, dict):
+                if skip:
+                    report.skip(f"{where}: not a JSON object")
+                    continue
+                raise DataError(
+                    f"{where} is a JSON {type(record).__name__}, not an object; "
+                    f'each line must be one JSON object such as {{"{field_name}": "..."}}'
+                )
+            yield _text_value(record.get(field_name, _MISSING), field_name, where, record)
 
 
 _MISSING: Any = object()
@@ -252,7 +347,7 @@ def _text_value(value: Any, field: str, where: str, record: dict[str, Any]) -> s
     return value
 
 
-def _parquet_documents(cfg: DataConfig) -> Iterator[str]:
+def _parquet_documents(cfg: DataConfig, _report: ReadReport) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -272,9 +367,19 @@ def _parquet_documents(cfg: DataConfig) -> Iterator[str]:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise DataError(f"{str(path)!r}: column {field!r} has type {kind}, not string; "
                             "set data.text_field to a text column")
-        for batch in pf.iter_batches(columns=[field], batch_size=8192):
+        row = 0
+        batches = pf.iter_batches(columns=[field], batch_size=8192)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{str(path)!r} is corrupt or truncated after row {row} ({e}); "
+                                "re-download or rewrite the file") from e
             for value in batch.column(0).to_pylist():
                 yield value or ""
+            row += batch.num_rows
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -328,7 +433,9 @@ def _hf_documents(cfg: DataConfig) -> Iterator[str]:
             ds = loaded
     else:
         args: tuple[str | None, ...] = (cfg.path, cfg.hf_config)
-        kwargs: dict[str, Any] = {"split": cfg.hf_split}
+        # A hub dataset is streamed (no full download and Arrow conversion before the first document);
+        # local files are converted to a memory-mapped Arrow cache by `datasets`, read in batches.
+        kwargs: dict[str, Any] = {"split": cfg.hf_split, "streaming": local is None}
         if local is not None and local.is_file():  # one data file: use the matching packaged builder
             builder = _HF_FILE_BUILDERS.get(local.suffix.lower())
             if builder is None:
@@ -356,13 +463,13 @@ def _hf_documents(cfg: DataConfig) -> Iterator[str]:
             ) from e
         if isinstance(ds, datasets.DatasetDict):  # only when a split expression returns several
             raise DataError(f"{what} returned several splits {sorted(ds)}; set data.hf_split to one of them")
-    if cfg.text_field not in ds.column_names:
+    if ds.column_names is not None and cfg.text_field not in ds.column_names:
         raise DataError(
             f"{what} has no field {cfg.text_field!r}; fields present: {ds.column_names}. "
             "Set data.text_field to the field that holds the text"
         )
-    feature = ds.features[cfg.text_field]
-    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+    feature = ds.features[cfg.text_field] if ds.features is not None else None
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise DataError(f"{what}: field {cfg.text_field!r} is {feature}, not a string; "
                         "set data.text_field to a text field")
     rows: Iterator[str] = (value or "" for batch in ds.select_columns([cfg.text_field]).with_format(None).iter(batch_size=8192)

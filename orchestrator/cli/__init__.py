@@ -7,6 +7,7 @@
     difflm bench asha | sampling      orchestrator/cli/bench.py
     difflm doctor SPEC                orchestrator/cli/doctor.py
     difflm cluster up | down | status orchestrator/cli/cluster.py
+    difflm data prepare | info        orchestrator/cli/data.py
 
 A new command goes in the module of its group (or a new module) and is added here.
 Bad input prints one message and exits 2 before Ray starts (``cli.common.user_errors``).
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli import bench, cluster, doctor, inference, spec, sweep, train
+from orchestrator.cli import bench, cluster, data, doctor, inference, spec, sweep, train
 from orchestrator.cli.common import debug_option
 
 
@@ -42,6 +43,7 @@ for _cmd in (
     bench.bench,
     doctor.doctor,
     cluster.cluster,
+    data.data,
 ):
     main.add_command(_cmd)
 

@@ -112,7 +112,12 @@ def prepare_and_place(
         spec = resolve_cpus(spec, [n.get("Resources", {}).get("CPU", 0.0) for n in nodes], console.info)
         check_resources(spec, device, cpus, gpus, f"the cluster at {address}")
         check_shared_storage({"output.dir": spec.output.dir, "data.cache_dir": spec.data.cache_dir}, len(nodes))
-    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info)
+    runner = None
+    if address is not None:  # joined above: tokenize on the cluster's CPUs with Ray Data
+        from orchestrator.data.ray_runner import ray_data_runner
+
+        runner = ray_data_runner()
+    prepared = prepare_data(spec.data, spec.tokenizer, log=console.info, runner=runner)
     stamps["data"] = time.time()
     if address is None:  # a cluster was joined above, before tokenizing
         init_ray(None, dashboard)
