@@ -13,11 +13,9 @@ import pytest
 import torch
 
 from difflm.data import prepare_data
-from difflm.families import Family, LossOutput, build_model
-from orchestrator.rundir.checkpoints import special_ids
-from orchestrator.train.engine import TorchEngine
-from orchestrator.train.optim import run_lr_lambda
-from orchestrator.train.runner import Runner, WorkerContext
+from difflm.families import Family, LossOutput
+from orchestrator.build import build_run
+from orchestrator.train.runner import WorkerContext
 from orchestrator.spec.run import RunSpec
 
 CPU = torch.device("cpu")
@@ -64,9 +62,8 @@ def make_run_dir(root: Path, name: str, spec_raw: dict[str, Any], steps: int = 8
     ROOT/NAME/checkpoint_*/ with checkpoints/{best,last} symlinks to it."""
     spec = RunSpec.model_validate(spec_raw)
     data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
-    torch.manual_seed(0)
-    model = build_model(spec.model, spec.build_diffusion(), data.tokenizer.vocab_size, **special_ids(data.tokenizer))
-    runner = Runner(spec, data, TorchEngine(model, spec.train, CPU, run_lr_lambda(spec)), WorkerContext(0, 1, CPU))
+    runner = build_run(spec, data, CPU, ctx=WorkerContext(0, 1, CPU), backend="torch").runner
+    assert runner is not None
     for _ in range(steps):
         runner.train_step()
     runner.last_val = runner.validate()

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec, load_run_spec
+from orchestrator.spec.yamlio import spec_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,16 @@ def test_overrides_are_typed_and_revalidated(tmp_path: Path) -> None:
         ("model:\n  family: ar\ndiffusion:\n  schedule: loglinear\n", r"diffusion\.schedule: not used by family ar"),
         ("model:\n  family: ar\n  time_conditioning: true\n", r"model\.time_conditioning: not used by family ar"),
         ("model:\n  family: diffusion_lm\ndiffusion:\n  eps: 0.01\n  sampling_eps: 0.1\n",
-         r"diffusion\.eps, diffusion\.sampling_eps: not used by family diffusion_lm"),
+         r"diffusion\.eps: not used by family diffusion_lm.*\n.*diffusion\.sampling_eps: not used by family diffusion_lm"),
+        # the holes of the old allow-list (issue 19): bijective's own model field, a default-valued ATAT field
+        ("model:\n  family: mdlm\n  bijective_blocks: 3\n",
+         r"spec\.yaml:3: model\.bijective_blocks: not used by family mdlm .*; read by family bijective"),
+        ("model:\n  family: ar\ndiffusion:\n  atat:\n    strength: 2.0\n",
+         r"diffusion\.atat: not used by family ar .*ar's diffusion keys: none; read by family mdlm"),
+        ("model:\n  family: sedd\ndiffusion:\n  likelihood_weigth: 0.5\n",
+         r"diffusion\.likelihood_weigth: not used by family sedd"),
+        ("diffusion:\n  sample_steps: null\n",
+         r"diffusion\.sample_steps: Input should be a valid integer \(got None\); null does not reset a field"),
         ("model:\n  family: diffusion_lm\n  time_conditioning: true\n", r"model\.time_conditioning: not used by family diffusion_lm"),
         ("model:\n  family: mdlm\n  embed_dim: 32\n", r"model\.embed_dim: not used by family mdlm"),
         ("diffusion:\n  clamp_sampling: true\n", r"diffusion\.clamp_sampling: not used by family mdlm"),
@@ -80,27 +90,55 @@ def test_bad_specs_exit_2_with_message(tmp_path: Path, text: str, expected: str)
         assert re.search(expected, out), out
 
 
-def test_family_fields_read_declared_in_the_registry() -> None:
-    """The check is registry-driven: a family declaring nothing accepts every field; a declared field
-    outside the family-specific set is refused at registration; values equal to the default pass."""
-    from difflm.families.registry import _REGISTRY, FamilySpec, get_family, register_family, unread_fields
-    from difflm.families.config import DiffusionConfig
-    from difflm.models.config import ModelConfig
+def test_family_sections_are_the_familys_own_classes_and_old_resolved_specs_load() -> None:
+    """model/diffusion validate as the family's classes (from its registry entry); a resolved spec written
+    by the flat-config code (every field spelled out, defaults included) still loads for every family,
+    while a non-default unread field in it is still refused; the JSON Schema lists each family's fields."""
+    import yaml
 
-    mdlm = get_family("mdlm")
-    try:
-        register_family(FamilySpec(name="t_open", build=mdlm.build, schedules=mdlm.schedules, description="t"))
-        spec = RunSpec.model_validate({"model": {"family": "t_open", "embed_dim": 32}, "diffusion": {"timesteps": 9}})
-        assert spec.model.embed_dim == 32
-        with pytest.raises(ValueError, match=r"declares reads \['diffusion\.nope'\]"):
-            register_family(FamilySpec(name="t_bad", build=mdlm.build, schedules=(), description="t",
-                                       reads=frozenset({"diffusion.nope"})))
-    finally:
-        _REGISTRY.pop("t_open", None)
-        _REGISTRY.pop("t_bad", None)
-    assert unread_fields(get_family("ar"), ModelConfig(family="ar", time_conditioning=False),
-                         DiffusionConfig(sample_steps=128)) == []  # written, but the default
+    from difflm.families.registry import get_family
+    from orchestrator.spec.yamlio import validate_as
+
+    old_mdlm = {"family": "mdlm", "size": "tiny", "d_model": None, "n_layers": None, "n_heads": None, "cond_dim": None,
+                "dropout": 0.0, "time_conditioning": False, "backbone": "transformer", "embed_dim": 64,
+                "bijective_blocks": None, "pretrained_path": None}
+    old_diff = {"schedule": None, "eps": 0.001, "sampling_eps": 0.001, "antithetic": True, "likelihood_weight": None,
+                "timesteps": 2000, "sample_steps": 128, "clamp_sampling": False, "graph": "absorb", "sigma_min": 0.0001,
+                "sigma_max": 20.0, "atat": {"importance_head": False, "strength": 2.0}}
+    for fam in ("mdlm", "ar", "sedd", "diffusion_lm", "bijective"):
+        spec = RunSpec.model_validate({"model": old_mdlm | {"family": fam}, "diffusion": old_diff})
+        assert type(spec.model) is get_family(fam).model_config and type(spec.diffusion) is get_family(fam).config
+        again = RunSpec.model_validate(yaml.safe_load(spec_yaml(spec)))  # and the new dump round-trips
+        assert again.model_dump() == spec.model_dump()
+    assert "family" not in RunSpec().model_dump()["diffusion"]  # the tag is never written
+    assert RunSpec.model_validate({"model": {"family": "ar"}}).model_dump()["diffusion"] == {}
+    with pytest.raises(SpecError, match=r"diffusion\.timesteps: not used by family mdlm"):
+        validate_as(RunSpec, {"model": old_mdlm, "diffusion": old_diff | {"timesteps": 50}}, "old.yaml")
+    schema = RunSpec.model_json_schema()
+    defs = schema["$defs"]
+    assert "bijective_blocks" in defs["BijectiveModelConfig"]["properties"]
+    assert "bijective_blocks" not in defs["MdlmModelConfig"]["properties"]
+    assert set(defs["SeddConfig"]["properties"]) >= {"graph", "sigma_min"} and "atat" not in defs["SeddConfig"]["properties"]
     assert RunSpec.model_validate({"train": {"ema": 0}}).train.ema is None  # 0 = off, spelled null
+
+
+def test_set_model_family_drops_what_the_new_family_does_not_read(tmp_path: Path) -> None:
+    """`--set model.family=ar` on an mdlm spec works: the file's mdlm-only fields are dropped with a note
+    naming them; a field the new family does not read that the --set itself names still exits 2."""
+    p = _write(tmp_path, "model:\n  family: mdlm\n  time_conditioning: true\ndiffusion:\n  schedule: cosine\n"
+                         "  likelihood_weight: 0.5\n  atat: {importance_head: true}\ntrain:\n  max_steps: 5\n")
+    code, out = _run(["validate", str(p), "--set", "model.family=ar"])
+    assert code == 0, out
+    assert ("--set model.family=ar (the file's family: mdlm): dropped model.time_conditioning, diffusion.schedule, "
+            "diffusion.likelihood_weight, diffusion.atat, which ar does not read") in out
+    spec = load_run_spec(p, ["model.family=diffusion_lm"])  # keeps what diffusion_lm reads, drops the rest
+    assert spec.diffusion.schedule == "cosine" and spec.diffusion.likelihood_weight == 0.5
+    assert not hasattr(spec.diffusion, "atat") and not hasattr(spec.model, "time_conditioning")
+    code, out = _run(["validate", str(p), "--set", "model.family=ar", "--set", "diffusion.eps=0.01"])
+    assert code == 2 and "diffusion.eps: not used by family ar" in out, out
+    code, out = _run(["train", str(p), "--set", "model.family=ar", "--set", "model.embed_dim=32"])
+    assert code == 2 and "model.embed_dim: not used by family ar" in out and "Traceback" not in out, out
+    assert "dropped" not in _run(["validate", str(p)])[1]  # no switch, no note
 
 
 def test_missing_file_exit_2(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from difflm.families.base import Family, LossOutput
 from difflm.families.config import DiffusionConfig
 from difflm.families.registry import FamilySpec, family_names, get_family, register_family
@@ -19,18 +21,21 @@ from difflm.families import bijective, sedd  # noqa: E402,F401  isort: skip
 
 
 def build_model(
-    model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any
+    model_cfg: BaseModel, diffusion_cfg: BaseModel, vocab_size: int, **special_ids: Any
 ) -> Family:
     """Build family ``model_cfg.family`` for a tokenizer of ``vocab_size`` ids.
 
     special_ids: the tokenizer's bos_id / eos_id / pad_id (ints), for families that use them
     (ar starts its samples from bos_id). Null diffusion fields take the family's values
-    (:meth:`FamilySpec.resolve`). Raises KeyError for an unknown family and ValueError for a
+    (:meth:`FamilySpec.resolve`). The configs may be the family's own classes (a run spec's sections)
+    or the flat :class:`ModelConfig` / :class:`DiffusionConfig`, converted by :meth:`FamilySpec.sections`
+    (a non-default field the family does not read is a ValueError). Raises KeyError for an unknown family and ValueError for a
     schedule, backbone or combination (:attr:`FamilySpec.check`) the family does not accept.
     """
     spec = get_family(model_cfg.family)
+    model_cfg, diffusion_cfg = spec.sections(model_cfg, diffusion_cfg)  # the family's own config classes
     diffusion_cfg = spec.resolve(diffusion_cfg)  # null schedule / defaults -> the family's values
-    if spec.schedules and diffusion_cfg.schedule not in spec.schedules:
+    if spec.schedules and getattr(diffusion_cfg, "schedule", None) not in spec.schedules:
         raise ValueError(
             f"family {spec.name!r} does not accept schedule {diffusion_cfg.schedule!r}; "
             f"choose one of {', '.join(spec.schedules)}"

@@ -1,12 +1,110 @@
-"""Diffusion process sub-config (shared by every family; each family reads what it needs)."""
+"""The ``diffusion:`` section's building blocks: one config class per family, assembled from these.
+
+Each family declares its own section class in ``difflm/families/<name>/config.py`` by combining the
+field groups below (e.g. mdlm = schedule/sampling + continuous time + likelihood weight + ATAT) and
+names it in its registry entry (``FamilySpec.config``). The run spec's ``diffusion:`` is the union of
+those classes, picked by ``model.family`` (the ``family`` tag is copied in by the run spec and never
+written out), so a field the family does not read is an unknown key, with the closest valid one, and
+the JSON Schema shows each family's own fields. :class:`DiffusionConfig` is the flat union of every
+field, kept for library callers that build a model without a spec; ``build_model`` converts it.
+This module is a leaf (pydantic only): the families' config modules import it, never the reverse.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from difflm._config import StrictModel
+
+
+class FamilyConfig(StrictModel):
+    """Base of every family's ``diffusion:`` section: only the family tag, copied from ``model.family``.
+
+    The tag lets pydantic pick the family's class (a discriminated union in the run spec) and is
+    excluded from dumps, so saved specs keep their old shape. A family with no noise process (ar)
+    uses a subclass with no other field: any ``diffusion:`` key is then an unknown key."""
+
+    family: str | None = Field(
+        None, exclude=True, description="Set from model.family by the run spec; do not write it."
+    )
+
+
+class ScheduleFields(FamilyConfig):
+    """Fields of every family with a noise process: schedule, antithetic time sampling, sample steps."""
+
+    schedule: str | None = Field(
+        None,
+        description="Noise schedule; null = the family's default (mdlm, sedd, bijective: loglinear; diffusion_lm: "
+        "sqrt). mdlm and bijective: loglinear, linear, cosine, cosinesqr, geometric, sqrt; "
+        "sedd: loglinear, geometric (sigma_min..sigma_max); "
+        "diffusion_lm: sqrt, cosine, linear (Gaussian schedules over `timesteps` steps).",
+    )
+    antithetic: bool = Field(True, description="Antithetic (stratified) time sampling across the batch: lower variance.")
+    sample_steps: int = Field(128, ge=1, le=100000, description="Denoising steps for the samples logged at eval.")
+
+
+class ContinuousTimeFields(FamilyConfig):
+    """Continuous-time families (mdlm, sedd, bijective): the schedule's epsilon and the time range."""
+
+    eps: float = Field(1e-3, gt=0.0, lt=0.5, description="Schedule epsilon: the masked share at t=1 is 1 - eps.")
+    sampling_eps: float = Field(1e-3, ge=0.0, lt=0.5, description="Times are drawn from [sampling_eps, 1].")
+
+
+class LikelihoodWeightField(FamilyConfig):
+    """Families whose loss mixes a likelihood term with another one (mdlm, diffusion_lm, bijective)."""
+
+    likelihood_weight: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Loss weight; null = the family's default (mdlm, diffusion_lm: 1.0; bijective: 0.001). "
+        "mdlm: w in loss = w * NELBO + (1 - w) * unweighted masked cross-entropy (1 = pure NELBO). "
+        "diffusion_lm: weight of the rounding (decoder) NLL added to the x0 MSE and prior terms. "
+        "bijective: w in loss = denoising NELBO + w * (flow NLL - log|det J|) per token (docs/families.md). "
+        "The val metric is always the NELBO.",
+    )
+
+
+class DiscreteTimeFields(FamilyConfig):
+    """Discrete-time Gaussian diffusion (diffusion_lm): the number of steps and the clamping sampler."""
+
+    timesteps: int = Field(
+        2000, ge=1, le=100000, description="Discrete diffusion steps T (families with discrete time, e.g. diffusion_lm)."
+    )
+    clamp_sampling: bool = Field(
+        False,
+        description="diffusion_lm: the clamping trick, snapping the predicted x0 to the nearest word embedding "
+        "at every sampling step (Li et al. 2022). Off: plain ancestral sampling, rounding only at the end.",
+    )
+
+
+class GraphFields(FamilyConfig):
+    """Score-entropy diffusion (sedd): the graph and the geometric noise range."""
+
+    graph: Literal["absorb", "uniform"] = Field(
+        "absorb",
+        description="sedd only: the discrete diffusion graph. absorb: tokens jump to a MASK token (only masked "
+        "positions are scored); uniform: tokens jump to uniformly random tokens (every position is scored; "
+        "needs model.time_conditioning: true).",
+    )
+    sigma_min: float = Field(
+        1e-4, gt=0.0, description="sedd only, schedule geometric: total noise sigma at t = 0 (SEDD's 1e-4)."
+    )
+    sigma_max: float = Field(
+        20.0,
+        gt=0.0,
+        le=100.0,
+        description="sedd only, schedule geometric: total noise sigma at t = 1 (SEDD's 20: 1 - e^-20 of tokens "
+        "noised). Must exceed sigma_min.",
+    )
+
+    @model_validator(mode="after")
+    def _sigma_range(self) -> "GraphFields":
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(f"sigma_max ({self.sigma_max}) must exceed sigma_min ({self.sigma_min})")
+        return self
 
 
 class AtatConfig(StrictModel):
@@ -120,62 +218,27 @@ class AtatConfig(StrictModel):
         return self.importance_head
 
 
-class DiffusionConfig(StrictModel):
-    """Noise schedule, time sampling and loss weighting."""
+class AtatField(FamilyConfig):
+    """mdlm's ATAT section."""
 
-    schedule: str | None = Field(
-        None,
-        description="Noise schedule; null = the family's default (mdlm, sedd, bijective: loglinear; diffusion_lm: "
-        "sqrt). mdlm and bijective: loglinear, linear, cosine, cosinesqr, geometric, sqrt; "
-        "sedd: loglinear, geometric (sigma_min..sigma_max); "
-        "diffusion_lm: sqrt, cosine, linear (Gaussian schedules over `timesteps` steps).",
-    )
-    eps: float = Field(1e-3, gt=0.0, lt=0.5, description="Schedule epsilon: the masked share at t=1 is 1 - eps.")
-    sampling_eps: float = Field(1e-3, ge=0.0, lt=0.5, description="Times are drawn from [sampling_eps, 1].")
-    antithetic: bool = Field(True, description="Antithetic (stratified) time sampling across the batch: lower variance.")
-    likelihood_weight: float | None = Field(
-        None,
-        ge=0.0,
-        le=1.0,
-        description="Loss weight; null = the family's default (mdlm, diffusion_lm: 1.0; bijective: 0.001). "
-        "mdlm: w in loss = w * NELBO + (1 - w) * unweighted masked cross-entropy (1 = pure NELBO). "
-        "diffusion_lm: weight of the rounding (decoder) NLL added to the x0 MSE and prior terms. "
-        "bijective: w in loss = denoising NELBO + w * (flow NLL - log|det J|) per token (docs/families.md). "
-        "The val metric is always the NELBO.",
-    )
-    timesteps: int = Field(
-        2000, ge=1, le=100000, description="Discrete diffusion steps T (families with discrete time, e.g. diffusion_lm)."
-    )
-    sample_steps: int = Field(128, ge=1, le=100000, description="Denoising steps for the samples logged at eval.")
-    clamp_sampling: bool = Field(
-        False,
-        description="diffusion_lm: the clamping trick, snapping the predicted x0 to the nearest word embedding "
-        "at every sampling step (Li et al. 2022). Off: plain ancestral sampling, rounding only at the end.",
-    )
-    graph: Literal["absorb", "uniform"] = Field(
-        "absorb",
-        description="sedd only: the discrete diffusion graph. absorb: tokens jump to a MASK token (only masked "
-        "positions are scored); uniform: tokens jump to uniformly random tokens (every position is scored; "
-        "needs model.time_conditioning: true).",
-    )
-    sigma_min: float = Field(
-        1e-4, gt=0.0, description="sedd only, schedule geometric: total noise sigma at t = 0 (SEDD's 1e-4)."
-    )
-    sigma_max: float = Field(
-        20.0,
-        gt=0.0,
-        le=100.0,
-        description="sedd only, schedule geometric: total noise sigma at t = 1 (SEDD's 20: 1 - e^-20 of tokens "
-        "noised). Must exceed sigma_min.",
-    )
-
-    @model_validator(mode="after")
-    def _sigma_range(self) -> "DiffusionConfig":
-        if self.sigma_max <= self.sigma_min:
-            raise ValueError(f"sigma_max ({self.sigma_max}) must exceed sigma_min ({self.sigma_min})")
-        return self
     atat: AtatConfig = Field(
         default_factory=AtatConfig,
         description="mdlm: ATAT importance estimator, adaptive masking, curriculum, importance-weighted loss "
         "(training only; val is always plain masking). See docs/atat.md.",
     )
+
+
+class DiffusionConfig(AtatField, GraphFields, DiscreteTimeFields, LikelihoodWeightField, ContinuousTimeFields,
+                      ScheduleFields):
+    """Flat ``diffusion:`` config with every family's fields, for building a model outside a run spec.
+
+    A run spec uses the family's own class instead; :func:`difflm.families.build_model` converts this
+    one, rejecting a field set to a non-default value that the family does not read."""
+
+
+def non_default_fields(cfg: Any) -> dict[str, Any]:
+    """The fields of a pydantic config whose value differs from the default, as plain data (nested too).
+
+    What a flat config means for one family: a field left at its default was not chosen, so a family
+    that lacks it loses nothing (a resolved spec, every field spelled out, must convert again)."""
+    return cfg.model_dump(mode="json", exclude_defaults=True)

@@ -1,33 +1,36 @@
-"""Registry of model families: name -> FamilySpec (builder, allowed schedules, fields read).
+"""Registry of model families: name -> FamilySpec (builder, allowed schedules, config classes).
 
 Adding a family is one package under ``difflm/families/<name>/`` whose ``__init__`` calls
 ``register_family``, plus its import in ``difflm/families/__init__.py``; the trainer, the
 spec validation and the CLI discover it here. Importing any ``difflm.families.*`` module
 imports the package first, which registers the built-in families, so the registry is never
 seen empty.
-A family also declares which family-specific spec fields it reads (``FamilySpec.reads``), so a
-spec that sets a field the chosen family would silently ignore is rejected by the spec
-validation, never by a switch on the name.
+A family also names its own ``diffusion:`` and ``model:`` config classes (``FamilySpec.config``,
+``FamilySpec.model_config``, in its ``config.py``); the run spec validates those sections as the
+union of every family's classes picked by ``model.family`` (:func:`section_union`), so a field the
+chosen family would silently ignore is an unknown key, never a switch on the name.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Protocol, Union
+
+from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
+
+from difflm.families.config import DiffusionConfig, FamilyConfig
+from difflm.models.config import BackboneConfig, ModelConfig
 
 if TYPE_CHECKING:
     from difflm.families.base import Family
-    from difflm.families.config import DiffusionConfig
-    from difflm.models.config import ModelConfig
 
 
 class FamilyBuilder(Protocol):
-    """build(model_cfg, diffusion_cfg, vocab_size, **special_ids) -> Family."""
+    """build(model_cfg, diffusion_cfg, vocab_size, **special_ids) -> Family; the configs are the family's
+    own classes (:attr:`FamilySpec.model_config`, :attr:`FamilySpec.config`)."""
 
-    def __call__(
-        self, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, /, **special_ids: Any
-    ) -> Family: ...
+    def __call__(self, model_cfg: Any, diffusion_cfg: Any, vocab_size: int, /, **special_ids: Any) -> Family: ...
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,10 @@ class FamilySpec:
     check: raises ValueError (naming the field to change) for a model/diffusion combination the
         family cannot build, e.g. sedd's uniform graph without time conditioning. Run by the spec
         validation (exit 2 before Ray starts) and by :func:`difflm.families.build_model`.
-    reads: the family-specific spec fields (see :func:`family_fields`: every ``diffusion.*``
-    field plus ``model.time_conditioning`` and ``model.embed_dim``) this family uses. A spec
-    that sets any other of them to a non-default value is rejected, naming the family.
-    ``None`` (the default) declares nothing and rejects nothing: a new family works at once
-    and opts into the check by listing what it reads. ``diffusion.schedule`` is checked
-    against ``schedules`` as well.
+    config: the family's ``diffusion:`` section class (a :class:`FamilyConfig` subclass made of the
+        field groups in ``difflm/families/config.py``); model_config: its ``model:`` section class
+        (a :class:`BackboneConfig` subclass). Their fields are exactly what the family reads; the
+        flat defaults (every field) accept anything, for a family that declares nothing yet.
     switches: the ``diffusion`` fields the family applies in ``Family.configure`` between training
     stages (mdlm: atat, likelihood_weight); a stage of a run spec may change only these, and a
     family-specific option (``diffusion.atat``) may be switched on only for a family listing it.
@@ -64,66 +65,50 @@ class FamilySpec:
     description: str
     backbones: tuple[str, ...] = ("transformer",)
     switches: tuple[str, ...] = ()
-    reads: frozenset[str] | None = None
+    config: type[FamilyConfig] = DiffusionConfig
+    model_config: type[BackboneConfig] = ModelConfig
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    check: Callable[[ModelConfig, DiffusionConfig], None] | None = None
+    check: Callable[[Any, Any], None] | None = None
 
-    def resolve(self, diffusion_cfg: DiffusionConfig) -> DiffusionConfig:
+    def resolve(self, diffusion_cfg: Any) -> Any:
         """A copy of ``diffusion_cfg`` with null fields set to this family's values: ``schedule`` to the
         first of :attr:`schedules`, the others from :attr:`defaults`."""
-        update = {k: v for k, v in self.defaults.items() if getattr(diffusion_cfg, k) is None}
-        if diffusion_cfg.schedule is None and self.schedules:
+        update = {k: v for k, v in self.defaults.items() if getattr(diffusion_cfg, k, None) is None}
+        if self.schedules and diffusion_cfg.schedule is None:
             update["schedule"] = self.schedules[0]
         return diffusion_cfg.model_copy(update=update) if update else diffusion_cfg
+
+    def sections(self, model_cfg: BaseModel, diffusion_cfg: BaseModel) -> tuple[Any, Any]:
+        """``(model_cfg, diffusion_cfg)`` as this family's own classes.
+
+        Instances of them pass through; any other config (the flat :class:`ModelConfig` /
+        :class:`DiffusionConfig` of library callers) is converted from its non-default fields, so a
+        field this family does not read, set to a non-default value, is a ValueError naming it."""
+        return (_convert(self.model_config, model_cfg, "model", self.name),
+                _convert(self.config, diffusion_cfg, "diffusion", self.name))
+
+
+def _convert(cls: type[BaseModel], cfg: BaseModel, section: str, family: str) -> Any:
+    if isinstance(cfg, cls):
+        return cfg
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+    data["family"] = family
+    unread = sorted(set(data) - set(cls.model_fields))
+    if unread:
+        raise ValueError(
+            f"{', '.join(f'{section}.{k}' for k in unread)}: not used by family {family}; remove "
+            f"{'it' if len(unread) == 1 else 'them'} (its {section} fields: "
+            f"{', '.join(k for k in cls.model_fields if k != 'family') or 'none'})"
+        )
+    return cls.model_validate(data)
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
 
 
-#: model fields that only some families read (every ``diffusion.*`` field is family-specific too)
-FAMILY_MODEL_FIELDS: tuple[str, ...] = ("model.time_conditioning", "model.embed_dim")
-
-
-def family_fields() -> tuple[str, ...]:
-    """Every family-specific spec field, as dotted paths: ``diffusion.*`` and FAMILY_MODEL_FIELDS.
-
-    Derived from DiffusionConfig, so a field added there is checked for every family that
-    declares ``reads`` without listing it."""
-    from difflm.families.config import DiffusionConfig
-
-    return tuple(f"diffusion.{name}" for name in DiffusionConfig.model_fields) + FAMILY_MODEL_FIELDS
-
-
-def unread_fields(family: FamilySpec, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> list[str]:
-    """The family-specific fields set to a non-default value that ``family`` does not read.
-
-    Compared with the field's default, not with "was it written": a resolved spec (every field
-    spelled out, as saved in checkpoints) must validate again, and writing a default changes nothing.
-    """
-    if family.reads is None:
-        return []
-    out = []
-    for path in family_fields():
-        if path in family.reads:
-            continue
-        section, name = path.split(".", 1)
-        cfg: Any = model_cfg if section == "model" else diffusion_cfg
-        default = type(cfg).model_fields[name].get_default(call_default_factory=True)
-        if getattr(cfg, name) != default:
-            out.append(path)
-    return out
-
-
 def register_family(spec: FamilySpec) -> FamilySpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"family {spec.name!r} registered twice")
-    if spec.reads is not None:
-        unknown = sorted(set(spec.reads) - set(family_fields()))
-        if unknown:
-            raise ValueError(
-                f"family {spec.name!r} declares reads {unknown}, which are not family-specific spec fields; "
-                f"choose from {', '.join(family_fields())}"
-            )
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -140,3 +125,96 @@ def get_family(name: str) -> FamilySpec:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown family {name!r}; choose one of {', '.join(sorted(_REGISTRY))}.{hint}") from None
+
+
+# ---- the run spec's per-family sections -----------------------------------------------------------
+
+
+def _tag(value: Any) -> str | None:
+    """The family tag of a ``model:`` / ``diffusion:`` section (a dict or a config instance)."""
+    if isinstance(value, dict):
+        return value.get("family")
+    return getattr(value, "family", None)
+
+
+def section_union(section: str) -> Any:
+    """The type of the run spec's ``model`` or ``diffusion`` field: every registered family's class for
+    that section, picked by the ``family`` tag (pydantic's discriminated union).
+
+    Built when the run spec module is imported, after the built-in families registered; the JSON
+    Schema then shows each family's own fields (``oneOf``)."""
+    attr = "model_config" if section == "model" else "config"
+    members = tuple(Annotated[getattr(spec, attr), Tag(name)] for name, spec in sorted(_REGISTRY.items()))
+    return Annotated[Union[members], Discriminator(_tag)]  # type: ignore[valid-type]
+
+
+def tag_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """Prepare a raw run spec's ``model`` / ``diffusion`` for :func:`section_union` (a copy; never raises
+    for anything pydantic reports better).
+
+    * ``model.family`` defaults to mdlm and is copied into ``diffusion`` as its tag; an unknown family
+      is a ValueError naming the closest one.
+    * Compatibility with resolved specs written before the per-family sections (a run folder's or
+      checkpoint's spec.yaml spells out every field of the flat classes; recognised by carrying all of
+      :data:`LEGACY_KEYS`): there, a field the family does not read is dropped when its value is the
+      flat class's default, since writing a default never changed anything. Any other value stays and
+      is reported as an unknown key, as is every unread field of a hand-written section.
+    """
+    out = dict(data)
+    model = out.get("model")
+    if isinstance(model, BaseModel):
+        model = model.model_dump(mode="json", exclude_unset=True) | {"family": model.family}  # type: ignore[attr-defined]
+    model = dict(model) if isinstance(model, dict) else model
+    if model is None:
+        model = {}
+    if not isinstance(model, dict):
+        return out  # pydantic says what is wrong with it
+    family = model.setdefault("family", "mdlm")
+    if not isinstance(family, str):
+        return out
+    spec = get_family(family)  # KeyError with the closest name
+    diffusion = out.get("diffusion")
+    if isinstance(diffusion, BaseModel):
+        diffusion = diffusion.model_dump(mode="json", exclude_defaults=True)
+    diffusion = {} if diffusion is None else diffusion
+    if isinstance(diffusion, dict):
+        diffusion = dict(diffusion)
+        if diffusion.get("family", family) != family:
+            raise KeyError(
+                f"diffusion.family {diffusion['family']!r} differs from model.family {family!r}; "
+                "drop diffusion.family (it is set from model.family)"
+            )
+        if LEGACY_KEYS["diffusion"] <= diffusion.keys():
+            _drop_unread_defaults(diffusion, spec.config, DiffusionConfig)
+        diffusion["family"] = family
+        out["diffusion"] = diffusion
+    if LEGACY_KEYS["model"] <= model.keys():
+        _drop_unread_defaults(model, spec.model_config, ModelConfig)
+    out["model"] = model
+    return out
+
+
+#: keys every resolved spec written by the flat-config code carried in its model / diffusion sections
+LEGACY_KEYS: dict[str, frozenset[str]] = {
+    "model": frozenset({"family", "size", "d_model", "n_layers", "n_heads", "cond_dim", "dropout", "time_conditioning"}),
+    "diffusion": frozenset({"schedule", "eps", "sampling_eps", "antithetic", "likelihood_weight", "timesteps",
+                            "sample_steps"}),
+}
+
+
+def _drop_unread_defaults(raw: dict[str, Any], cls: type[BaseModel], flat: type[BaseModel]) -> None:
+    for key in [k for k in raw if k not in cls.model_fields and k in flat.model_fields]:
+        info = flat.model_fields[key]
+        try:
+            value = TypeAdapter(info.annotation).validate_python(raw[key])
+        except Exception:
+            continue
+        if value == info.get_default(call_default_factory=True):
+            del raw[key]
+
+
+def unread_by(family: str, section: str) -> list[str]:
+    """The flat fields of ``section`` (model / diffusion) that ``family``'s class does not have."""
+    spec = get_family(family)
+    cls, flat = (spec.model_config, ModelConfig) if section == "model" else (spec.config, DiffusionConfig)
+    return [k for k in flat.model_fields if k not in cls.model_fields]

@@ -44,20 +44,17 @@ def run_point(raw: dict[str, Any], out_dir: Path, threads: int) -> tuple[Any, fl
 
     from difflm.data import prepare_data
     from difflm.evaluation import draws_path, load_val_draws
-    from difflm.families import build_model
-    from orchestrator.rundir.checkpoints import special_ids
-    from orchestrator.train.engine import TorchEngine
-    from orchestrator.train.runner import Runner, WorkerContext
+    from orchestrator.build import build_run
+    from orchestrator.train.runner import WorkerContext
     from orchestrator.spec.run import spec_from_dict
 
     raw = {**raw, "scaling": {**raw["scaling"], "device": "cpu", "deepspeed": False, "zero_stage": 0, "num_workers": 1}}
     spec = spec_from_dict(raw, source=str(out_dir))
     torch.set_num_threads(threads)
     data = prepare_data(spec.data, spec.tokenizer, log=lambda _m: None)
-    torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
     cpu = torch.device("cpu")
-    runner = Runner(spec, data, TorchEngine(model, spec.train, cpu), WorkerContext(0, 1, cpu), val_dir=out_dir / "val")
+    runner = build_run(spec, data, cpu, ctx=WorkerContext(0, 1, cpu), backend="torch", val_dir=out_dir / "val").runner
+    assert runner is not None
     start = time.perf_counter()
     runner.run()
     wall = time.perf_counter() - start

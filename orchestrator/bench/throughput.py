@@ -115,13 +115,11 @@ class BarePath:
     name = "bare"
 
     def __init__(self, spec: Any, data: Any, device: torch.device) -> None:
-        from difflm.families import build_model
-        from orchestrator.rundir.checkpoints import special_ids
+        from orchestrator.build import build_family
         from orchestrator.train.optim import adamw
 
         t = spec.train
-        torch.manual_seed(t.seed)
-        self.model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
+        self.model = build_family(spec, data.tokenizer)  # the run's model; the loop around it is the bare one
         self.model.to(device).train()
         self.opt = adamw(self.model.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         self.clip, self.autocast = t.grad_clip, _autocast(device, t.precision)
@@ -146,22 +144,19 @@ class RunnerPath:
     """difflm's :class:`Runner` around one of its engines, in this process (world size 1)."""
 
     def __init__(self, backend: str, spec: Any, data: Any, device: torch.device) -> None:
-        from difflm.families import build_model
-        from orchestrator.rundir.checkpoints import special_ids
-        from orchestrator.train.engine import DeepSpeedEngine, TorchEngine, effective_zero_stage
-        from orchestrator.train.runner import Runner, WorkerContext
+        from orchestrator.build import build_run
+        from orchestrator.train.engine import effective_zero_stage
+        from orchestrator.train.runner import WorkerContext
 
         self.name = backend
-        torch.manual_seed(spec.train.seed)
-        model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
         if backend == "deepspeed":
             _init_single_rank_group(device)
-            engine: Any = DeepSpeedEngine(model, spec, device)
             self.label = f"`Runner` + `DeepSpeedEngine` (ZeRO-{effective_zero_stage(spec)}), in-process"
         else:
-            engine = TorchEngine(model, spec.train, device)
             self.label = "`Runner` + `TorchEngine`, in-process"
-        self.runner = Runner(spec, data, engine, WorkerContext(0, 1, device))
+        runner = build_run(spec, data, device, ctx=WorkerContext(0, 1, device), backend=backend).runner
+        assert runner is not None
+        self.runner = runner
 
     def step(self) -> None:
         self.runner.train_step()

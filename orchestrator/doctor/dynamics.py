@@ -19,7 +19,7 @@ from difflm.families import Family, build_model
 from orchestrator.devices import synchronize
 from orchestrator.doctor.report import Check, fmt_count, fmt_duration
 from orchestrator.spec.run import RunSpec
-from orchestrator.rundir.checkpoints import special_ids
+from orchestrator.build import build_family
 from orchestrator.train.engine import TorchEngine
 
 #: one-batch memorisation: batch shape, step budget, the share of the initial loss to reach, the lowest LR
@@ -41,8 +41,7 @@ TIMED_STEPS, TIMING_BUDGET_S = 3, 10.0
 
 def build(spec: RunSpec, data: PreparedData, device: torch.device) -> Family:
     """The run's model (seeded like a run), switched to the last stage's options, on ``device``."""
-    torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, spec.build_diffusion(), data.tokenizer.vocab_size, **special_ids(data.tokenizer))
+    model = build_family(spec, data.tokenizer)
     model.configure(spec.stage_plan()[-1].spec.diffusion)
     return model.to(device)
 

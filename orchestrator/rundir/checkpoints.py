@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from difflm.data import Tokenizer, load_tokenizer
-from difflm.families import Family, build_model
+from difflm.families import Family
+from orchestrator.build import build_family, special_ids  # special_ids re-exported (its old home)
 from orchestrator.devices import local_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec, spec_from_dict
@@ -99,11 +100,6 @@ def resolve_checkpoint(ref: str | Path) -> Path:
     )
 
 
-def special_ids(tok: Tokenizer) -> dict[str, int]:
-    """The tokenizer's bos/eos/pad ids as build_model keywords (as the trainer passes them)."""
-    return {k: getattr(tok, k) for k in ("bos_id", "eos_id", "pad_id") if getattr(tok, k, None) is not None}
-
-
 def load_checkpoint(ref: str | Path, device: str | torch.device = "auto") -> LoadedCheckpoint:
     """Resolve ``ref``, rebuild the model from its saved spec and tokenizer, load the weights, eval mode."""
     from safetensors.torch import load_file
@@ -121,9 +117,8 @@ def load_checkpoint(ref: str | Path, device: str | torch.device = "auto") -> Loa
     tokenizer = load_tokenizer(path / "tokenizer")
     state_file = path / "trainer_state.json"
     trainer_state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    torch.manual_seed(spec.train.seed)  # any init randomness is overwritten by the weights; keep it quiet
-    try:
-        model = build_model(spec.model, spec.build_diffusion(), tokenizer.vocab_size, **special_ids(tokenizer))
+    try:  # seeded like the run: any init randomness is overwritten by the weights; keep it quiet
+        model = build_family(spec, tokenizer)
     except (KeyError, ValueError) as exc:
         raise SpecError(f"{spec_file}: cannot build the model: {exc.args[0] if exc.args else exc}") from None
     weights = EMA_WEIGHTS if (path / EMA_WEIGHTS).is_file() else WEIGHTS

@@ -11,6 +11,7 @@ training stages in one job (``orchestrator/spec/stages.py``). ``load_run_spec`` 
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,12 +19,11 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from difflm._config import StrictModel
 from difflm.data.config import DataConfig, TokenizerConfig
-from difflm.families.config import DiffusionConfig
-from difflm.families.registry import family_names, get_family, unread_fields
-from difflm.models.config import ModelConfig
+from difflm.families.config import AtatConfig, FamilyConfig
+from difflm.families.registry import family_names, get_family, section_union, tag_sections
 from orchestrator.errors import SpecError
 from orchestrator.spec.stages import Stage, StageConfig, resolve_stages
-from orchestrator.spec.yamlio import apply_overrides, deep_merge, read_yaml, validate_as
+from orchestrator.spec.yamlio import apply_overrides, deep_merge, parse_override, read_yaml, validate_as
 
 
 class TrainConfig(StrictModel):
@@ -176,11 +176,23 @@ class OutputConfig(StrictModel):
         return v
 
 
+#: the ``model:`` and ``diffusion:`` sections: each registered family's own class, picked by model.family
+#: (difflm.families.registry.section_union); built here, after the built-in families registered
+ModelSection = section_union("model")
+DiffusionSection = section_union("diffusion")
+
+
 class RunSpec(StrictModel):
     """A whole training run."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Family and backbone size.")
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig, description="Noise process and loss weights.")
+    model: ModelSection = Field(
+        default_factory=lambda: get_family("mdlm").model_config(),
+        description="Family and backbone size; the fields beyond the shared ones depend on model.family.",
+    )
+    diffusion: DiffusionSection = Field(
+        default_factory=lambda: get_family("mdlm").config(),
+        description="Noise process and loss weights: the fields of model.family's own section (ar: none).",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus and packing.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Text to ids.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and cadence.")
@@ -198,13 +210,21 @@ class RunSpec(StrictModel):
         "its LR schedule (train.lr, warmup_steps, lr_schedule, min_lr_ratio, lr_phases).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_sections(cls, data: Any) -> Any:
+        """Tag ``diffusion`` with model.family so pydantic validates both sections as that family's classes."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            return tag_sections(data)
+        except KeyError as exc:  # unknown family: one line naming the closest one
+            raise ValueError(exc.args[0]) from None
+
     @model_validator(mode="after")
     def _family_and_schedule(self) -> "RunSpec":
-        try:
-            fam = get_family(self.model.family)
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
-        if self.diffusion.schedule is None and fam.schedules:
+        fam = get_family(self.model.family)
+        if fam.schedules and self.diffusion.schedule is None:
             self.diffusion.schedule = fam.schedules[0]  # the family's default
             self._schedule_defaulted = True
         if fam.schedules and self.diffusion.schedule not in fam.schedules:
@@ -221,14 +241,6 @@ class RunSpec(StrictModel):
             fam.check(self.model, fam.resolve(self.diffusion))  # ValueError naming the field to change
         if self.train.precision == "fp16" and self.scaling.device in ("cpu", "mps"):
             raise ValueError(f"train.precision fp16 needs CUDA; use bf16 or fp32 on {self.scaling.device}")
-        unread = unread_fields(fam, self.model, self.diffusion)
-        if unread:
-            reads = ", ".join(sorted(fam.reads or ())) or "none of them"
-            raise ValueError(
-                f"{', '.join(unread)}: not used by family {fam.name} (it would be silently ignored); remove "
-                f"{'it' if len(unread) == 1 else 'them'} or pick a family that reads {'it' if len(unread) == 1 else 'them'} "
-                f"(family-specific fields {fam.name} reads: {reads})"
-            )
         if not self.scaling.deepspeed and self.scaling.zero_stage != 0:
             raise ValueError(
                 f"scaling.zero_stage {self.scaling.zero_stage} needs DeepSpeed, but scaling.deepspeed is false "
@@ -237,7 +249,7 @@ class RunSpec(StrictModel):
         if self.train.ema == 0.0:
             self.train.ema = None  # 0 means off, like null: one spelling in saved specs
         if self.train.lr_schedule == "phases" and self.train.lr_phases is None:
-            self.train.lr_phases = self.diffusion.atat.curriculum_bounds
+            self.train.lr_phases = getattr(self.diffusion, "atat", AtatConfig()).curriculum_bounds
         if self.stages:
             total = sum(s.steps for s in self.stages)
             if "max_steps" in self.train.model_fields_set and self.train.max_steps != total:
@@ -257,7 +269,7 @@ class RunSpec(StrictModel):
         raw = self.model_dump(mode="json", exclude={"stages"})
         return resolve_stages(raw, self.stages, fam.switches, fam.name, lambda r: validate_as(RunSpec, r, "resolved stage spec"))
 
-    def build_diffusion(self) -> DiffusionConfig:
+    def build_diffusion(self) -> FamilyConfig:
         """The diffusion config the model is built from: the base one, with the ATAT importance head included
         when any stage turns it on, so one set of weights (and every checkpoint) serves all stages.
 
@@ -265,7 +277,7 @@ class RunSpec(StrictModel):
         fields are the family's defaults (``FamilySpec.resolve``), so a stage that leaves
         ``likelihood_weight`` null gets the family's value, not the previous stage's."""
         diffusion = get_family(self.model.family).resolve(self.diffusion)
-        if not self.stages or diffusion.atat.importance_head:
+        if not self.stages or not hasattr(diffusion, "atat") or diffusion.atat.importance_head:
             return diffusion
         if not any(st.spec.diffusion.atat.importance_head for st in self.stage_plan()):
             return diffusion
@@ -287,8 +299,44 @@ def load_run_spec(
     if "sweep" in raw:
         raise SpecError(f"{path}: this is a sweep file (it has a `sweep:` section); run it with `difflm sweep {path}`")
     raw = deep_merge(defaults or {}, raw)
+    before = _family_of(raw)
     raw = apply_overrides(raw, overrides, source=str(path))
+    raw = switch_family(raw, before, overrides, source=str(path))
     return validate_as(RunSpec, raw, source=str(path))
+
+
+def _family_of(raw: dict[str, Any]) -> Any:
+    model = raw.get("model")
+    return model.get("family", "mdlm") if isinstance(model, dict) else "mdlm"
+
+
+def switch_family(raw: dict[str, Any], before: Any, overrides: list[str] | tuple[str, ...], source: str) -> dict[str, Any]:
+    """``--set model.family=X`` on a spec of another family: drop the file's ``model`` / ``diffusion``
+    fields that X does not read, with a note on stderr, so one --set switches the family.
+
+    Why not an error: the spec's own fields are right for the family it was written for, and naming
+    each one to remove would take a --set per field that has no way to delete a key. Fields set by an
+    override are never dropped (a --set that X does not read still fails, naming it); in a spec file
+    itself, a field its family does not read is always an error."""
+    after = _family_of(raw)
+    if after == before or not isinstance(after, str) or after not in family_names():
+        return raw
+    fam = get_family(after)
+    set_keys = [".".join(parse_override(item)[0]) for item in overrides]
+    dropped: list[str] = []
+    for section, cls in (("model", fam.model_config), ("diffusion", fam.config)):
+        sec = raw.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for key in [k for k in sec if k not in cls.model_fields]:
+            path = f"{section}.{key}"
+            if not any(k == path or k.startswith(path + ".") for k in set_keys):
+                del sec[key]
+                dropped.append(path)
+    if dropped:
+        print(f"note: {source}: --set model.family={after} (the file's family: {before}): dropped "
+              f"{', '.join(dropped)}, which {after} does not read", file=sys.stderr)
+    return raw
 
 
 def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> RunSpec:

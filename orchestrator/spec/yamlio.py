@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
 from orchestrator.errors import SpecError
 
@@ -121,32 +121,65 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str], sourc
     return out
 
 
-def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class reached by following ``loc`` from ``cls``."""
-    current: type[BaseModel] = cls
-    for part in loc:
-        field = current.model_fields.get(str(part))
+def _tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """{tag: class} of a tagged union (the run spec's per-family ``model`` / ``diffusion``); {} otherwise."""
+    out: dict[str, type[BaseModel]] = {}
+    for member in typing.get_args(annotation):
+        if typing.get_origin(member) is typing.Annotated:
+            cls, *meta = typing.get_args(member)
+            tag = next((m.tag for m in meta if isinstance(m, Tag)), None)
+            if tag is not None and isinstance(cls, type) and issubclass(cls, BaseModel):
+                out[tag] = cls
+    return out
+
+
+def _walk(cls: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None, str | None]:
+    """Follow a pydantic error ``loc`` from ``cls``: (the path a user writes, without union tags; the
+    model class reached, or None at a value; the family tag of the last tagged union passed)."""
+    current: type[BaseModel] | None = cls
+    parts: list[str] = []
+    tag: str | None = None
+    items = list(loc)
+    while items:
+        part = str(items.pop(0))
+        parts.append(part)
+        field = current.model_fields.get(part) if current is not None else None
         if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *typing.get_args(ann)]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        current = nxt
-    return current
+            current = None
+            continue
+        members = _tagged_members(field.annotation)
+        if members and items and str(items[0]) in members:
+            tag = str(items.pop(0))
+            current = members[tag]
+            continue
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return parts, current, tag
+
+
+def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class reached by following ``loc`` from ``cls`` (union tags included in loc)."""
+    return _walk(cls, loc)[1]
+
+
+def _user_fields(cls: type[BaseModel]) -> list[str]:
+    """Fields a user may write (not the run spec's internal family tag, which is excluded from dumps)."""
+    return [name for name, f in cls.model_fields.items() if not f.exclude]
 
 
 def valid_paths(cls: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every dotted leaf path of a spec model (used for suggestions and sweep path checks)."""
+    """Every dotted leaf path of a spec model (used for suggestions and sweep path checks); a per-family
+    section contributes every family's fields."""
     out: list[str] = []
-    for name, field in cls.model_fields.items():
+    for name in _user_fields(cls):
+        field = cls.model_fields[name]
         path = f"{prefix}{name}"
-        sub = _model_at(cls, (name,))
-        if sub is not None:
-            out.extend(valid_paths(sub, path + "."))
-        else:
+        members = _tagged_members(field.annotation)
+        subs = list(members.values()) if members else [s for s in [_model_at(cls, (name,))] if s is not None]
+        if not subs:
             out.append(path)
+        for sub in subs:
+            out.extend(p for p in valid_paths(sub, path + ".") if p not in out)
     return out
 
 
@@ -161,22 +194,35 @@ def format_validation_error(cls: type[BaseModel], exc: ValidationError, source: 
     msgs: list[str] = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc)
+        parts, _, tag = _walk(cls, loc)
+        path = ".".join(parts)
         line = lines_for.get(path)
         where = f"{source}:{line}" if line else source
         kind = err["type"]
         if kind == "extra_forbidden":
-            parent = _model_at(cls, loc[:-1])
-            choices = list(parent.model_fields) if parent else []
-            text = f"unknown key {str(loc[-1])!r}{suggest(str(loc[-1]), choices)}"
-            if choices:
-                text += f" (valid keys here: {', '.join(choices)})"
+            _, parent, tag = _walk(cls, loc[:-1])
+            choices = _user_fields(parent) if parent else []
+            key = str(loc[-1])
+            if tag is not None and len(parts) == 2:  # a per-family section: say whose fields these are
+                text = (f"not used by family {tag} (unknown key {key!r} in its {parts[0]} section"
+                        f"{suggest(key, choices)}); {tag}'s {parts[0]} keys: {', '.join(choices) or 'none'}")
+                readers = [t for t, c in _tagged_members(cls.model_fields[parts[0]].annotation).items()
+                           if key in _user_fields(c)] if parts[0] in cls.model_fields else []
+                if readers:
+                    text += f"; read by family {', '.join(readers)}"
+            else:
+                text = f"unknown key {key!r}{suggest(key, choices)}"
+                if choices:
+                    text += f" (valid keys here: {', '.join(choices)})"
         else:
             text = err["msg"]
             if text.startswith("Value error, "):
                 text = text[len("Value error, ") :]
             if kind not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], dict):
                 text += f" (got {err['input']!r})"
+            if err.get("input", "") is None and kind.endswith("_type"):
+                text += ("; null does not reset a field here: leave it out for its default (switching family "
+                         "with --set model.family=X drops the fields X does not read for you)")
         msgs.append(f"{where}: {path + ': ' if path else ''}{text}")
     return "\n".join(msgs)
 

@@ -213,8 +213,13 @@ class SweepFile(RunSpec):
     def base_raw(self) -> dict[str, Any]:
         """The run spec every trial starts from (sweep section dropped, budget and resources applied)."""
         raw = self.model_dump(mode="json", exclude={"sweep"})
+        # Only the family sections' chosen (non-default) fields: a trial of another family (a search over
+        # model.family) then starts from what the file set, and a field that family does not read is an
+        # error only when the file set it, as a default value never changed anything.
+        raw["model"] = self.model.model_dump(mode="json", exclude_defaults=True) | {"family": self.model.family}
+        raw["diffusion"] = self.diffusion.model_dump(mode="json", exclude_defaults=True)
         if self._schedule_defaulted:  # each trial's family picks its own default (ar: none at all)
-            raw["diffusion"]["schedule"] = None
+            raw["diffusion"].pop("schedule", None)
         r = self.sweep.resources
         raw["train"]["max_steps"] = self.trial_max_steps()
         for key, val in (

@@ -377,13 +377,6 @@ class DeepSpeedEngine:
             persistent[0].all_gather(persistent)
 
 
-def build_engine(model: Family, spec: RunSpec, device: torch.device) -> Engine:
-    """DeepSpeed when asked for and possible; plain torch on MPS (DeepSpeed has no MPS accelerator)."""
-    if spec.scaling.deepspeed and device.type != "mps":
-        return DeepSpeedEngine(model, spec, device)
-    return TorchEngine(model, spec.train, device, run_lr_lambda(spec))
-
-
 def deepspeed_cpu_op_pending() -> Path | None:
     """Where DeepSpeed will compile its CPU shared-memory communication op as it initialises, or None.
 

@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from difflm.data import load_prepared
-from difflm.families import build_model
 from orchestrator.devices import peak_memory_above, start_memory_window
 from orchestrator.errors import TrainingStopped
 from orchestrator.spec.run import spec_from_dict
-from orchestrator.rundir.checkpoints import special_ids
+from orchestrator.build import build_run
 from orchestrator.rundir.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, prune_orphans, update_links
-from orchestrator.train.engine import build_engine, deepspeed_cpu_op_notice, effective_zero_stage
+from orchestrator.train.engine import deepspeed_cpu_op_notice, effective_zero_stage
 from orchestrator.train.failures import worker_log_path
 from orchestrator.train.metrics import NullLogger, TensorBoardLogger
 from orchestrator.train.precision import resolve_precision
@@ -111,14 +110,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     spec, picked = resolve_precision(spec, device.type, data.tokenizer.vocab_size)
     if picked and rank == 0:
         emit("log", {"message": picked})
-    torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, spec.build_diffusion(), data.tokenizer.vocab_size, **special_ids(data.tokenizer))
-    if rank == 0:
-        emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
-    notice = deepspeed_cpu_op_notice() if (rank == 0 and device.type == "cpu" and spec.scaling.deepspeed) else None
-    if notice is not None:
-        emit("log", {"message": notice})
-    engine = build_engine(model, spec, device)
+
+    def announce(model: Any) -> Any:  # between building the model and wrapping it in the engine
+        if rank == 0:
+            emit("log", {"message": f"model: {spec.model.family}, {model.num_parameters():,} parameters"})
+        notice = deepspeed_cpu_op_notice() if (rank == 0 and device.type == "cpu" and spec.scaling.deepspeed) else None
+        if notice is not None:
+            emit("log", {"message": notice})
+        return model
+
+    # model, engine and LR schedule as every other caller builds them; the runner below (it needs the
+    # report hooks defined after the engine's start-up stamp)
+    engine = build_run(spec, data, device, model_hook=announce).engine
     stamps = {"worker": entered, "engine": time.time()}
     threads = f"{torch.get_num_threads()} thread(s) each"
     if rank == 0:

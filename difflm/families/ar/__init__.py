@@ -7,15 +7,17 @@ Importing this package registers the family.
 from __future__ import annotations
 
 from difflm.families.ar.model import AR, build_ar
+from difflm.families.ar.config import ARConfig, ARModelConfig
 from difflm.families.registry import FamilySpec, register_family
 
 register_family(
     FamilySpec(
         name="ar",
+        config=ARConfig,
+        model_config=ARModelConfig,
         build=build_ar,
         schedules=(),
         description="Autoregressive baseline: same backbone, causal attention, exact next-token NLL.",
-        reads=frozenset(),  # no noise process: every diffusion.* field and time conditioning are ignored
     )
 )
 

@@ -16,23 +16,21 @@ from difflm.families.bijective.model import (
     build_bijective,
     check_bijective,
 )
+from difflm.families.bijective.config import BijectiveConfig, BijectiveModelConfig
 from difflm.families.registry import FamilySpec, register_family
 from difflm.schedules import MDLM_SCHEDULES
 
 register_family(
     FamilySpec(
         name="bijective",
+        config=BijectiveConfig,
+        model_config=BijectiveModelConfig,
         build=build_bijective,
         schedules=MDLM_SCHEDULES,
         description="Masked diffusion on invertible (affine coupling) blocks: denoising NELBO + weighted flow "
         "likelihood with an exact log-determinant.",
         defaults={"likelihood_weight": DEFAULT_LIKELIHOOD_WEIGHT},
         check=check_bijective,
-        # mdlm's fields (it is an MDLM with a flow term); model.bijective_blocks is its own model field
-        reads=frozenset({
-            "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
-            "diffusion.likelihood_weight", "diffusion.sample_steps", "model.time_conditioning",
-        }),
     )
 )
 

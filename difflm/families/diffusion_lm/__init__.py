@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from difflm.families.diffusion_lm.gaussian import GAUSSIAN_SCHEDULES
 from difflm.families.diffusion_lm.model import DiffusionLM, build_diffusion_lm
+from difflm.families.diffusion_lm.config import DiffusionLMConfig, DiffusionLMModelConfig
 from difflm.families.registry import FamilySpec, register_family
 
 register_family(
     FamilySpec(
         name="diffusion_lm",
+        config=DiffusionLMConfig,
+        model_config=DiffusionLMModelConfig,
         build=build_diffusion_lm,
         schedules=GAUSSIAN_SCHEDULES,
         description="Diffusion-LM: Gaussian diffusion on learned word embeddings, x0-prediction, tied rounding.",
         backbones=("transformer", "bart"),
         defaults={"likelihood_weight": 1.0},
-        # time conditioning is always on (model.time_conditioning ignored); no eps / sampling_eps (discrete T)
-        reads=frozenset({
-            "diffusion.schedule", "diffusion.timesteps", "diffusion.antithetic", "diffusion.likelihood_weight",
-            "diffusion.sample_steps", "diffusion.clamp_sampling", "model.embed_dim",
-        }),
     )
 )
 

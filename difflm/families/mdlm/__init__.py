@@ -9,20 +9,18 @@ from __future__ import annotations
 
 from difflm.schedules import MDLM_SCHEDULES
 from difflm.families.mdlm.model import MDLM, build_mdlm
+from difflm.families.mdlm.config import MdlmConfig, MdlmModelConfig
 from difflm.families.registry import FamilySpec, register_family
 
 register_family(
     FamilySpec(
         name="mdlm",
+        config=MdlmConfig,
+        model_config=MdlmModelConfig,
         build=build_mdlm,
         schedules=MDLM_SCHEDULES,
         description="Masked (absorbing-state) diffusion, SUBS parameterization, continuous-time NELBO (MDLM).",
         defaults={"likelihood_weight": 1.0},
-        # continuous time: no diffusion.timesteps; no embedding diffusion: no model.embed_dim
-        reads=frozenset({
-            "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
-            "diffusion.likelihood_weight", "diffusion.sample_steps", "diffusion.atat", "model.time_conditioning",
-        }),
         switches=("atat", "likelihood_weight"),
     )
 )

@@ -122,12 +122,14 @@ class MDLM(Family):
 
     def configure(self, diffusion: DiffusionConfig) -> None:
         """Apply a training stage's switches: ``atat`` and ``likelihood_weight`` (FamilySpec.switches)."""
-        if diffusion.atat.importance_head and self.importance is None:
+        atat = getattr(diffusion, "atat", None)  # bijective (an MDLM without ATAT) has none
+        if atat is not None and atat.importance_head and self.importance is None:
             raise ValueError(
                 "this stage turns on diffusion.atat.importance_head but the model was built without the head; "
                 "build it from RunSpec.build_diffusion() (any stage's head switch builds it)"
             )
-        self.atat = diffusion.atat
+        if atat is not None:
+            self.atat = atat
         if diffusion.likelihood_weight is not None:  # null: the family default, resolved by the caller (the runner)
             self.likelihood_weight = diffusion.likelihood_weight
 

@@ -9,6 +9,7 @@ Importing the package registers the family.
 
 from __future__ import annotations
 
+from difflm.families.sedd.config import SeddConfig, SeddModelConfig
 from difflm.families.registry import FamilySpec, register_family
 from difflm.families.sedd.graphs import GRAPHS, Absorbing, Graph, Uniform, get_graph
 from difflm.families.sedd.model import SEDD, SEDD_NOISES, build_sedd, check_sedd
@@ -16,16 +17,12 @@ from difflm.families.sedd.model import SEDD, SEDD_NOISES, build_sedd, check_sedd
 register_family(
     FamilySpec(
         name="sedd",
+        config=SeddConfig,
+        model_config=SeddModelConfig,
         build=build_sedd,
         schedules=tuple(SEDD_NOISES),
         description="Score-entropy discrete diffusion (SEDD): absorb or uniform graph, denoising score entropy.",
         check=check_sedd,
-        # geometric/loglinear noise from sigma_min/sigma_max or eps; no likelihood_weight (pure DSE loss)
-        reads=frozenset({
-            "diffusion.schedule", "diffusion.eps", "diffusion.sampling_eps", "diffusion.antithetic",
-            "diffusion.sample_steps", "diffusion.graph", "diffusion.sigma_min", "diffusion.sigma_max",
-            "model.time_conditioning",
-        }),
     )
 )
 
