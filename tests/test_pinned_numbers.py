@@ -1,5 +1,5 @@
 """Pinning test: every family's training loss and val/nll on the same tiny weights are bit-identical to
-the numbers the code gave before the per-family config refactor (issue 19, computed at commit d32ea96).
+the numbers the code gave before the per-family config refactor (issue 19; see PINNED for their provenance).
 
 A refactor of configs, construction or the Family interface must not change any number; a deliberate
 change of a loss or estimator updates PINNED (and says so in the commit). Floats are compared as
@@ -48,57 +48,60 @@ def numbers(name: str) -> dict[str, object]:
     return {"loss": float(loss).hex(), "val": [float(x).hex() for x in v.flatten().tolist()]}
 
 
-# computed at d32ea96 (before issue 19's refactor) with this file's numbers()
+# Computed at d32ea96 (before issue 19's refactor), which the refactor matched bit for bit; then re-pinned
+# at the merge with issues 20 and 23, which moved numbers on purpose: val/nll covers the whole (0, 1]
+# (masked families' val draws) and ATAT's noisy importance + scaled head loss (mdlm_atat's loss). The
+# merged refactor gives the same bits as the code just before it (checked with this file's numbers()).
 PINNED: dict[str, dict[str, object]] = {
  "mdlm": {
   "loss": "0x1.3a7faa0000000p+2",
   "val": [
    "0x0.0p+0",
-   "0x1.7fa6eae24d3a0p+4",
-   "0x1.7547b62caffdbp+5",
-   "0x1.32eb05e1865a1p+5",
-   "0x1.ed57b81a25994p+5",
-   "0x1.e28711a20eea7p+5",
-   "0x1.8f30788820d4ap+4",
-   "0x1.2a4f5b57bc97dp+5",
-   "0x1.1620fbbc67ee1p+5",
-   "0x1.7f15c4aea1461p+5",
-   "0x1.74ec0f29ccf2cp+5",
-   "0x1.32b33e7d1443ap+5"
+   "0x1.d07998332d3f1p+4",
+   "0x1.b4e585f9fe936p+5",
+   "0x1.6000e11150022p+5",
+   "0x1.3df2c308082c1p+6",
+   "0x1.22aa192cb1edcp+6",
+   "0x1.d1f3c45c858d9p+4",
+   "0x1.5584beee49625p+5",
+   "0x1.6b2e6fd617002p+4",
+   "0x1.cfbafe33fd7c8p+5",
+   "0x1.b47291e4e2593p+5",
+   "0x1.5fbcdb39ccd4ep+5"
   ]
  },
  "mdlm_tc": {
   "loss": "0x1.0db86c0000000p+2",
   "val": [
    "0x0.0p+0",
-   "0x1.7fa6eae24d3a0p+4",
-   "0x1.7547b62caffdbp+5",
-   "0x1.32eb05e1865a1p+5",
-   "0x1.ed57b81a25994p+5",
-   "0x1.e28711a20eea7p+5",
-   "0x1.8f30788820d4ap+4",
-   "0x1.2a4f5b57bc97dp+5",
-   "0x1.1620fbbc67ee1p+5",
-   "0x1.7f15c4aea1461p+5",
-   "0x1.74ec0f29ccf2cp+5",
-   "0x1.32b33e7d1443ap+5"
+   "0x1.d07998332d3f1p+4",
+   "0x1.b4e585f9fe936p+5",
+   "0x1.6000e11150022p+5",
+   "0x1.3df2c308082c1p+6",
+   "0x1.22aa192cb1edcp+6",
+   "0x1.d1f3c45c858d9p+4",
+   "0x1.5584beee49625p+5",
+   "0x1.6b2e6fd617002p+4",
+   "0x1.cfbafe33fd7c8p+5",
+   "0x1.b47291e4e2593p+5",
+   "0x1.5fbcdb39ccd4ep+5"
   ]
  },
  "mdlm_atat": {
-  "loss": "0x1.4f10e00000000p+2",
+  "loss": "0x1.2aa3fe0000000p+2",
   "val": [
    "0x0.0p+0",
-   "0x1.7fa6eae24d3a0p+4",
-   "0x1.7547b62caffdbp+5",
-   "0x1.32eb05e1865a1p+5",
-   "0x1.ed57b81a25994p+5",
-   "0x1.e28711a20eea7p+5",
-   "0x1.8f30788820d4ap+4",
-   "0x1.2a4f5b57bc97dp+5",
-   "0x1.1620fbbc67ee1p+5",
-   "0x1.7f15c4aea1461p+5",
-   "0x1.74ec0f29ccf2cp+5",
-   "0x1.32b33e7d1443ap+5"
+   "0x1.d07998332d3f1p+4",
+   "0x1.b4e585f9fe936p+5",
+   "0x1.6000e11150022p+5",
+   "0x1.3df2c308082c1p+6",
+   "0x1.22aa192cb1edcp+6",
+   "0x1.d1f3c45c858d9p+4",
+   "0x1.5584beee49625p+5",
+   "0x1.6b2e6fd617002p+4",
+   "0x1.cfbafe33fd7c8p+5",
+   "0x1.b47291e4e2593p+5",
+   "0x1.5fbcdb39ccd4ep+5"
   ]
  },
  "ar": {
@@ -139,51 +142,51 @@ PINNED: dict[str, dict[str, object]] = {
   "loss": "0x1.3a7faa0000000p+2",
   "val": [
    "0x0.0p+0",
-   "0x1.7fa6eb7296107p+4",
-   "0x1.7547b55ec4329p+5",
-   "0x1.32eb03de7d322p+5",
-   "0x1.ed57b55a8ad63p+5",
-   "0x1.e287112b78419p+5",
-   "0x1.8f307b2bc0bd8p+4",
-   "0x1.2a4f5c2c859f5p+5",
-   "0x1.1620fa38f32cep+5",
-   "0x1.7f15c4a140f29p+5",
-   "0x1.74ec0f8b2377bp+5",
-   "0x1.32b33f66c6ac3p+5"
+   "0x1.d079972eacb6fp+4",
+   "0x1.b4e5874fc717dp+5",
+   "0x1.6000e49cc4bb0p+5",
+   "0x1.3df2c0d88e993p+6",
+   "0x1.22aa186d4a28fp+6",
+   "0x1.d1f3c224187c7p+4",
+   "0x1.5584bb9d4d76ep+5",
+   "0x1.6b2e71fc7f3aep+4",
+   "0x1.cfbafecee936fp+5",
+   "0x1.b472946466bbap+5",
+   "0x1.5fbcd766d0e83p+5"
   ]
  },
  "sedd_uniform": {
   "loss": "0x1.c899d60000000p+1",
   "val": [
-   "0x1.7aecccd811a2cp+3",
-   "0x1.9bfc02217457ap+4",
-   "0x1.c4035b46df474p+4",
-   "0x1.73db9eb11b705p+3",
-   "0x1.21ac6790cd42fp+6",
-   "0x1.6ea7f6456b444p+5",
-   "0x1.af5b48ad79dcap+4",
-   "0x1.c32ea1988642bp+2",
-   "0x1.7cb3105d6d519p+5",
-   "0x1.660c6bee3f995p+5",
-   "0x1.c3233445266cep+4",
-   "0x1.78a19734bffa9p+2"
+   "0x1.4d3ef7d81c3d4p+3",
+   "0x1.d3fdb9e68c6eap+4",
+   "0x1.163c2c6a28064p+5",
+   "0x1.b79576197c922p+3",
+   "0x1.892d976a1a2d2p+6",
+   "0x1.cd50a7ccdc07dp+5",
+   "0x1.e877d5aa35063p+4",
+   "0x1.09e279545628fp+3",
+   "0x1.259046f270beep+5",
+   "0x1.c0a25495ad85ap+5",
+   "0x1.15aa4859b1227p+5",
+   "0x1.d45ddc38f6012p+2"
   ]
  },
  "bijective": {
   "loss": "0x1.3d67980000000p+2",
   "val": [
    "0x0.0p+0",
-   "0x1.7fa6eae24d3a0p+4",
-   "0x1.7547b62caffdbp+5",
-   "0x1.32eb05e1865a1p+5",
-   "0x1.ed57b81a25994p+5",
-   "0x1.e28711a20eea7p+5",
-   "0x1.8f30788820d4ap+4",
-   "0x1.2a4f5b57bc97dp+5",
-   "0x1.1620fbbc67ee1p+5",
-   "0x1.7f15c4aea1461p+5",
-   "0x1.74ec0f29ccf2cp+5",
-   "0x1.32b33e7d1443ap+5"
+   "0x1.d07998332d3f1p+4",
+   "0x1.b4e585f9fe936p+5",
+   "0x1.6000e11150022p+5",
+   "0x1.3df2c308082c1p+6",
+   "0x1.22aa192cb1edcp+6",
+   "0x1.d1f3c45c858d9p+4",
+   "0x1.5584beee49625p+5",
+   "0x1.6b2e6fd617002p+4",
+   "0x1.cfbafe33fd7c8p+5",
+   "0x1.b47291e4e2593p+5",
+   "0x1.5fbcdb39ccd4ep+5"
   ]
  }
 }
