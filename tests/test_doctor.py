@@ -105,7 +105,12 @@ def build_summed(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_s
 def test_summed_loss_fails_the_loss_scale_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = registry.FamilySpec("mdlm_summed_loss", build_summed, MDLM_SCHEDULES, "test only: summed loss")
     monkeypatch.setitem(registry._REGISTRY, spec.name, spec)  # registered for this test only
-    code, out = doctor(str(write_spec(tmp_path, family="mdlm_summed_loss")))
+    registry.registry_changed()  # the run spec's sections now include it
+    try:
+        code, out = doctor(str(write_spec(tmp_path, family="mdlm_summed_loss")))
+    finally:
+        monkeypatch.undo()
+        registry.registry_changed()
     assert code == 1, out
     assert status_of(out)["loss at init"] == "FAIL", out
     line = next(ln for ln in out.splitlines() if ln.startswith("FAIL  loss at init"))

@@ -104,13 +104,30 @@ def _convert(cls: type[BaseModel], cfg: BaseModel, section: str, family: str) ->
 
 
 _REGISTRY: dict[str, FamilySpec] = {}
+#: called after every registration: the run spec (orchestrator.spec.run) rebuilds its per-family
+#: sections, so a family registered after the spec module was imported (a user's plugin package, a
+#: test-only family) validates like a built-in one
+_ON_REGISTER: list[Callable[[], None]] = []
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"family {spec.name!r} registered twice")
     _REGISTRY[spec.name] = spec
+    registry_changed()
     return spec
+
+
+def registry_changed() -> None:
+    """Tell the registry's dependants (the run spec's section union) that the set of families changed;
+    register_family calls it, and so must code that edits the registry directly (tests)."""
+    for hook in _ON_REGISTER:
+        hook()
+
+
+def on_register(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` after every change of the registry (see :data:`_ON_REGISTER`)."""
+    _ON_REGISTER.append(hook)
 
 
 def family_names() -> list[str]:

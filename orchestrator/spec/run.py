@@ -10,17 +10,19 @@ training stages in one job (``orchestrator/spec/stages.py``). ``load_run_spec`` 
 
 from __future__ import annotations
 
+
 import datetime as _dt
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from difflm._config import StrictModel
 from difflm.data.config import DataConfig, TokenizerConfig
 from difflm.families.config import AtatConfig, FamilyConfig
-from difflm.families.registry import family_names, get_family, section_union, tag_sections
+from difflm.families.registry import family_names, get_family, on_register, section_union, tag_sections
 from orchestrator.errors import SpecError
 from orchestrator.spec.stages import Stage, StageConfig, resolve_stages
 from orchestrator.spec.yamlio import apply_overrides, deep_merge, parse_override, read_yaml, validate_as
@@ -286,6 +288,27 @@ class RunSpec(StrictModel):
 
     def run_name(self) -> str:
         return self.output.name or f"{self.model.family}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def refresh_family_sections() -> None:
+    """Rebuild ``model`` / ``diffusion`` of RunSpec and its subclasses (SweepFile) over the families
+    registered now: the section union is built when this module is imported, and a family registered
+    later (a plugin package, a test-only family) must validate like a built-in one."""
+    global ModelSection, DiffusionSection
+    ModelSection, DiffusionSection = section_union("model"), section_union("diffusion")
+    todo: list[type[StrictModel]] = [RunSpec]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        for name, kind in (("model", ModelSection), ("diffusion", DiffusionSection)):
+            old = cls.model_fields[name]
+            cls.model_fields[name] = FieldInfo.from_annotated_attribute(
+                kind, Field(default_factory=old.default_factory, description=old.description)
+            )
+        cls.model_rebuild(force=True)
+
+
+on_register(refresh_family_sections)
 
 
 def load_run_spec(
