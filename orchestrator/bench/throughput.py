@@ -21,7 +21,6 @@ import datetime as _dt
 import importlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -148,14 +147,14 @@ class RunnerPath:
     def __init__(self, backend: str, spec: Any, data: Any, device: torch.device) -> None:
         from difflm.families import build_model
         from orchestrator.rundir.checkpoints import special_ids
-        from orchestrator.train.engine import DeepSpeedEngine, TorchEngine, effective_zero_stage
+        from orchestrator.train.engine import DeepSpeedEngine, TorchEngine, effective_zero_stage, init_single_rank_group
         from orchestrator.train.runner import Runner, WorkerContext
 
         self.name = backend
         torch.manual_seed(spec.train.seed)
         model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size, **special_ids(data.tokenizer))
         if backend == "deepspeed":
-            _init_single_rank_group(device)
+            init_single_rank_group(device)
             engine: Any = DeepSpeedEngine(model, spec, device)
             self.label = f"`Runner` + `DeepSpeedEngine` (ZeRO-{effective_zero_stage(spec)}), in-process"
         else:
@@ -165,19 +164,6 @@ class RunnerPath:
 
     def step(self) -> None:
         self.runner.train_step()
-
-
-def _init_single_rank_group(device: torch.device) -> None:
-    """DeepSpeed needs a process group; give this process a world of one on a free local port."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def _timed_steps(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
