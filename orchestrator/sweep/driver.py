@@ -74,8 +74,12 @@ def run_trial(
 
         if spec.scaling.num_workers != 1:  # trains_in_trial checked the base spec and every searched path
             raise ValueError(f"an in-trial run has one worker, the sampled spec asks for {spec.scaling.num_workers}")
+        from orchestrator.train.startup import process_start_time
+
         config_ = loop_config(spec, device, prepared.cache_dir, trial_dir / "train", trial_dir / "tensorboard",
                               None, started_at)
+        # the actor's own start (a process importing Ray, Tune and torch) comes before started_at: say it too
+        config_["process_started_at"] = process_start_time()
         run_in_trial(config_, tune.report)
         stop = read_stop(trial_dir / "train")
         if stop is not None:

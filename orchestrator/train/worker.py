@@ -188,6 +188,8 @@ def run_worker(config: dict[str, Any], host: WorkerHost, entered: float | None =
             # Once, with the first report after the first step: a sweep trial's start-up lands in Tune's results.
             startup_reported = True
             metrics = {**metrics, "startup/first_step_s": stamps["step1"] - started_at}
+            if config.get("process_started_at") is not None:  # an in-trial run: from its actor's creation on
+                metrics["startup/process_first_step_s"] = stamps["step1"] - config["process_started_at"]
         # worker_nodes lands in each sweep trial's result.json: where the trial's workers ran
         metrics = {**metrics, "worker_nodes": nodes}
         if checkpoint_dir is None:
