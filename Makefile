@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.difflm-installed
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a lent GPU: doctor, train (1 and 2 workers), bench, sampling, a 2-trial sweep; report in
+# $$DIFFLM_GPU_REPORT_DIR or gpu-report/ (< 8 min on one H100). Without CUDA: one line, exit 0.
+gpu-check: $(STAMP)
+	$(VENV)/bin/difflm bench gpu
 
 clean:
 	rm -rf $(VENV) runs .difflm_cache

@@ -249,6 +249,7 @@ sweep:
     diffusion.schedule: {grid: [loglinear, cosine]}
   scheduler: {kind: none}
   max_failures: 2
+  resources: {in_trial: false}  # each trial a Ray Train run: its train worker is what the test holds and counts
 """
 
 

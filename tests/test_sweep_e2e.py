@@ -1,6 +1,7 @@
-"""`difflm sweep` end to end through the real CLI (Ray Tune + Ray Train + DeepSpeed on CPU).
+"""`difflm sweep` end to end through the real CLI (Ray Tune + DeepSpeed on CPU; one-worker trials train in
+their Tune actor, orchestrator/sweep/in_trial.py).
 
-Slow by nature (each trial starts a Train run); sized to a few minutes in all on 2 cores.
+Slow by nature; sized to a few minutes in all on 2 cores.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from orchestrator.cluster.procs import processes_under, stop_processes
@@ -263,3 +265,63 @@ def test_optuna_honours_space_and_bad_samples_fail_alone(tmp_path: Path) -> None
         else:
             assert r["status"] == "TERMINATED" and r["steps"] == "20", r
     assert any(r["status"] == "FAILED" for r in rows) and any(r["status"] == "TERMINATED" for r in rows)
+
+
+IN_TRIAL_SPEC = """
+model: {family: mdlm, size: null, d_model: 32, n_layers: 1, n_heads: 2, cond_dim: 16}
+diffusion: {sample_steps: 4}
+data: {source: builtin, seq_len: 32, max_documents: 300}
+train: {max_steps: 200, micro_batch_size: 8, lr: 3.0e-3, warmup_steps: 2, eval_every: 20, checkpoint_every: 20,
+        log_every: 10, num_samples: 0, eval_samples: 2, eval_at_start: false}
+scaling: {num_workers: 1, device: cpu, cpus_per_worker: 1, zero_stage: 2}
+output: {dir: %s, name: t}
+"""
+
+
+def test_in_trial_runs_match_ray_train_and_survive_a_killed_trial(tmp_path: Path) -> None:
+    """Two identical one-worker trials train in their Tune actors (no Ray Train processes); one actor is
+    SIGKILLed after a checkpoint. Tune restarts that trial, which continues from its checkpoint, and both end
+    with the weights a `difflm train` (Ray Train worker, DeepSpeed) of the same spec has, bit for bit."""
+    from safetensors.torch import load_file
+
+    run_spec = tmp_path / "run.yaml"
+    run_spec.write_text(IN_TRIAL_SPEC % tmp_path)
+    sweep_spec = tmp_path / "sweep.yaml"
+    sweep_spec.write_text(IN_TRIAL_SPEC % tmp_path + """sweep:
+  search:
+    diffusion.schedule: {grid: [loglinear]}
+  num_samples: 2
+  scheduler: {kind: none}
+  max_failures: 1
+""")
+    sweep_dir = tmp_path / "t"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(sweep_spec)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, killed = time.time() + 300, None
+    while killed is None and time.time() < deadline and driver.poll() is None:
+        for d in sweep_dir.glob("*-schedule=*"):
+            ckpts = list((d / "train").glob("checkpoint_*"))
+            if ckpts and not (d / "train" / "checkpoint_00000200").exists():
+                pid = int((d / "starts.log").read_text().split()[0])  # the trial actor: it trains, no worker below it
+                os.kill(pid, signal.SIGKILL)
+                killed = d
+                break
+        time.sleep(0.02)
+    out, _ = driver.communicate(timeout=400)
+    assert driver.returncode == 0 and killed is not None, out[-3000:]
+    assert "RayTrainWorker" not in out
+    rows = _results(sweep_dir)
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == "200" for r in rows), rows
+    assert len((killed / "starts.log").read_text().split()) == 2  # Tune restarted it
+    acc = EventAccumulator(str(killed / "tensorboard"), purge_orphaned_data=False).Reload()
+    steps = [e.step for e in acc.Scalars("val/nll")]
+    assert steps[0] == 20 and steps[-1] == 200 and len(steps) < 2 * 10, steps  # continued, not from step 0
+    first = _rows_at(killed, 20)
+    assert first["startup/first_step_s"] < 30 and not (killed / "train" / "checkpoint_manager_snapshot.json").exists()
+
+    proc = _cli("train", str(run_spec), "--output", str(tmp_path / "ray"), "--name", "r")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ref = load_file(str(tmp_path / "ray" / "r" / "checkpoints" / "last" / "model.safetensors"))
+    for r in rows:
+        got = load_file(str(Path(r["trial_dir"]) / "train" / "checkpoints" / "last" / "model.safetensors"))
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), r["trial_dir"]

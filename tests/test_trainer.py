@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,31 @@ def test_a_deepspeed_cpu_op_still_to_compile_is_detected(tmp_path: Path, monkeyp
     built.parent.mkdir(exist_ok=True)
     built.write_bytes(b"")
     assert deepspeed_cpu_op_pending() is None and deepspeed_cpu_op_notice() is None
+
+
+def test_each_environment_gets_its_own_extensions_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two venvs of one checkout shared ~/.cache/torch_extensions/py311_cpu: each rebuilt DeepSpeed's comm op
+    after the other ran (69-70 s), silently, because the .so existed. The folder is keyed by environment,
+    and a build another environment made does not silence this one's first-compile notice."""
+    import sys
+
+    from orchestrator.train import engine
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr("torch.utils.cpp_extension.get_default_build_root", lambda: str(tmp_path))
+    here = engine.keyed_extensions_dir()
+    assert here.parent == tmp_path and here.name.startswith("difflm-py") and here == engine.keyed_extensions_dir()
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/venv2")
+    other = engine.keyed_extensions_dir()
+    assert other != here and other.parent == tmp_path
+    # the other environment has built its op; this one still has to, and says so
+    (other / "deepspeed_shm_comm").mkdir(parents=True)
+    (other / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    monkeypatch.setattr(sys, "prefix", sys.base_prefix if sys.base_prefix != "/elsewhere/venv2" else "/x")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    pending = engine.deepspeed_cpu_op_pending()
+    assert pending is not None and pending.parent != other and pending.parent.parent == tmp_path
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(pending.parent)
+    # a folder the user chose wins
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert engine.use_keyed_extensions_dir() == tmp_path / "mine"

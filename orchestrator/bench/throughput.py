@@ -21,7 +21,6 @@ import datetime as _dt
 import importlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -145,12 +144,12 @@ class RunnerPath:
 
     def __init__(self, backend: str, spec: Any, data: Any, device: torch.device) -> None:
         from orchestrator.build import build_run
-        from orchestrator.train.engine import effective_zero_stage
+        from orchestrator.train.engine import effective_zero_stage, init_single_rank_group
         from orchestrator.train.runner import WorkerContext
 
         self.name = backend
         if backend == "deepspeed":
-            _init_single_rank_group(device)
+            init_single_rank_group(device)
             self.label = f"`Runner` + `DeepSpeedEngine` (ZeRO-{effective_zero_stage(spec)}), in-process"
         else:
             self.label = "`Runner` + `TorchEngine`, in-process"
@@ -160,19 +159,6 @@ class RunnerPath:
 
     def step(self) -> None:
         self.runner.train_step()
-
-
-def _init_single_rank_group(device: torch.device) -> None:
-    """DeepSpeed needs a process group; give this process a world of one on a free local port."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def _timed_steps(step: Callable[[], None], n: int, device: torch.device) -> list[float]:

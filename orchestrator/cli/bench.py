@@ -5,6 +5,7 @@
     difflm bench asha sweeps/noise_schedules.yaml --set sweep.budget.max_steps=200
     difflm bench grid sweeps/noise_schedules.yaml --set sweep.budget.max_steps=200   # in-process, no Ray
     difflm bench sampling runs/quickstart --steps 1000 --length 128
+    difflm bench gpu     # make gpu-check: the GPU check, one report (skips in one line without CUDA)
 
 Without a subcommand (or as ``difflm bench throughput``) it runs the training-throughput benchmark:
 a bare PyTorch loop, difflm's loop in-process with each engine and the full `difflm train`, interleaved.
@@ -150,6 +151,16 @@ def sampling(checkpoint: str, steps: int, length: int, num: tuple[int, ...], rep
     from orchestrator.bench.sampling import SamplingBench, run_sampling_bench
 
     sys.exit(run_sampling_bench(SamplingBench(checkpoint, steps, length, list(num) or [1], repeats, seed, device, threads)))
+
+
+@bench.command()
+@user_errors
+def gpu() -> None:
+    """The GPU check (`make gpu-check`): doctor, train 1 and 2 workers, bench, sampling, a sweep; one report.
+    Without CUDA: one line, exit 0."""
+    from orchestrator.bench.gpu import run_gpu_check
+
+    sys.exit(run_gpu_check())
 
 
 # grid's click command lives with its logic in orchestrator/bench/grid.py; user errors exit 2 like the others

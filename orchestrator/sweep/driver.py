@@ -46,11 +46,14 @@ TRIAL_MEMORY = 64 * 1024**2
 
 
 # ------------------------------------------------------------------- trial
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str, Any], sweep_dir: str, device: str) -> None:
-    """One Tune trial: validate the sampled spec, prepare data (cached), run the inner TorchTrainer."""
+def run_trial(
+    config: dict[str, Any], *, base: dict[str, Any], linked: dict[str, Any], sweep_dir: str, device: str,
+    in_trial: bool = False,
+) -> None:
+    """One Tune trial: validate the sampled spec, prepare data (cached), then train: in this actor
+    (``in_trial``, one worker: orchestrator.sweep.in_trial) or as an inner TorchTrainer run."""
     started_at = time.time()
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     ctx = tune.get_context()
     params = dict(config)  # the searched dotted paths (and labels) -> sampled values
@@ -66,6 +69,25 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], linked: dict[str,
         spec = spec.model_copy(update={"train": spec.train.model_copy(update={"eval_at_start": False})})
     atomic_write_text(trial_dir / "params.json", json.dumps(params, indent=2, default=str))
     prepared = prepare_data(spec.data, spec.tokenizer, log=lambda _msg: None)
+    if in_trial:
+        from orchestrator.sweep.in_trial import run_in_trial
+        from orchestrator.train.trainer import loop_config
+
+        if spec.scaling.num_workers != 1:  # trains_in_trial checked the base spec and every searched path
+            raise ValueError(f"an in-trial run has one worker, the sampled spec asks for {spec.scaling.num_workers}")
+        from orchestrator.train.startup import process_start_time
+
+        config_ = loop_config(spec, device, prepared.cache_dir, trial_dir / "train", trial_dir / "tensorboard",
+                              None, started_at)
+        # the actor's own start (a process importing Ray, Tune and torch) comes before started_at: say it too
+        config_["process_started_at"] = process_start_time()
+        run_in_trial(config_, tune.report)
+        stop = read_stop(trial_dir / "train")
+        if stop is not None:
+            raise RuntimeError(f"training stopped: {stop['reason']}")
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     trainer = build_trainer(
         spec,
         device,
@@ -159,18 +181,44 @@ def _tune_config(sweep: SweepFile, max_concurrent: int) -> Any:
     )
 
 
-def _trainable(sweep: SweepFile, sweep_dir: Path, device: str) -> Any:
-    from ray import tune
+def trains_in_trial(sweep: SweepFile) -> bool:
+    """Whether each trial trains in its own Tune actor (orchestrator.sweep.in_trial) rather than as a Ray Train
+    run: every trial has one worker (the base spec says so and nothing searched or linked touches
+    ``scaling``), unless ``sweep.resources.in_trial`` is false."""
+    if sweep.sweep.resources.in_trial is False:
+        return False
+    if sweep.base_raw()["scaling"]["num_workers"] != 1:
+        return False
+    paths = set(sweep.sweep.search) | {p for values in sweep.sweep.linked.values() for v in values.values() for p in v}
+    return not any(p.startswith("scaling.") for p in paths)
 
-    fn = tune.with_parameters(
-        run_trial, base=sweep.base_raw(), linked=sweep.sweep.linked, sweep_dir=str(sweep_dir), device=device
-    )
+
+def trial_resources(sweep: SweepFile, device: str, in_trial: bool) -> dict[str, float]:
+    """What each trial actor reserves. In-trial it is the worker: its CPUs (the trial's share was carved out
+    of them by base_raw) and GPU share. Otherwise it only waits on its Train run (see _trainable)."""
     share = sweep.sweep.resources.trial_cpus
+    if in_trial:
+        s = sweep.base_raw()["scaling"]
+        res = {"CPU": float(s["cpus_per_worker"]) + share}
+        if device == "cuda" and s["gpus_per_worker"] > 0:
+            res["GPU"] = float(s["gpus_per_worker"])
+        return res
     # A trial actor only waits on its Train run. With no CPU it can never hold a fraction of a CPU its own or
     # another trial's workers need: after a node is lost, Tune restarts all its trials at once, and 0.01-CPU
     # actors filling the survivors' last CPU fractions left no room for any worker (a deadlock, measured on a
     # 2-node cluster). A placement-group bundle must not be empty: it reserves a little memory instead.
-    return tune.with_resources(fn, {"CPU": share} if share > 0 else {"CPU": 0, "memory": TRIAL_MEMORY})
+    return {"CPU": share} if share > 0 else {"CPU": 0, "memory": TRIAL_MEMORY}
+
+
+def _trainable(sweep: SweepFile, sweep_dir: Path, device: str) -> Any:
+    from ray import tune
+
+    in_trial = trains_in_trial(sweep)
+    fn = tune.with_parameters(
+        run_trial, base=sweep.base_raw(), linked=sweep.sweep.linked, sweep_dir=str(sweep_dir), device=device,
+        in_trial=in_trial,
+    )
+    return tune.with_resources(fn, trial_resources(sweep, device, in_trial))
 
 
 def check_sweep_unchanged(sweep_dir: Path, sweep: SweepFile) -> None:

@@ -102,6 +102,12 @@ class SweepResources(StrictModel):
     cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per worker (default scaling.cpus_per_worker).")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker on CUDA (default scaling.gpus_per_worker).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as fit.")
+    in_trial: bool | None = Field(
+        None,
+        description="Train a one-worker trial inside its Tune trial actor instead of a Ray Train run (two Python "
+        "processes fewer per trial: seconds of start-up). null (default): yes when every trial has one worker; "
+        "false: always a Ray Train run.",
+    )
     trial_cpus: float = Field(
         0.0,
         ge=0,

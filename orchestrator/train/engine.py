@@ -40,8 +40,10 @@ AdamW for the device, the torch engine falls back to reading the flag on the hos
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import pickle
+import socket
 import os
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -284,6 +286,8 @@ class DeepSpeedEngine:
     def __init__(self, model: Family, spec: RunSpec, device: torch.device) -> None:
         import deepspeed  # only here: difflm/ never imports it, and the CLI starts fast
 
+        use_keyed_extensions_dir()  # before DeepSpeed may compile its CPU comm op (initialize)
+
         model = model.to(device)
         opt, sched = make_optimizer(model, spec.train, run_lr_lambda(spec))
         self.config = deepspeed_config(spec)
@@ -377,6 +381,60 @@ class DeepSpeedEngine:
             persistent[0].all_gather(persistent)
 
 
+def init_single_rank_group(device: torch.device) -> None:
+    """A torch process group of one (this process, a free local port): DeepSpeed needs one even for a
+    single rank. For code that runs outside a Ray Train worker group (`difflm bench` in-process, a
+    one-worker sweep trial in its Tune actor); a no-op when a group exists."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def keyed_extensions_dir() -> Path:
+    """Where this environment's compiled torch/DeepSpeed extensions go: one folder per environment.
+
+    torch caches extensions under ``~/.cache/torch_extensions/py311_cpu/<name>``, keyed by Python
+    version and accelerator only, but the build (``build.ninja``) names the environment's own paths
+    (its torch and DeepSpeed folders, Python headers). Two environments on one machine (the project's
+    ``.venv`` and a second venv, or two checkouts) therefore rebuild ``deepspeed_shm_comm`` every time
+    the other one ran: 69-70 s on 2 cores, and the first-compile notice stayed silent because the
+    ``.so`` existed. The key is a hash of those paths and the versions, so each environment builds once."""
+    import importlib.util
+    import sys
+    import sysconfig
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    ds = importlib.util.find_spec("deepspeed")
+    parts = [
+        sys.prefix, sys.version, str(Path(torch.__file__).parent), torch.__version__,
+        str(ds.origin) if ds is not None else "", sysconfig.get_paths().get("include", ""),
+    ]
+    try:
+        from importlib.metadata import version
+
+        parts.append(version("deepspeed"))
+    except Exception:  # not installed: the key only has to differ between environments
+        pass
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_{accel}"
+    return Path(get_default_build_root()) / f"difflm-{tag}-{digest}"
+
+
+def use_keyed_extensions_dir() -> Path:
+    """Point TORCH_EXTENSIONS_DIR at :func:`keyed_extensions_dir` unless the user set it; returns it.
+    Called before anything DeepSpeed may compile (the engine, the first-compile notice)."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(keyed_extensions_dir())
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
 def deepspeed_cpu_op_pending() -> Path | None:
     """Where DeepSpeed will compile its CPU shared-memory communication op as it initialises, or None.
 
@@ -385,6 +443,7 @@ def deepspeed_cpu_op_pending() -> Path | None:
     ~/.cache/torch_extensions), even for one worker. The console says so, or a first run looks hung.
     Best effort: None whenever it cannot tell (another DeepSpeed or torch version)."""
     try:
+        use_keyed_extensions_dir()
         import deepspeed.ops
         from deepspeed.accelerator import get_accelerator
         from deepspeed.git_version_info import installed_ops

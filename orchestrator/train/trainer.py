@@ -38,6 +38,23 @@ def lean_trainer_class() -> type:
     return raycompat.lean_torch_trainer_class()
 
 
+def loop_config(
+    spec: RunSpec, device: str, data_dir: Path, run_dir: Path, tb_dir: Path, queue: Any, started_at: float | None
+) -> dict[str, Any]:
+    """What the training function of every rank reads (``orchestrator.train.worker.run_worker``), under
+    Ray Train or in a sweep's trial actor alike."""
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "device": device,
+        "data_dir": str(data_dir),
+        "run_dir": str(run_dir),
+        "tb_dir": str(tb_dir),
+        "val_dir": str(run_dir / VAL_DIR),
+        "queue": queue,
+        "started_at": started_at,
+    }
+
+
 def build_trainer(
     spec: RunSpec,
     device: str,
@@ -65,16 +82,7 @@ def build_trainer(
     return lean_trainer_class()(
         train_fn_per_worker,
         pg_cleaner=pg_cleaner,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "device": device,
-            "data_dir": str(data_dir),
-            "run_dir": str(run_dir),
-            "tb_dir": str(tb_dir),
-            "val_dir": str(run_dir / VAL_DIR),
-            "queue": queue,
-            "started_at": started_at,
-        },
+        train_loop_config=loop_config(spec, device, data_dir, run_dir, tb_dir, queue, started_at),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -61,12 +61,64 @@ def _broadcast(obj: Any, world: int) -> Any:
     return box[0]
 
 
+class WorkerHost(Protocol):
+    """Where the training function runs: a Ray Train worker (:class:`RayTrainHost`) or, for a one-worker
+    sweep trial, the Tune trial actor itself (``orchestrator.sweep.in_trial.TrialHost``)."""
+
+    rank: int
+    world: int
+
+    def device(self, kind: str) -> torch.device: ...
+
+    def preferred_checkpoint(self) -> Path | None: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None) -> None:
+        """Hand ``metrics`` (and the checkpoint in ``checkpoint_dir``, to be kept as ``run_dir/name``) on."""
+
+
+class RayTrainHost:
+    """A Ray Train worker: rank and world from ``ray.train.get_context()``; Ray Train copies each
+    checkpoint into the run folder and keeps its registry (``checkpoint_manager_snapshot.json``)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, kind: str) -> torch.device:
+        if kind == "cuda":
+            from ray.train.torch import get_device
+
+            return get_device()
+        return torch.device(kind)
+
+    def preferred_checkpoint(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return Path(ckpt.path) if ckpt is not None else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Runs inside each Ray Train worker: build model + engine, resume, run the loop, report to Ray."""
     entered = time.time()
-    import ray.train
-    from ray.train import Checkpoint
+    return run_worker(config, RayTrainHost(), entered)
 
+
+def run_worker(config: dict[str, Any], host: WorkerHost, entered: float | None = None) -> dict[str, Any]:
+    """The training function of one rank, wherever it runs (``host``): build model + engine, resume, run
+    the loop, report. ``config`` is :func:`orchestrator.train.trainer.loop_config`'s dict."""
+    entered = time.time() if entered is None else entered
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     spec = spec_from_dict(config["spec"])
     # The CPUs Ray reserved for this worker, as intra-op threads (the process env already says so: see
@@ -75,15 +127,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(worker_threads(spec.scaling.cpus_per_worker))
     queue = config.get("queue")
     run_dir = Path(config["run_dir"])
-    ctx_ray = ray.train.get_context()
-    rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
-    device_kind = config["device"]
-    if device_kind == "cuda":
-        from ray.train.torch import get_device
-
-        device = get_device()
-    else:
-        device = torch.device(device_kind)
+    rank, world = host.rank, host.world
+    device = host.device(config["device"])
 
     def put(kind: str, payload: dict[str, Any]) -> None:
         if queue is not None:
@@ -146,16 +191,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # Once, with the first report after the first step: a sweep trial's start-up lands in Tune's results.
             startup_reported = True
             metrics = {**metrics, "startup/first_step_s": stamps["step1"] - started_at}
+            if config.get("process_started_at") is not None:  # an in-trial run: from its actor's creation on
+                metrics["startup/process_first_step_s"] = stamps["step1"] - config["process_started_at"]
         # worker_nodes lands in each sweep trial's result.json: where the trial's workers ran
         metrics = {**metrics, "worker_nodes": nodes}
         if checkpoint_dir is None:
-            ray.train.report(metrics)
+            host.report(metrics, None, None)
             return
         # Rank 0 names the folder (Ray syncs the name to every rank); "checkpoint_time" ranks checkpoints
         # for Ray's retention: it keeps train.keep_checkpoints most recent ones.
         name = checkpoint_dir_name(run_dir, int(metrics["step"])) if rank == 0 else None
-        ray.train.report({**metrics, "checkpoint_time": time.time()},
-                         checkpoint=Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
+        host.report({**metrics, "checkpoint_time": time.time()}, checkpoint_dir, name)
         name = _broadcast(name, world)
         if world > 1:
             import torch.distributed as dist
@@ -173,11 +219,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         spec, data, engine, WorkerContext(rank, world, device), logger=logger, report=report, emit=emit,
         val_dir=Path(config["val_dir"]) if config.get("val_dir") else None, on_first_step=first_step,
     )
-    preferred = ray.train.get_checkpoint()
+    preferred = host.preferred_checkpoint()
     chosen = None
     if rank == 0:
         log = lambda msg: emit("log", {"message": msg})  # noqa: E731
-        info = pick_resume_checkpoint(run_dir, Path(preferred.path) if preferred is not None else None, log)
+        info = pick_resume_checkpoint(run_dir, preferred, log)
         chosen = str(info.path) if info is not None else None
     chosen = _broadcast(chosen, world)
     if chosen is not None:
@@ -208,7 +254,8 @@ def worker_nodes(world: int, device: torch.device) -> list[str]:
     """
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
+    # "local": the function runs outside any Ray worker (tests drive a trial's function in-process)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     if world == 1 or not torch.distributed.is_initialized():
         return [node]
     if device.type == "cuda":
