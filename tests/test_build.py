@@ -9,6 +9,7 @@ had their own copy of the build.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,13 @@ def built(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         seen.append(run(*a, **k))
         return seen[-1]
 
-    monkeypatch.setattr(build, "build_family", spy_family)
-    monkeypatch.setattr(build, "build_run", spy_run)
+    # every orchestrator module that imported the names (`from orchestrator.build import build_family`) before this
+    # test ran holds its own reference: patch those too, or the count depends on test order
+    for mod in [build, *(m for n, m in list(sys.modules.items()) if n.startswith("orchestrator."))]:
+        if getattr(mod, "build_family", None) is family:
+            monkeypatch.setattr(mod, "build_family", spy_family)
+        if getattr(mod, "build_run", None) is run:
+            monkeypatch.setattr(mod, "build_run", spy_run)
     return seen
 
 

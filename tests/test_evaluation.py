@@ -51,14 +51,15 @@ def _one_thread() -> Iterator[None]:
 def _spec(cache: Path, family: str = "mdlm", schedule: str | None = None, time_conditioning: bool = False,
           **train: Any) -> RunSpec:
     raw: dict[str, Any] = {
-        "model": {"family": family, "size": None, "d_model": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16,
-                  "time_conditioning": time_conditioning},
-        "diffusion": {"schedule": schedule},
+        "model": {"family": family, "size": None, "d_model": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},
         "data": {"source": "builtin", "seq_len": SEQ, "max_documents": 200, "cache_dir": str(cache)},
         "train": {"max_steps": 40, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "eval_samples": 4,
                   "num_samples": 0, **train},
         "scaling": {"deepspeed": False, "device": "cpu"},
     }
+    if family != "ar":  # ar has no noise process: no diffusion section, no time conditioning
+        raw["model"]["time_conditioning"] = time_conditioning
+        raw["diffusion"] = {"schedule": schedule}
     return RunSpec.model_validate(raw)
 
 

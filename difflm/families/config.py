@@ -30,6 +30,11 @@ class FamilyConfig(StrictModel):
         None, exclude=True, description="Set from model.family by the run spec; do not write it."
     )
 
+    def steps_for(self, length: int) -> int:
+        """Sampler steps for samples of ``length`` tokens: the family's ``sample_steps``, or ``length`` for a
+        family with no noise process (ar draws one token per network evaluation and ignores it)."""
+        return length
+
 
 class ScheduleFields(FamilyConfig):
     """Fields of every family with a noise process: schedule, antithetic time sampling, sample steps."""
@@ -43,6 +48,9 @@ class ScheduleFields(FamilyConfig):
     )
     antithetic: bool = Field(True, description="Antithetic (stratified) time sampling across the batch: lower variance.")
     sample_steps: int = Field(128, ge=1, le=100000, description="Denoising steps for the samples logged at eval.")
+
+    def steps_for(self, length: int) -> int:
+        return self.sample_steps
 
 
 class ContinuousTimeFields(FamilyConfig):

@@ -101,7 +101,7 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     options = SampleOptions(
         num=num,
         length=total,
-        steps=steps or spec.diffusion.sample_steps,
+        steps=steps or spec.diffusion.steps_for(spec.data.seq_len),
         temperature=temperature,
         top_p=top_p,
         template=None if template is None else template.ids,

@@ -35,7 +35,7 @@ def sample_quality(ckpt: Any, say: Callable[[str], None], *, gen_ppl: bool, judg
         judge: Any = DifflmJudge(ckpt=ckpt)
     else:
         judge = load_judge(judge_ref, ckpt.device)
-    grid = parse_steps(steps, ckpt.spec.diffusion.sample_steps)
+    grid = parse_steps(steps, ckpt.spec.diffusion.steps_for(ckpt.spec.data.seq_len))
     name = sampler or ckpt.model.default_sampler
     say(f"checkpoint  {ckpt.describe()}")
     say(f"judge       {judge.name}")

@@ -45,7 +45,7 @@ class DifflmHarnessModel:
         self.max_len = int(self.spec.data.seq_len)
         self.mc_samples = 1 if self.model.exact_likelihood else int(mc_samples)
         self.seed = int(seed)
-        self.steps = int(steps) if steps is not None else int(self.spec.diffusion.sample_steps)
+        self.steps = int(steps) if steps is not None else self.spec.diffusion.steps_for(self.spec.data.seq_len)
         self.calls = 0
 
     def _loglik(self, context: list[int], continuation: list[int], index: int) -> float:

@@ -292,7 +292,7 @@ class Runner:
             return []
         self.engine.train(False)
         gen = torch.Generator(device=self.ctx.device).manual_seed(self.spec.train.eval_seed)
-        ids = self.engine.module.sample(n, self.spec.data.seq_len, self.spec.diffusion.sample_steps, gen)
+        ids = self.engine.module.sample(n, self.spec.data.seq_len, self.spec.diffusion.steps_for(self.spec.data.seq_len), gen)
         self.engine.train(True)
         return [self.data.tokenizer.decode(row.tolist()) for row in ids.cpu()]
 

@@ -241,7 +241,7 @@ def run_worker(config: dict[str, Any], host: WorkerHost, entered: float | None =
     summary["threads"] = torch.get_num_threads()
     summary["peak_memory_bytes"] = peak_memory_above(device, memory_baseline)
     summary["worker_nodes"] = nodes  # summary.json: which Ray node each rank ran on
-    summary["exact_likelihood"] = bool(model.exact_likelihood)  # val/nll exact (ar) or a bound: the CLI says which
+    summary["exact_likelihood"] = bool(engine.module.exact_likelihood)  # val/nll exact (ar) or a bound: the CLI says which
     emit("done", summary)
     return summary
 
