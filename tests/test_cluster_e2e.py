@@ -182,7 +182,9 @@ sweep:
   search:
     train.lr: {grid: [3.0e-3, 1.0e-6]}
   scheduler: {kind: asha, grace_period: 5, reduction_factor: 2}
-  resources: {max_concurrent_trials: 1}
+  # in_trial: false: an in-actor trial starts in ~2 s, and the 10-step first trial plus the second one's
+  # first 5 steps then finish before the driver's kill lands; a Ray Train trial leaves the test its window
+  resources: {max_concurrent_trials: 1, in_trial: false}
 """
 
 
