@@ -1,6 +1,6 @@
 # difflm: the two commands of the README.
 #   make quickstart   install, then run the quickstart sweep (4 tiny MDLMs, one per noise
-#                     schedule, ASHA, built-in corpus; 60-90 s on 2 CPU cores)
+#                     schedule, 2 training seeds each, ASHA, built-in corpus; ~100 s on 2 CPU cores)
 #   make test         install, then run the whole test suite
 # GPU users: make quickstart TORCH_INDEX=https://download.pytorch.org/whl/cu128
 PYTHON ?= python3
