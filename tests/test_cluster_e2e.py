@@ -241,6 +241,38 @@ def test_resumed_asha_sweep_stops_the_same_trials(cluster: Cluster) -> None:
     assert _uninterrupted_decisions([first, second]) == {first.name: 10, second.name: 5}
 
 
+def test_data_prepare_on_the_cluster_writes_the_local_shards(cluster: Cluster) -> None:
+    """`difflm data prepare SPEC --address` tokenizes with Ray Data on the 2-node cluster into the shared
+    data.cache_dir, and the token shards are byte for byte those of a local preparation (issue 21)."""
+    import yaml
+
+    from difflm.data import prepare_data
+    from difflm.data.config import DataConfig, TokenizerConfig
+
+    corpus = cluster.tmp / "corpus.txt"
+    corpus.write_text("".join(f"doc{i:05d} " + " ".join(f"w{(i * 7 + j) % 23}" for j in range(40)) + "\n\n"
+                              for i in range(600)))
+    data = {"source": "text", "path": str(corpus), "seq_len": 64, "val_fraction": 0.1, "split_seed": 5,
+            "chunk_chars": 20_000, "num_proc": 1}
+    tok = {"kind": "bpe", "vocab_size": 400}
+    spec = cluster.tmp / "data.yaml"
+    spec.write_text(yaml.safe_dump({"data": {**data, "cache_dir": str(cluster.tmp / "cache-cluster")},
+                                    "tokenizer": tok}))
+    proc = cluster.cli("data", "prepare", str(spec), "--address", cluster.address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Ray Data" in proc.stdout + proc.stderr
+    local = prepare_data(DataConfig(**data, cache_dir=str(cluster.tmp / "cache-local")), TokenizerConfig(**tok),
+                         log=lambda _m: None)
+    local_dir = Path(local.stats["tokens_dir"])
+    (remote_dir,) = (cluster.tmp / "cache-cluster" / "tokens").glob(local_dir.name)
+
+    def shards(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+                if p.suffix in (".bin", ".json") and p.name != "index.json"}
+    a, b = shards(local_dir), shards(remote_dir)
+    assert len(a) > 6 and a == b, (sorted(a), sorted(b))
+
+
 LOSS = MODEL + """
 train: {max_steps: 400, micro_batch_size: 4, warmup_steps: 1, eval_every: 40, checkpoint_every: 40, log_every: 40,
         num_samples: 0, eval_at_start: true}

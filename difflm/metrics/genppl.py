@@ -83,13 +83,20 @@ def judge_windows(n: int, context: int) -> list[tuple[int, int, int]]:
         raise ValueError(f"a judge context of {context} tokens cannot score anything; it needs at least 2")
     if n < 2:
         return []
+    return [(start, end, first) for start, first, end in covering_windows(n, context, first=1)]
+
+
+def covering_windows(n: int, width: int, first: int = 0) -> list[tuple[int, int, int]]:
+    """Windows ``(start, first_scored, end)`` of at most ``width`` tokens that score positions ``first..n-1``
+    exactly once: window ``ids[start:end]`` scores ``ids[first_scored:end]`` given ``ids[start:first_scored]``;
+    after the first window each keeps ``width // 2`` earlier tokens as context. The judge's windows
+    (:func:`judge_windows`) and lm-eval's rolling log-likelihood (``difflm.metrics.loglik``) share it."""
     out: list[tuple[int, int, int]] = []
-    keep = context // 2
-    first = 1
+    keep = width // 2
     while first < n:
         start = max(0, first - keep) if out else 0
-        end = min(n, start + context)
-        out.append((start, end, first))
+        end = min(n, start + width)
+        out.append((start, first, end))
         first = end
     return out
 

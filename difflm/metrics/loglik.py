@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from difflm.evaluation import make_val_noise
+from difflm.metrics.genppl import covering_windows
 from difflm.families.base import Family
 
 
@@ -75,11 +76,4 @@ def rolling_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
     width = max_len - 1
     if width < 2:
         raise TooLongError(f"seq_len {max_len} is too short for a rolling log-likelihood")
-    out: list[tuple[int, int, int]] = []
-    first, keep = 0, width // 2
-    while first < n:
-        start = max(0, first - keep) if out else 0
-        end = min(n, start + width)
-        out.append((start, first, end))
-        first = end
-    return out
+    return covering_windows(n, width)
