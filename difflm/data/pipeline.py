@@ -55,6 +55,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from difflm.atomic import atomic_write_text
 from difflm.data.config import DataConfig, TokenizerConfig
 from difflm.data.errors import DataError
 from difflm.data.shards import (ChunkResult, ChunkTask, ShardJob, chunk_record_path, read_chunk_record, shard_path,
@@ -289,7 +290,7 @@ def _tokenize_all(data: DataConfig, tok: TokenizerConfig, root: Path, tdir: Path
         "prepare_seconds": round(time.perf_counter() - t0, 3),
         "chunks": [asdict(c) for c in chunks],
     }
-    _atomic_text(tdir / INDEX_FILE, json.dumps(index, indent=1) + "\n")
+    atomic_write_text(tdir / INDEX_FILE, json.dumps(index, indent=1) + "\n")
     log(f"data: tokenized {index['documents']:,} documents -> {index['train_tokens']:,} train / "
         f"{index['val_tokens']:,} val tokens in {index['prepare_seconds']:.1f} s ({tdir})")
 
@@ -574,15 +575,6 @@ def _locked(path: Path, log: Callable[[str], None]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _describe(data: DataConfig) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from difflm.atomic import atomic_save, atomic_write_text
 from difflm.data.split import val_mask
 from difflm.data.tokenization import META_FILE, ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -117,19 +118,6 @@ def encode_documents(tokenizer: Tokenizer, docs: Sequence[str], dtype: str | np.
     return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
 
 
-def _write_atomic(path: Path, data: bytes | np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(data, np.ndarray):
-            data.tofile(f)
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def tokenize_chunk(job: ShardJob, task: ChunkTask) -> ChunkResult:
     """Split, tokenize and write one chunk; returns (and records) its counts."""
     tok = _tokenizer(job.out_dir)
@@ -138,10 +126,10 @@ def tokenize_chunk(job: ShardJob, task: ChunkTask) -> ChunkResult:
     val_docs = [d for d, v in zip(task.docs, is_val) if v]
     train = encode_documents(tok, train_docs, job.dtype)
     val = encode_documents(tok, val_docs, job.dtype)
-    _write_atomic(shard_path(job.out_dir, "train", task.index), train)
-    _write_atomic(shard_path(job.out_dir, "val", task.index), val)
+    atomic_save(shard_path(job.out_dir, "train", task.index), train.tofile)
+    atomic_save(shard_path(job.out_dir, "val", task.index), val.tofile)
     result = ChunkResult(index=task.index, first_doc=task.first_doc, documents=len(task.docs), chars=task.chars,
                          train_documents=len(train_docs), val_documents=len(val_docs),
                          train_tokens=int(len(train)), val_tokens=int(len(val)))
-    _write_atomic(chunk_record_path(job.out_dir, task.index), (json.dumps(asdict(result)) + "\n").encode())
+    atomic_write_text(chunk_record_path(job.out_dir, task.index), json.dumps(asdict(result)) + "\n")
     return result
