@@ -394,3 +394,30 @@ def asha_rungs(scheduler: Any) -> list[tuple[float, dict[str, float]]]:
     Why: the sweep tests and the resume message compare rungs before and after a restore.
     Public replacement: as for :func:`asha_bracket`."""
     return [(m, dict(rec)) for m, rec in scheduler._brackets[0]._rungs]
+
+
+# --- Tune's saved experiment state -----------------------------------------------------------
+
+_EXPERIMENT_STATE = "ray.tune.execution.experiment_state"
+
+
+@_uses(f"{_EXPERIMENT_STATE}:_find_newest_experiment_checkpoint")
+def saved_trial_count(experiment_dir: str) -> int | None:
+    """How many trials Tune's newest experiment state in ``experiment_dir`` lists (None: no state file).
+
+    Why: Tune saves its experiment state once as it starts (before any trial exists) and then at most
+    every ~10 s. A sweep killed in between leaves a state with no trials beside a search-algorithm
+    state that has already handed out the first configuration; ``Tuner.restore`` of that runs one
+    trial with an empty config and never the grid (seen on the 2-node cluster test). The sweep
+    driver starts such a sweep afresh instead (orchestrator.sweep.driver).
+    Public replacement: ``Tuner.can_restore`` telling a restorable state from an empty one."""
+    import json
+
+    path = load(f"{_EXPERIMENT_STATE}:_find_newest_experiment_checkpoint")(experiment_dir)
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return len(json.load(f)["trial_data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0

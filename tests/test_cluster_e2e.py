@@ -222,8 +222,12 @@ def test_resumed_asha_sweep_stops_the_same_trials(cluster: Cluster) -> None:
     # after it (one trial at a time), then runs only after the resume, against the rung the restore rebuilt.
     # SIGKILL, not Ctrl-C: Tune takes seconds to stop after a SIGINT, in which a tiny trial trains to its end
     # and the next one starts; on a cluster the job's actors die with their driver at once.
+    # And once Tune's saved state lists that trial: Tune saves it at most every ~10 s, and a sweep killed
+    # before that is started afresh on --resume (tests/test_raycompat.py), not the path tested here.
+    from orchestrator import raycompat
+
     while not [r for d in sweep_dir.glob("*lr=0.003*") if (d / "result.json").is_file() for r in _rows(d)
-               if r.get("step", 0) >= 5]:
+               if r.get("step", 0) >= 5] or not raycompat.saved_trial_count(str(sweep_dir)):
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     driver.kill()

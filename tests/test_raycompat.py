@@ -4,6 +4,7 @@ is used anywhere else in orchestrator/ (so a Ray upgrade is one module to read).
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -60,3 +61,22 @@ def test_no_private_ray_name_outside_the_adapter() -> None:
         if PRIVATE.search(line)
     ]
     assert not found, "use orchestrator.raycompat for these:\n" + "\n".join(found)
+
+
+def test_a_sweep_killed_before_tune_saved_a_trial_is_started_afresh(tmp_path: Path) -> None:
+    """Tune's first experiment state lists no trial; restoring it ran one trial with an empty config
+    (CI, 2026-12-06). saved_trial_count tells that state apart, and the driver sets it aside."""
+    from orchestrator.sweep.driver import STATE_FILE, UNSAVED_DIR, _set_aside_unsaved
+
+    assert raycompat.saved_trial_count(str(tmp_path)) is None
+    (tmp_path / "experiment_state-2026-12-06_07-11-18.json").write_text(json.dumps({"trial_data": [], "stats": {}}))
+    assert raycompat.saved_trial_count(str(tmp_path)) == 0
+    (tmp_path / "experiment_state-2026-12-06_07-12-00.json").write_text(json.dumps({"trial_data": [["{}", "{}"]]}))
+    assert raycompat.saved_trial_count(str(tmp_path)) == 1  # the newest state is the one Tune restores
+    for name in (STATE_FILE, "sweep.yaml", "tuner.pkl"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "abc_00000-lr=0.003").mkdir()
+    _set_aside_unsaved(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([STATE_FILE, "sweep.yaml", UNSAVED_DIR])
+    assert (tmp_path / UNSAVED_DIR / "abc_00000-lr=0.003").is_dir()
+    assert raycompat.saved_trial_count(str(tmp_path)) is None

@@ -273,6 +273,9 @@ def run_sweep(
         )
     if resume and not allow_spec_change:
         check_sweep_unchanged(sweep_dir, sweep)
+    restart = resume and not raycompat.saved_trial_count(str(sweep_dir))
+    if restart:  # killed before Tune saved a trial: nothing of Tune's to restore (see raycompat.saved_trial_count)
+        _set_aside_unsaved(sweep_dir)
     base_spec = validate_as(RunSpec, sweep.base_raw(), source=spec_path)
     # Tokenize once on the driver (trials hit the cache); data errors stop here, before Ray.
     _, _, device, cpus, gpus = prepare_and_place(base_spec, address, console, dashboard=True)
@@ -319,7 +322,10 @@ def run_sweep(
         f"sweep: {sweep_dir}\n{_describe(sweep)}; up to {max_concurrent} trial(s) at once, "
         f"{base_spec.scaling.num_workers} worker(s) per trial, device {device}"
     )
-    if resume:
+    if restart:
+        console.info("resuming: Tune had saved no trial before the sweep stopped; its trials start again "
+                     f"(the unsaved first attempt is in {sweep_dir / UNSAVED_DIR})")
+    if resume and not restart:
         tuner = tune.Tuner.restore(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
@@ -340,6 +346,22 @@ def run_sweep(
     finally:
         table.close()
     return time.monotonic() - start
+
+
+UNSAVED_DIR = "unsaved-attempt"
+
+
+def _set_aside_unsaved(sweep_dir: Path) -> None:
+    """Move Tune's state files and trial folders of a sweep Tune saved no trial of into ``UNSAVED_DIR``.
+
+    A fresh Tuner then starts in the same folder (difflm's sweep.yaml and state file stay); results
+    read Tune's newest state, so the set-aside folders cannot mix into the table, and nothing is deleted."""
+    keep = {STATE_FILE, "sweep.yaml", UNSAVED_DIR}
+    aside = sweep_dir / UNSAVED_DIR
+    aside.mkdir(exist_ok=True)
+    for p in sweep_dir.iterdir():
+        if p.name not in keep:
+            p.rename(aside / p.name)
 
 
 def _abs_profile(profile: str | None) -> str | None:
