@@ -56,20 +56,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from difflm.atomic import atomic_path
+# ValNoise and the rate range live in the leaf types module (families read them too); re-exported here.
+from difflm.types import RATE_MAX, RATE_MIN, Scorer, ValNoise
 
-if TYPE_CHECKING:
-    from difflm.families.base import Family
-
-#: The masking-rate range the val estimator integrates over: all of (0, 1] (recorded in the draws' meta).
-RATE_MIN: float = 0.0
-RATE_MAX: float = 1.0
 #: The share of the rate density that goes like 1 / sqrt(m) near 0 (importance sampling with bounded variance;
 #: the rest is uniform), module doc.
 RATE_MIX: float = 0.25
@@ -86,40 +82,6 @@ def counted_positions(tokens: Tensor) -> Tensor:
     counted[:, 0] = False
     counted[:, -1] = False
     return counted
-
-
-@dataclass(frozen=True)
-class ValNoise:
-    """The val noise of a batch of sequences, K draws each, as common random numbers.
-
-    rates:    (B, K) masking rates in (0, 1]: ``m = F^-1(u)`` (F: the CDF of the rate density, module doc) where
-              u (``uniform``) is stratified per sequence: draw k's u lies in the k-th of K equal strata of
-              (0, 1) (one offset per sequence).
-    uniforms: (B, K, L) U[0, 1) per position; in draw k, position j is masked iff
-              ``uniforms[b, k, j] < rates[b, k]`` (and it is a counted position).
-    seeds:    (B,) int64 per-sequence seeds for families that need other noise (e.g. Gaussian),
-              also functions of (eval_seed, sequence index) only.
-    weights:  (B, K) ``1 / p(m)``, the importance weight of each rate: a family's estimate of an integral
-              over m in (0, 1] is ``weights[:, k] * integrand(m_k)`` averaged over k.
-    uniform:  (B, K) the stratified u in (0, 1) behind each rate, for families that map it to their own
-              time variable (diffusion_lm's importance distribution).
-    """
-
-    rates: Tensor
-    uniforms: Tensor
-    seeds: Tensor
-    weights: Tensor
-    uniform: Tensor
-    rate_min: float = RATE_MIN
-    rate_max: float = RATE_MAX
-
-    @property
-    def samples(self) -> int:
-        return int(self.rates.shape[1])
-
-    def masked(self, k: int, counted: Tensor) -> Tensor:
-        """(B, L) bool: the positions masked in draw k (only counted positions are ever masked)."""
-        return (self.uniforms[:, k] < self.rates[:, k, None]) & counted
 
 
 def _sequence_seed(seed: int, index: int) -> tuple[int, int]:
@@ -262,7 +224,7 @@ class ValDraws:
 
 @torch.no_grad()
 def val_pass(
-    model: Family,
+    model: Scorer,
     blocks: np.ndarray,
     start: int,
     stop: int,

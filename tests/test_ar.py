@@ -12,6 +12,7 @@ from difflm.families import build_model
 from difflm.families.ar.model import AR
 from difflm.families.config import DiffusionConfig
 from difflm.models import Backbone, ModelConfig
+from difflm.sampling import SampleOptions, get_sampler
 from tests.helpers import randomize_zero_init
 
 V, L = 20, 16
@@ -72,9 +73,10 @@ def test_sampling() -> None:
     assert s.shape == (4, 10) and s.dtype == torch.int64
     assert torch.all(s[:, 0] == 5) and torch.all((s >= 0) & (s < V))
     assert torch.equal(s, m.sample(4, 10, steps=1, generator=torch.Generator().manual_seed(0)))
-    prefix = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    p = m.sample(2, 8, steps=1, prefix=prefix)
-    assert p.shape == (2, 8) and torch.equal(p[:, :3], prefix)
+    template = torch.tensor([1, 2, 3, 0, 0, 0, 0, 0])
+    fixed = torch.arange(8) < 3
+    p = get_sampler(m, "ancestral")(SampleOptions(num=2, length=8, steps=1, template=template, fixed=fixed)).tokens
+    assert p.shape == (2, 8) and torch.equal(p[:, :3], template[:3].expand(2, 3))
     nobos = make().sample(64, 2, steps=1, generator=torch.Generator().manual_seed(0))
     assert nobos[:, 0].unique().numel() > 5  # no BOS: first token drawn uniformly
 
@@ -105,5 +107,7 @@ def test_memorises_one_batch() -> None:
     final = m(tokens, valid).loss.item()
     assert initial == pytest.approx(math.log(256), rel=1e-5)
     assert final < 0.01, final
-    out = m.sample(2, 32, steps=32, generator=torch.Generator().manual_seed(0), prefix=tokens[:2, :1])
+    fixed = torch.arange(32) < 1
+    opts = SampleOptions(num=2, length=32, steps=32, template=tokens[0], fixed=fixed)
+    out = get_sampler(m, "ancestral")(opts, torch.Generator().manual_seed(0)).tokens
     assert bytes(out[0].tolist()) == sentence and bytes(out[1].tolist()) == sentence

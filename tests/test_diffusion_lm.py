@@ -18,6 +18,7 @@ from difflm.families.diffusion_lm.diagnostics import BUCKETS, bucket_name, input
 from difflm.families.diffusion_lm.gaussian import GAUSSIAN_SCHEDULES, get_gaussian_schedule
 from difflm.models import ModelConfig
 from difflm.families.diffusion_lm.denoiser import DiTDenoiser
+from difflm.sampling import SampleOptions, get_sampler
 from tests.helpers import randomize_zero_init
 
 V, E, L = 40, 16, 16
@@ -337,7 +338,7 @@ def test_sampler_valid_tokens_and_reproducible() -> None:
     assert s1.shape == (3, 12) and s1.dtype == torch.int64 and torch.all((s1 >= 0) & (s1 < V))
     assert torch.equal(s1, m.sample(3, 12, steps=8, generator=gen(0)))
     assert not torch.equal(s1, m.sample(3, 12, steps=8, generator=gen(1)))
-    clamped = m.sample(3, 12, steps=8, generator=gen(0), clamp=True)
+    clamped = get_sampler(m, "ancestral_clamp")(SampleOptions(num=3, length=12, steps=8), gen(0)).tokens
     assert clamped.shape == (3, 12) and torch.all((clamped >= 0) & (clamped < V))
     assert m.sample(2, 5, steps=1, generator=gen(0)).shape == (2, 5)
     small = make(T=10)
@@ -358,7 +359,7 @@ def test_clamping_snaps_to_word_embeddings() -> None:
 
 def test_trained_sampler_with_clamping(trained: tuple[DiffusionLM, Tensor, list[float]]) -> None:
     m, _, _ = trained
-    s = m.sample(4, 32, steps=50, generator=gen(0), clamp=True)
+    s = get_sampler(m, "ancestral_clamp")(SampleOptions(num=4, length=32, steps=50), gen(0)).tokens
     assert s.shape == (4, 32) and torch.all((s >= 0) & (s < 256))
     # the training text is lower-case letters and spaces: samples should be mostly those bytes
     allowed = set(b"".join(SENTENCES))

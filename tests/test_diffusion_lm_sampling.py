@@ -99,12 +99,12 @@ def test_samples_valid_ids_of_the_right_shape(name: str) -> None:
 
 def test_same_seed_same_samples_and_model_sample_agrees() -> None:
     m = make()
-    for name, clamp in (("ancestral", False), ("ancestral_clamp", True)):
+    for name in ("ancestral", "ancestral_clamp"):
         a = run(m, name, seed=3, num=3, length=10, steps=6).tokens
         assert torch.equal(a, run(m, name, seed=3, num=3, length=10, steps=6).tokens)
         assert not torch.equal(a, run(m, name, seed=4, num=3, length=10, steps=6).tokens)
-        # the unprompted sampler at temperature 1 draws exactly like DiffusionLM.sample
-        assert torch.equal(a, m.sample(3, 10, 6, gen(3), clamp=clamp))
+        if name == m.default_sampler:  # Family.sample (derived from the registry) runs the default sampler
+            assert torch.equal(a, m.sample(3, 10, 6, gen(3)))
     # clamping changes the chain
     assert not torch.equal(run(m, "ancestral", num=3, length=10, steps=6).tokens,
                            run(m, "ancestral_clamp", num=3, length=10, steps=6).tokens)

@@ -9,17 +9,28 @@ same ``valid`` / ``counted`` positions: :func:`difflm.evaluation.counted_positio
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from difflm.families.registry import get_family
+from difflm.types import (  # re-exported: families import their shared types from here or from difflm.types
+    DenoiseResult,
+    Diagnostics,
+    LossOutput,
+    SampleOptions,
+    Sampler,
+    SamplingError,
+    ValNoise,
+)
+
 if TYPE_CHECKING:
-    from difflm.evaluation import ValNoise
     from difflm.families.config import DiffusionConfig
-    from difflm.sampling.core import SampleOptions, SampleOutput, Sampler
+
+__all__ = ["Family", "LossOutput", "Diagnostics", "DenoiseResult", "ValNoise", "wide_float", "masked_denoise_metrics"]
 
 
 def wide_float(device: torch.device) -> torch.dtype:
@@ -31,62 +42,27 @@ def wide_float(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-@dataclass
-class LossOutput:
-    """What one forward pass of a family returns.
-
-    loss:       scalar, mean over the counted (``valid``) tokens; what ``backward`` sees.
-    nll_sum:    float64 scalar, this draw's sum over counted tokens of the per-token NLL (bound)
-                in nats (the training draw's estimate; validation uses :meth:`Family.val_nll`).
-    num_tokens: int64 scalar, how many counted tokens ``nll_sum`` covers.
-    metrics:    extra scalar tensors for logging (e.g. ``nelbo``, ``ce``); detached.
-    histograms: detached 1-D tensors of per-token values (e.g. mdlm ATAT's ``importance``); the runner
-                logs the latest as TensorBoard histograms and quantiles at its log points.
-    """
-
-    loss: Tensor
-    nll_sum: Tensor
-    num_tokens: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-    histograms: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class Diagnostics:
-    """Family-specific validation extras, computed on one val batch at each eval.
-
-    scalars:  logged under ``val/<name>`` (e.g. per-noise-bucket cosine similarity).
-    texts:    logged as TensorBoard text under ``diagnostics/<name>`` (e.g. a denoising demo).
-    warnings: plain-language lines shown on the console (e.g. outputs stopped depending on inputs).
-    """
-
-    scalars: dict[str, float] = field(default_factory=dict)
-    texts: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass
-class DenoiseResult:
-    """What :meth:`Family.denoise` returns for clean tokens (B, L) corrupted at one noise level.
-
-    corrupted:     (B, L) ids of the corrupted input (mask id at noised positions), or None when the
-                   corruption is not a token sequence (continuous noise).
-    noised:        (B, L) bool, the positions the corruption touched (None: every position).
-    reconstructed: (B, L) ids the model recovers from the corruption.
-    metrics:       floats over the batch: ``accuracy`` (reconstructed == clean over real tokens) at
-                   least; families add their own (``masked_accuracy``, ``cosine``, ...).
-    method:        one line saying how the reconstruction was made (printed by ``difflm denoise``).
-    """
-
-    corrupted: Tensor | None
-    noised: Tensor | None
-    reconstructed: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
-    method: str = ""
+def masked_denoise_metrics(recon: Tensor, tokens: Tensor, valid: Tensor, noised: Tensor) -> dict[str, float]:
+    """The metrics of a denoise that corrupts a subset of positions (mdlm, sedd): ``mask_rate`` (noised share of
+    the valid tokens), ``accuracy`` (reconstructed == clean over valid tokens) and ``masked_accuracy`` (over the
+    noised ones; nan when none was noised). One helper so every masked family reports the same numbers."""
+    n_valid = valid.sum().clamp(min=1)
+    n_noised = noised.sum()
+    correct = recon == tokens
+    return {
+        "mask_rate": float(n_noised / n_valid),
+        "accuracy": float((correct & valid).sum() / n_valid),
+        "masked_accuracy": float((correct & noised).sum() / n_noised) if int(n_noised) else float("nan"),
+    }
 
 
 class Family(nn.Module, ABC):
-    """Base class of model families (mdlm, ar, ...)."""
+    """Base class of model families (mdlm, ar, ...): the network, its loss and its val estimator.
+
+    Everything else a family offers is registered, not overridden: samplers (and the default one) in
+    its ``FamilySpec``, from which :meth:`samplers` / :meth:`sample` are derived here. ``denoise`` and
+    ``diagnostics`` are optional hooks (:class:`difflm.types.Denoiser`, :class:`difflm.types.Diagnoser`):
+    a family defines the method or not, and callers check with ``isinstance``."""
 
     #: registry name, set by subclasses
     name: str = ""
@@ -102,13 +78,6 @@ class Family(nn.Module, ABC):
         (times, masks) is drawn on ``tokens.device`` from ``generator`` when given.
         """
 
-    @abstractmethod
-    @torch.no_grad()
-    def sample(
-        self, num: int, length: int, steps: int, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Draw ``num`` unconditional samples of ``length`` token ids (num, length) in ``steps`` steps."""
-
     # ---- training stages --------------------------------------------------------------------------
 
     def configure(self, diffusion: DiffusionConfig) -> None:
@@ -119,49 +88,33 @@ class Family(nn.Module, ABC):
         """Share of the current training stage's steps done, in [0, 1], set before every train step
         (for curricula, e.g. mdlm's ATAT). Ignored by default."""
 
-    @torch.no_grad()
-    def diagnostics(
-        self, tokens: Tensor, generator: torch.Generator | None, decode: Callable[[list[int]], str]
-    ) -> Diagnostics:
-        """Extra validation metrics on one clean val batch (B, L); none by default.
-
-        Called on every rank (collectives under ZeRO-3 must match); only rank 0 logs the result.
-        """
-        return Diagnostics()
-
-    # ---- sampling / evaluation API used by `difflm sample|eval|denoise` ---------------------------
+    # ---- sampling: derived from the registry entry, never written per family ----------------------
 
     def samplers(self) -> dict[str, Sampler]:
-        """This family's samplers by name, the default first; each is ``sampler(options, generator)``.
-
-        The base version offers ``default``: :meth:`sample` without prompts, temperature or top-p.
-        Families override it to expose their own (and to support those options)."""
-        return {"default": self._default_sampler}
+        """This family's samplers (``FamilySpec.samplers``) bound to this model, the default first; each is
+        ``sampler(options, generator) -> SampleOutput``. Empty when the family registers none."""
+        spec = get_family(self.name)
+        if not spec.samplers:
+            return {}
+        default = spec.default_for(self)
+        order = [default, *(n for n in spec.samplers if n != default)]
+        return {n: functools.partial(spec.samplers[n], self) for n in order}
 
     @property
     def default_sampler(self) -> str:
-        """The name ``difflm sample`` uses when none is given: the first of :meth:`samplers`."""
-        return next(iter(self.samplers()))
-
-    def _default_sampler(self, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
-        from difflm.sampling.core import SampleOutput, reject_unsupported
-
-        options.validate()
-        reject_unsupported(options, "default", prompt=False, temperature=False)
-        tokens = self.sample(options.num, options.length, options.steps, generator)  # (N, L)
-        return SampleOutput(tokens=tokens, fixed=torch.zeros_like(tokens, dtype=torch.bool), nfe=options.steps)
+        """The name ``difflm sample`` uses when none is given (``FamilySpec.default_sampler``)."""
+        return get_family(self.name).default_for(self)
 
     @torch.no_grad()
-    def denoise(
-        self, tokens: Tensor, valid: Tensor, t: float, generator: torch.Generator | None = None,
-        steps: int | None = None,
-    ) -> DenoiseResult:
-        """Corrupt clean tokens (B, L) (only ``valid`` positions) at noise level t in [0, 1] and reconstruct.
+    def sample(self, num: int, length: int, steps: int, generator: torch.Generator | None = None) -> Tensor:
+        """``num`` unconditional samples of ``length`` token ids (num, length) in ``steps`` steps: the default
+        sampler with default options (what training logs as sample texts)."""
+        from difflm.sampling.core import get_sampler  # the draw-dtype wrapper every sampler call goes through
 
-        ``steps``: reconstruct with that many sampler steps from t; None: the family's one-shot estimate."""
-        raise NotImplementedError(
-            f"family {self.name!r} does not implement denoise (corrupt at a noise level and reconstruct)"
-        )
+        if not get_family(self.name).samplers:
+            raise SamplingError(f"family {self.name!r} registers no samplers (FamilySpec.samplers)")
+        options = SampleOptions(num=num, length=length, steps=steps)
+        return get_sampler(self, self.default_sampler)(options, generator).tokens
 
     def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
         """Validation: K draws of the NLL (bound) per sequence, in common random numbers.

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Discriminator, Tag, TypeAdapter
 
 from difflm.families.config import DiffusionConfig, FamilyConfig
 from difflm.models.config import BackboneConfig, ModelConfig
+from difflm.types import SamplerFn
 
 if TYPE_CHECKING:
     from difflm.families.base import Family
@@ -57,6 +58,13 @@ class FamilySpec:
     switches: the ``diffusion`` fields the family applies in ``Family.configure`` between training
     stages (mdlm: atat, likelihood_weight); a stage of a run spec may change only these, and a
     family-specific option (``diffusion.atat``) may be switched on only for a family listing it.
+    samplers: the family's samplers by name, unbound (``fn(model, options, generator) -> SampleOutput``,
+        :class:`difflm.types.SamplerFn`); :meth:`Family.samplers` binds them and :meth:`Family.sample` runs
+        the default, so no family writes either. Registering them here (not importing them in model.py)
+        keeps a family's model free of its samplers.
+    default_sampler: the name ``difflm sample`` (and ``Family.sample``) uses: a name in ``samplers``, or a
+        function of the built model giving one (mdlm: plain ddpm when time-conditioned, where caching is
+        invalid); None: the first of ``samplers``.
     """
 
     name: str
@@ -69,6 +77,25 @@ class FamilySpec:
     model_config: type[BackboneConfig] = ModelConfig
     defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[Any, Any], None] | None = None
+    samplers: Mapping[str, SamplerFn] = field(default_factory=dict)
+    default_sampler: str | Callable[[Any], str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.default_sampler, str) and self.default_sampler not in self.samplers:
+            raise ValueError(
+                f"family {self.name!r}: default_sampler {self.default_sampler!r} is not one of its samplers "
+                f"({', '.join(self.samplers) or 'none registered'})"
+            )
+
+    def default_for(self, model: Any) -> str:
+        """The default sampler's name for the built ``model`` (see :attr:`default_sampler`)."""
+        if callable(self.default_sampler):
+            return self.default_sampler(model)
+        if self.default_sampler is not None:
+            return self.default_sampler
+        if not self.samplers:
+            raise KeyError(f"family {self.name!r} registers no samplers (FamilySpec.samplers)")
+        return next(iter(self.samplers))
 
     def resolve(self, diffusion_cfg: Any) -> Any:
         """A copy of ``diffusion_cfg`` with null fields set to this family's values: ``schedule`` to the

@@ -6,19 +6,24 @@ layers start at zero, so every block starts as the identity and the network as a
 constant predictor: training begins from a stable point whatever the depth.
 Positions are rotary (no learned position table), so any length works.
 
-Families build it with explicit ints (no config object) so that a family with a
-different input (e.g. Diffusion-LM's continuous embeddings) can reuse the blocks
-through :meth:`Backbone.forward_embeddings`.
+Families build it from their ``model:`` section with :meth:`Backbone.from_config` (the
+constructor takes explicit ints, so a family with a different input, e.g. Diffusion-LM's
+continuous embeddings, can reuse the blocks through :meth:`Backbone.forward_embeddings`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from difflm.models.config import BackboneConfig
+
+_B = TypeVar("_B", bound="Backbone")
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -147,6 +152,26 @@ class Backbone(nn.Module):
             DiTBlock(d_model, n_heads, cond_dim, dropout, causal) for _ in range(n_layers)
         )
         self.final = FinalLayer(d_model, vocab_out, cond_dim)
+
+    @classmethod
+    def from_config(cls: type[_B], cfg: BackboneConfig, *, vocab_in: int, vocab_out: int, **extra: Any) -> _B:
+        """The backbone a ``model:`` section describes (resolved dims, dropout), reading ``vocab_in`` ids and
+        writing ``vocab_out`` values; ``extra`` goes to the constructor as is (``causal=True`` for ar,
+        ``bijective_blocks`` for :class:`~difflm.families.bijective.flow.BijectiveBackbone`).
+
+        One place turns a config into dims, so a family's builder names only what is its own (the vocab
+        sizes, causality) and a new backbone field reaches every family at once. Returns ``cls``."""
+        d = cfg.dims()
+        return cls(
+            vocab_in=vocab_in,
+            vocab_out=vocab_out,
+            d_model=d["d_model"],
+            n_layers=d["n_layers"],
+            n_heads=d["n_heads"],
+            cond_dim=d["cond_dim"],
+            dropout=cfg.dropout,
+            **extra,
+        )
 
     def condition(self, sigma: Tensor | None, batch: int, device: torch.device) -> Tensor:
         """Conditioning vector c (B, cond_dim). sigma None (time conditioning off) embeds sigma = 0, as MDLM,

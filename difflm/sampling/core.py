@@ -1,13 +1,14 @@
 """What every sampler shares: the request (:class:`SampleOptions`), the result (:class:`SampleOutput`),
 the per-family registry lookup (:func:`get_sampler`) and the categorical draw with temperature / top-p.
 
-A family exposes its samplers as ``Family.samplers() -> {name: callable}``; each callable takes
+A family registers its samplers in its registry entry (``FamilySpec.samplers``, default named there);
+``Family.samplers()`` binds them to the model, default first, and each bound callable takes
 ``(options, generator)`` and returns a :class:`SampleOutput`. There is no central switch on
-sampler names: the CLI asks the family for its dict, so a new family (or a new sampler of an
-old one) plugs into ``difflm sample`` by returning one more entry.
+sampler names: a new family (or a new sampler of an old one) plugs into ``difflm sample`` by
+registering one more entry.
 
-This module imports nothing from :mod:`difflm.families` (the families import it), so it has
-no import cycle with them.
+The request/result types are :mod:`difflm.types`' (re-exported here); this module imports nothing
+from :mod:`difflm.families` (the families import it), so it has no import cycle with them.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import contextvars
 import difflib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from difflm.families.base import Family
-
-Remasking = Literal["random", "low_confidence"]
-REMASKING: tuple[str, ...] = ("random", "low_confidence")
-SampleDtype = Literal["float64", "float32"]
-SAMPLE_DTYPES: tuple[str, ...] = ("float64", "float32")
+# The request/result types live in the leaf types module (families and evaluation share it); re-exported here.
+from difflm.types import (
+    REMASKING,
+    SAMPLE_DTYPES,
+    Remasking,
+    SampleDtype,
+    SampleOptions,
+    SampleOutput,
+    Sampler,
+    SamplerHost,
+    SamplingError,
+)
 
 #: The float type of the Gumbel noise of every categorical draw in the current sampler call. A context
 #: variable (set from ``SampleOptions.sample_dtype`` by the samplers :func:`get_sampler` returns) so
@@ -37,109 +41,7 @@ SAMPLE_DTYPES: tuple[str, ...] = ("float64", "float32")
 _DRAW_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("difflm_draw_dtype", default="float64")
 
 
-class SamplingError(ValueError):
-    """A sampling request the user can fix (unknown sampler, bad option, prompt the family cannot do)."""
-
-
-@dataclass(frozen=True)
-class SampleOptions:
-    """One sampling request; every family reads what it supports and rejects what it cannot honour.
-
-    num, length, steps: samples, tokens per sample, denoising steps (per semi-AR window for mdlm).
-    temperature:        divides the log-probabilities of every categorical draw; 0 = greedy (argmax).
-    top_p:              nucleus sampling: draw only from the smallest set of ids holding ``top_p`` mass.
-    template, fixed:    prompting: ids (length,) or (num, length) and a bool mask of the same shape;
-                        ``fixed`` positions are copied from ``template`` and never change, the others
-                        are generated (their template ids are ignored). None: unconditional.
-    remasking:          mdlm: which masked positions a step reveals. ``random`` is the ancestral
-                        sampler (each mask unmasks with the posterior probability); ``low_confidence``
-                        (LLaDA) reveals the scheduled number of positions whose drawn token has the
-                        highest probability, so confident tokens come first.
-    window:             the length the model was trained on. mdlm samples longer than this are made
-                        semi-autoregressively, ``window`` tokens at a time (None: no limit).
-    stride:             semi-AR: new tokens per window after the first (None: window // 2).
-    eps:                mdlm: the last time of the grid 1 -> eps.
-    sample_dtype:       float type of the Gumbel noise of every categorical draw. ``float64`` (default)
-                        samples the model's distribution; ``float32`` truncates the Gumbel tail (no
-                        uniform closer to 1 than 2^-24), so ids with a relative probability below
-                        ~1e-7 are (almost) never drawn: entropy drops and gen-PPL looks better.
-                        It reproduces numbers published with float32 sampling (Zheng et al. 2024).
-    """
-
-    num: int = 1
-    length: int = 128
-    steps: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    template: Tensor | None = None
-    fixed: Tensor | None = None
-    remasking: Remasking = "random"
-    window: int | None = None
-    stride: int | None = None
-    eps: float = 1e-5
-    sample_dtype: SampleDtype = "float64"
-
-    def validate(self) -> None:
-        """Raise :class:`SamplingError` naming the bad value and its allowed range."""
-        if self.num < 1:
-            raise SamplingError(f"num must be at least 1, got {self.num}")
-        if self.length < 1:
-            raise SamplingError(f"length must be at least 1, got {self.length}")
-        if self.steps < 1:
-            raise SamplingError(f"steps must be at least 1, got {self.steps}")
-        if not (self.temperature >= 0.0 and self.temperature < float("inf")):
-            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.sample_dtype not in SAMPLE_DTYPES:
-            raise SamplingError(f"sample_dtype must be one of {', '.join(SAMPLE_DTYPES)}, got {self.sample_dtype!r}")
-        if self.remasking not in REMASKING:
-            raise SamplingError(f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
-        if self.window is not None and self.window < 2:
-            raise SamplingError(f"window must be at least 2, got {self.window}")
-        if self.stride is not None and (self.stride < 1 or (self.window is not None and self.stride > self.window)):
-            raise SamplingError(f"stride (new tokens per window) must be in [1, window={self.window}], got {self.stride}")
-        if (self.template is None) != (self.fixed is None):
-            raise SamplingError("template and fixed go together: give both or neither")
-        if self.template is not None and self.fixed is not None:
-            if self.template.shape != self.fixed.shape:
-                raise SamplingError(f"template {tuple(self.template.shape)} and fixed {tuple(self.fixed.shape)} differ in shape")
-            if self.template.shape[-1] != self.length or self.template.dim() not in (1, 2):
-                raise SamplingError(
-                    f"template must be (length,) or (num, length) with length={self.length}, got {tuple(self.template.shape)}"
-                )
-            if self.template.dim() == 2 and self.template.shape[0] != self.num:
-                raise SamplingError(f"template has {self.template.shape[0]} rows but num={self.num}")
-
-    @property
-    def prompted(self) -> bool:
-        """True when some positions are fixed by a prompt."""
-        return self.fixed is not None and bool(self.fixed.any())
-
-
-@dataclass
-class SampleOutput:
-    """What a sampler returns.
-
-    tokens: (num, length) int64 ids in [0, vocab_size) (no mask ids).
-    fixed:  (num, length) bool, the positions copied from the prompt template.
-    nfe:    network function evaluations (forward passes of the whole batch): the cost that caching cuts.
-    notes:  plain-language remarks for the user (e.g. "ddpm_cache fell back to ddpm because ...").
-    """
-
-    tokens: Tensor
-    fixed: Tensor
-    nfe: int
-    notes: list[str] = field(default_factory=list)
-
-
-class Sampler(Protocol):
-    """A family's sampler, bound to the model: ``sampler(options, generator) -> SampleOutput``."""
-
-    def __call__(self, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput: ...
-
-
-def get_sampler(family: Family, name: str) -> Sampler:
+def get_sampler(family: SamplerHost, name: str) -> Sampler:
     """The sampler ``name`` of ``family``; a :class:`SamplingError` listing the family's samplers otherwise."""
     table = family.samplers()
     try:

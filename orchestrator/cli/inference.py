@@ -418,6 +418,7 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
     import torch
 
     from difflm.evaluation import counted_positions
+    from difflm.types import Denoiser
     from orchestrator.errors import SpecError
 
     values = _parse_levels(levels)
@@ -434,8 +435,13 @@ def denoise(checkpoint: str, text: str, levels: str, steps: int, seed: int, devi
     ids = torch.tensor([[tok.bos_id, *body, tok.eos_id]], device=ckpt.device)  # (1, L)
     valid = counted_positions(ids)  # corrupt only the text, never BOS/EOS: what training noises
     original = tok.decode(body)
+    if not isinstance(model, Denoiser):  # an optional hook (difflm.types.Denoiser)
+        raise SpecError(
+            f"family {model.name!r} has no denoise hook: no noise process to corrupt and reconstruct (as ar); "
+            "denoise works with diffusion families (e.g. mdlm). Use `difflm eval` for its NLL"
+        )
     results = []
-    for t in values:  # all levels first: a family without denoise fails before anything is printed
+    for t in values:  # all levels first: a bad level fails before anything is printed
         gen = torch.Generator(device=ckpt.device).manual_seed(seed)
         with torch.no_grad():
             results.append(model.denoise(ids, valid, t, gen, steps or None))

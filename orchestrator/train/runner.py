@@ -59,7 +59,7 @@ from difflm.evaluation import (
     val_pass,
     val_shard,
 )
-from difflm.families.base import Diagnostics
+from difflm.types import Diagnoser, Diagnostics
 from difflm.sampling.diagnostics import sample_diagnostics
 from orchestrator.errors import TrainingStopped
 from orchestrator.rundir.ckpt_files import TRAINER_STATE, WEIGHTS, write_manifest
@@ -298,8 +298,9 @@ class Runner:
 
     @torch.no_grad()
     def diagnostics(self) -> Diagnostics:
-        """The family's extra val metrics on the first val batch, fixed seed (see Family.diagnostics)."""
-        if len(self.data.val) == 0:
+        """The family's extra val metrics on the first val batch, fixed seed; none when the family has no
+        diagnostics hook (:class:`difflm.types.Diagnoser`: optional)."""
+        if len(self.data.val) == 0 or not isinstance(self.engine.module, Diagnoser):
             return Diagnostics()
         self.engine.train(False)
         gen = torch.Generator(device=self.ctx.device).manual_seed(self.spec.train.eval_seed)

@@ -6,6 +6,7 @@ Importing this package registers the family.
 
 from __future__ import annotations
 
+from difflm.families.ar import samplers as ar_samplers
 from difflm.families.ar.model import AR, build_ar
 from difflm.families.ar.config import ARConfig, ARModelConfig
 from difflm.families.registry import FamilySpec, register_family
@@ -18,6 +19,7 @@ register_family(
         build=build_ar,
         schedules=(),
         description="Autoregressive baseline: same backbone, causal attention, exact next-token NLL.",
+        samplers={"ancestral": ar_samplers.ancestral},
     )
 )
 

@@ -9,26 +9,23 @@ covers exactly the tokens the diffusion families' NELBO covers.
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.families.base import wide_float, DenoiseResult, Family, LossOutput
+from difflm.families.base import Family, wide_float
 from difflm.families.config import DiffusionConfig
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
-from difflm.families.ar import samplers as ar_samplers
-from difflm.sampling.core import SampleOptions, Sampler
-
-if TYPE_CHECKING:
-    from difflm.evaluation import ValNoise
+from difflm.types import LossOutput, ValNoise
 
 
 class AR(Family):
-    """Next-token prediction. ``bos_id`` is the token that starts unconditional samples (see :meth:`sample`)."""
+    """Next-token prediction. ``bos_id`` is the token that starts unconditional samples (samplers.py).
+
+    No ``denoise`` hook: ar has no noise process, so there is nothing to corrupt and reconstruct."""
 
     name = "ar"
     exact_likelihood = True
@@ -66,47 +63,6 @@ class AR(Family):
         )
 
     @torch.no_grad()
-    def sample(
-        self,
-        num: int,
-        length: int,
-        steps: int,
-        generator: torch.Generator | None = None,
-        prefix: Tensor | None = None,
-    ) -> Tensor:
-        """Left-to-right ancestral sampling -> (num, length) int64. ``steps`` is ignored (one token per step).
-
-        Starts from ``prefix`` (num, P) when given, else from ``bos_id``; with neither, the first
-        token is drawn uniformly from the vocab, since the model has no distribution for position 0.
-        No KV cache: each step re-runs the growing prefix (fine at eval-sample sizes)."""
-        if prefix is None:
-            return ar_samplers.ancestral(self, SampleOptions(num=num, length=length, steps=steps), generator).tokens
-        prefix = prefix.to(device=self.device, dtype=torch.long)  # (N, P)
-        p = prefix.shape[1]
-        if p >= length:
-            return prefix[:, :length]
-        template = torch.zeros(num, length, dtype=torch.long, device=self.device)  # (N, L)
-        template[:, :p] = prefix
-        fixed = torch.zeros(num, length, dtype=torch.bool, device=self.device)  # (N, L)
-        fixed[:, :p] = True
-        opts = SampleOptions(num=num, length=length, steps=steps, template=template, fixed=fixed)
-        return ar_samplers.ancestral(self, opts, generator).tokens
-
-    def samplers(self) -> dict[str, Sampler]:
-        """``ancestral``: left to right, prefix prompts, temperature and top-p."""
-        return {"ancestral": functools.partial(ar_samplers.ancestral, self)}
-
-    def denoise(
-        self, tokens: Tensor, valid: Tensor, t: float, generator: torch.Generator | None = None,
-        steps: int | None = None,
-    ) -> DenoiseResult:
-        """ar has no noise process, so there is nothing to corrupt or reconstruct."""
-        raise NotImplementedError(
-            "the ar family has no noise process: there is nothing to corrupt and reconstruct; "
-            "denoise works with diffusion families (e.g. mdlm). Use `difflm eval` for ar's exact NLL"
-        )
-
-    @torch.no_grad()
     def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
         """The exact per-sequence NLL over counted targets (B,), repeated for the K draws: (B, K).
 
@@ -124,15 +80,5 @@ def build_ar(
     model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any
 ) -> AR:
     """Registry builder. Reads ``bos_id`` from special_ids; diffusion_cfg and time_conditioning are unused."""
-    d = model_cfg.dims()
-    backbone = Backbone(
-        vocab_in=vocab_size,
-        vocab_out=vocab_size,
-        d_model=d["d_model"],
-        n_layers=d["n_layers"],
-        n_heads=d["n_heads"],
-        cond_dim=d["cond_dim"],
-        dropout=model_cfg.dropout,
-        causal=True,
-    )
+    backbone = Backbone.from_config(model_cfg, vocab_in=vocab_size, vocab_out=vocab_size, causal=True)
     return AR(backbone, vocab_size, bos_id=special_ids.get("bos_id"))

@@ -3,7 +3,8 @@
     flow.py   coupling blocks (exact inverse and log|det J|) and the BijectiveBackbone
     model.py  the family: denoising NELBO + likelihood_weight x (flow NLL - log-det), val NELBO, diagnostics
 
-Sampling, prompting and denoise are mdlm's (``difflm.families.mdlm.samplers``), inherited from MDLM.
+Sampling, prompting and denoise are mdlm's: denoise is inherited from MDLM, and the registry entry registers
+mdlm's samplers (``difflm.families.mdlm.MDLM_SAMPLERS``) with the same default.
 Importing the package registers the family; its likelihood_weight default is 0.001 (FamilySpec.defaults).
 """
 
@@ -17,6 +18,7 @@ from difflm.families.bijective.model import (
     check_bijective,
 )
 from difflm.families.bijective.config import BijectiveConfig, BijectiveModelConfig
+from difflm.families.mdlm import MDLM_SAMPLERS, default_masked_sampler
 from difflm.families.registry import FamilySpec, register_family
 from difflm.schedules import MDLM_SCHEDULES
 
@@ -31,6 +33,8 @@ register_family(
         "likelihood with an exact log-determinant.",
         defaults={"likelihood_weight": DEFAULT_LIKELIHOOD_WEIGHT},
         check=check_bijective,
+        samplers=MDLM_SAMPLERS,
+        default_sampler=default_masked_sampler,
     )
 )
 

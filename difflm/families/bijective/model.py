@@ -26,7 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from difflm.families.base import Diagnostics, LossOutput, wide_float
+from difflm.families.base import wide_float
+from difflm.types import Diagnostics, LossOutput
 from difflm.families.bijective.flow import BijectiveBackbone, check_coupling_dims
 from difflm.families.config import DiffusionConfig
 from difflm.families.mdlm import MDLM
@@ -134,17 +135,8 @@ def build_bijective(
     model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any
 ) -> Bijective:
     """Registry builder (special ids unused). ``diffusion_cfg`` arrives resolved: likelihood_weight set."""
-    d = model_cfg.dims()
-    backbone = BijectiveBackbone(
-        vocab_in=vocab_size + 1,
-        vocab_out=vocab_size + 1,
-        d_model=d["d_model"],
-        n_layers=d["n_layers"],
-        n_heads=d["n_heads"],
-        cond_dim=d["cond_dim"],
-        dropout=model_cfg.dropout,
-        bijective_blocks=model_cfg.bijective_blocks,
-    )
+    backbone = BijectiveBackbone.from_config(model_cfg, vocab_in=vocab_size + 1, vocab_out=vocab_size + 1,
+                                             bijective_blocks=model_cfg.bijective_blocks)
     w = diffusion_cfg.likelihood_weight
     return Bijective(
         backbone,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.families.base import Diagnostics
+from difflm.types import Diagnostics
 
 if TYPE_CHECKING:
     from difflm.families.diffusion_lm.model import DiffusionLM

@@ -61,24 +61,20 @@ per sequence). Validation diagnostics live in :mod:`difflm.families.diffusion_lm
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflm.families.base import wide_float, DenoiseResult, Diagnostics, Family, LossOutput
+from difflm.families.base import Family, wide_float
 from difflm.families.config import DiffusionConfig
 from difflm.families.diffusion_lm.gaussian import GaussianSchedule, get_gaussian_schedule
 from difflm.models.config import ModelConfig
 from difflm.families.diffusion_lm.denoiser import DiTDenoiser
-from difflm.families.diffusion_lm import samplers as ds
-from difflm.sampling.core import Sampler
-
-if TYPE_CHECKING:
-    from difflm.evaluation import ValNoise
+from difflm.families.diffusion_lm import samplers as ds  # the reverse chain denoise reuses (samplers never import this module)
+from difflm.types import DenoiseResult, Diagnostics, LossOutput, ValNoise
 
 
 class TiedEmbedding(nn.Module):
@@ -311,7 +307,7 @@ class DiffusionLM(Family):
             },
         )
 
-    # ---- sampling ------------------------------------------------------------------------------
+    # ---- sampling (the samplers are registered in the FamilySpec: samplers.py) ----------------
 
     def sampling_steps(self, steps: int, start: int | None = None) -> list[int]:
         """Descending steps from ``start`` (default T-1) to 0 (when steps >= 2), ``min(steps, start + 1)``
@@ -320,38 +316,6 @@ class DiffusionLM(Family):
         n = max(1, min(steps, top + 1))
         grid = torch.linspace(top, 0, n, dtype=torch.float64).round().long()
         return sorted(set(grid.tolist()), reverse=True)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        num: int,
-        length: int,
-        steps: int,
-        generator: torch.Generator | None = None,
-        clamp: bool | None = None,
-    ) -> Tensor:
-        """Ancestral sampling with x0-prediction -> (num, length) int64 ids in [0, vocab_size).
-
-        From x_{T-1} ~ N(0, I), each step predicts x0_hat (snapped to the nearest word embedding
-        when clamping), then draws x_s from q(x_s | x_t, x0_hat) for the next step s < t; the
-        last step returns x0_hat itself, which is rounded. ``clamp`` None: ``clamp_sampling``.
-        The same loop (and draws) as the ``ancestral`` / ``ancestral_clamp`` samplers without options."""
-        clamp = self.clamp_sampling if clamp is None else clamp
-        x = torch.randn(num, length, self.embed_dim, generator=generator, device=self.device,
-                        dtype=self.float_dtype())  # (N, L, E)
-        x0, _ = ds.run_ancestral(self, x, self.sampling_steps(steps), generator, clamp=clamp)
-        return self.round(x0)  # (N, L)
-
-    def samplers(self) -> dict[str, Sampler]:
-        """ancestral and ancestral_clamp (:mod:`difflm.families.diffusion_lm.samplers`); the default (first) is
-        ancestral_clamp when the run set ``diffusion.clamp_sampling``, else ancestral."""
-        table: dict[str, Sampler] = {
-            "ancestral": functools.partial(ds.ancestral, self),
-            "ancestral_clamp": functools.partial(ds.ancestral_clamp, self),
-        }
-        if self.clamp_sampling:
-            table = {"ancestral_clamp": table["ancestral_clamp"], "ancestral": table["ancestral"]}
-        return table
 
     # ---- evaluation ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ ancestral_clamp
     The same with the clamping trick of Li et al. (2022): x0_hat is snapped to its nearest word
     embedding (L2) at every step before the posterior step, so the chain commits to tokens early.
 
-The default (the first of ``DiffusionLM.samplers()``) follows the run's ``diffusion.clamp_sampling``:
+The default (``FamilySpec.default_sampler`` in the package's registry entry) follows the run's ``diffusion.clamp_sampling``:
 ``ancestral`` when it is off (the config default), ``ancestral_clamp`` when it is on, so
 ``difflm sample`` draws the same kind of samples as training logged.
 
@@ -39,18 +39,38 @@ exactly like :meth:`DiffusionLM.sample` (which runs this loop), so both give the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from difflm.families.diffusion_lm.gaussian import posterior_coefs
+from difflm.families.diffusion_lm.gaussian import GaussianSchedule, posterior_coefs
 from difflm.sampling.core import SampleOptions, SampleOutput, SamplingError, reject_unsupported, start_tokens
 
-if TYPE_CHECKING:
-    from difflm.families.diffusion_lm.model import DiffusionLM
 
-__all__ = ["ancestral", "ancestral_clamp", "run_ancestral", "step_coefs", "noise_known"]
+class EmbeddingModel(Protocol):
+    """What these samplers need of a Gaussian embedding-diffusion model (the diffusion_lm family): a protocol,
+    so this module never names the model class that uses it."""
+
+    T: int
+    embed_dim: int
+    schedule: GaussianSchedule
+    embed: Callable[..., Tensor]
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def float_dtype(self) -> torch.dtype: ...
+
+    def predict_x0(self, x_t: Tensor, t: Tensor) -> Tensor: ...
+
+    def round(self, x: Tensor) -> Tensor: ...
+
+    def nearest_embedding(self, x: Tensor) -> Tensor: ...
+
+    def sampling_steps(self, steps: int, start: int | None = None) -> list[int]: ...
+
+__all__ = ["EmbeddingModel", "ancestral", "ancestral_clamp", "run_ancestral", "step_coefs", "noise_known"]
 
 
 def step_coefs(ab_t: Tensor, ab_s: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,7 +88,7 @@ def step_coefs(ab_t: Tensor, ab_s: Tensor, temperature: float = 1.0) -> tuple[Te
     return coef_x0, coef_xt, std
 
 
-def noise_known(model: DiffusionLM, emb: Tensor, t: int, generator: torch.Generator | None) -> Tensor:
+def noise_known(model: EmbeddingModel, emb: Tensor, t: int, generator: torch.Generator | None) -> Tensor:
     """Clean embeddings (N, L, E) noised to step t as training does: x_start ~ N(emb, beta_0 I), then
     q(x_t | x_start); in one draw, mean sqrt(ab_t) emb and variance 1 - ab_t ab_0."""
     ab = model.schedule.on("alpha_bar", emb.device)  # (T,)
@@ -78,7 +98,7 @@ def noise_known(model: DiffusionLM, emb: Tensor, t: int, generator: torch.Genera
 
 @torch.no_grad()
 def run_ancestral(
-    model: DiffusionLM,
+    model: EmbeddingModel,
     x: Tensor,
     steps_list: list[int],
     generator: torch.Generator | None,
@@ -117,7 +137,7 @@ def run_ancestral(
 
 
 @torch.no_grad()
-def _sample(model: DiffusionLM, options: SampleOptions, generator: torch.Generator | None, *,
+def _sample(model: EmbeddingModel, options: SampleOptions, generator: torch.Generator | None, *,
             name: str, clamp: bool) -> SampleOutput:
     options.validate()
     reject_unsupported(options, name)  # remasking
@@ -151,12 +171,12 @@ def _sample(model: DiffusionLM, options: SampleOptions, generator: torch.Generat
     return SampleOutput(tokens=tokens, fixed=fixed, nfe=nfe, notes=notes)
 
 
-def ancestral(model: DiffusionLM, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+def ancestral(model: EmbeddingModel, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """Ancestral sampling with x0-prediction, rounding at the end (see the module docstring)."""
     return _sample(model, options, generator, name="ancestral", clamp=False)
 
 
-def ancestral_clamp(model: DiffusionLM, options: SampleOptions,
+def ancestral_clamp(model: EmbeddingModel, options: SampleOptions,
                     generator: torch.Generator | None = None) -> SampleOutput:
     """:func:`ancestral` with the clamping trick: x0_hat snapped to the nearest word embedding at every step."""
     return _sample(model, options, generator, name="ancestral_clamp", clamp=True)

@@ -23,25 +23,21 @@ always plain and unbiased, so the val NELBO of an ATAT run compares with plain m
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflm.families.base import wide_float, DenoiseResult, Family, LossOutput
+from difflm.families.base import Family, masked_denoise_metrics, wide_float
 from difflm.families.config import AtatConfig, DiffusionConfig
 from difflm.families.mdlm import atat as at
+from difflm.families.mdlm import samplers as ms  # the reverse-process loops denoise reuses (samplers never import this module)
+from difflm.losses import token_cross_entropy
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
-from difflm.families.mdlm import samplers as ms
-from difflm.losses import token_cross_entropy
-from difflm.sampling.core import SampleOptions, Sampler
 from difflm.schedules import NoiseSchedule, get_schedule, sample_times
-
-if TYPE_CHECKING:
-    from difflm.evaluation import ValNoise
+from difflm.types import DenoiseResult, LossOutput, SampleOptions, ValNoise
 
 
 class MDLM(Family):
@@ -303,7 +299,7 @@ class MDLM(Family):
             out[:, k] = ce.sum(dim=-1, dtype=wide) * (noise.weights[:, k].to(wide) / m.to(wide))  # (B,)
         return out
 
-    # ---- sampling ------------------------------------------------------------------------------
+    # ---- denoising (sampling itself is registered in the FamilySpec: samplers.py) -------------
 
     @torch.no_grad()
     def denoise_step(self, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -315,33 +311,6 @@ class MDLM(Family):
         move_s = self.schedule.move_chance(s)[:, None]  # (B, 1)
         logp = self.log_probs(x, self.schedule.sigma(t))  # (B, L, V+1)
         return ms.ddpm_step(x, logp, move_t, move_s, self.mask_id, 1.0, generator)[0]
-
-    @torch.no_grad()
-    def sample(
-        self,
-        num: int,
-        length: int,
-        steps: int,
-        generator: torch.Generator | None = None,
-        eps: float = 1e-5,
-    ) -> Tensor:
-        """MDLM's "ddpm" sampler: all-mask at t=1, ``steps`` equal steps down to t=eps, then any mask
-        left is replaced by the model's argmax. Returns (num, length) int64 ids < vocab_size.
-
-        Runs the cached variant when it is valid (no time conditioning): the same tokens, fewer calls."""
-        run = ms.ddpm if self.time_conditioning else ms.ddpm_cache
-        return run(self, SampleOptions(num=num, length=length, steps=steps, eps=eps), generator).tokens
-
-    def samplers(self) -> dict[str, Sampler]:
-        """ddpm_cache (default; plain ddpm first when time-conditioned, where caching is invalid), ddpm, analytic."""
-        table: dict[str, Sampler] = {
-            "ddpm_cache": functools.partial(ms.ddpm_cache, self),
-            "ddpm": functools.partial(ms.ddpm, self),
-            "analytic": functools.partial(ms.analytic, self),
-        }
-        if self.time_conditioning:
-            table = {"ddpm": table["ddpm"], "ddpm_cache": table["ddpm_cache"], "analytic": table["analytic"]}
-        return table
 
     @torch.no_grad()
     def denoise(
@@ -368,14 +337,7 @@ class MDLM(Family):
             opts = SampleOptions(num=B, length=L, steps=steps)
             recon, _ = ms.run_ddpm(self, xt, opts, generator, cache=not self.time_conditioning, t_start=float(t))
             method = f"ddpm sampler from t={t:g} to 1e-5 in {steps} steps (a sample, not the argmax)"
-        n_valid = valid.sum().clamp(min=1)
-        n_noised = noised.sum()
-        correct = (recon == tokens)
-        metrics = {
-            "mask_rate": float(n_noised / n_valid),
-            "accuracy": float((correct & valid).sum() / n_valid),
-            "masked_accuracy": float((correct & noised).sum() / n_noised) if int(n_noised) else float("nan"),
-        }
+        metrics = masked_denoise_metrics(recon, tokens, valid, noised)
         return DenoiseResult(corrupted=xt, noised=noised, reconstructed=recon, metrics=metrics, method=method)
 
 
@@ -383,17 +345,7 @@ def build_mdlm(
     model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any
 ) -> MDLM:
     """Registry builder. special_ids (bos_id, ...) are not needed by mdlm and ignored."""
-    d = model_cfg.dims()
-    backbone = Backbone(
-        vocab_in=vocab_size + 1,
-        vocab_out=vocab_size + 1,
-        d_model=d["d_model"],
-        n_layers=d["n_layers"],
-        n_heads=d["n_heads"],
-        cond_dim=d["cond_dim"],
-        dropout=model_cfg.dropout,
-        causal=False,
-    )
+    backbone = Backbone.from_config(model_cfg, vocab_in=vocab_size + 1, vocab_out=vocab_size + 1)
     return MDLM(
         backbone,
         vocab_size,

@@ -41,7 +41,7 @@ Semi-autoregressive windows (``options.window``)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -55,11 +55,25 @@ from difflm.sampling.core import (
     sample_categorical,
     start_tokens,
 )
+from difflm.schedules import NoiseSchedule
 
-if TYPE_CHECKING:
-    from difflm.families.mdlm.model import MDLM
 
-__all__ = ["ddpm", "ddpm_cache", "analytic", "run_ddpm", "run_analytic", "window_starts", "ddpm_step",
+class MaskedModel(Protocol):
+    """What these samplers need of a masked-diffusion model (mdlm, bijective, or any family with the same
+    SUBS denoiser): a protocol, so this module never names the model class that uses it."""
+
+    mask_id: int
+    schedule: NoiseSchedule
+    time_conditioning: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def float_dtype(self) -> torch.dtype: ...
+
+    def log_probs(self, xt: Tensor, sigma: Tensor) -> Tensor: ...
+
+__all__ = ["MaskedModel", "ddpm", "ddpm_cache", "analytic", "run_ddpm", "run_analytic", "window_starts", "ddpm_step",
            "analytic_transition"]
 
 
@@ -113,7 +127,7 @@ def _low_confidence_step(
 
 
 def run_ddpm(
-    model: MDLM, x: Tensor, options: SampleOptions, generator: torch.Generator | None, *,
+    model: MaskedModel, x: Tensor, options: SampleOptions, generator: torch.Generator | None, *,
     cache: bool, t_start: float = 1.0,
 ) -> tuple[Tensor, int]:
     """Fill the masks of x (N, L) with ``options.steps`` ddpm steps from ``t_start`` to ``options.eps``.
@@ -180,7 +194,7 @@ def analytic_transition(p_x0: Tensor, sigma_t: Tensor, sigma_s: Tensor) -> Tenso
 
 
 def run_analytic(
-    model: MDLM, x: Tensor, options: SampleOptions, generator: torch.Generator | None, *, t_start: float = 1.0,
+    model: MaskedModel, x: Tensor, options: SampleOptions, generator: torch.Generator | None, *, t_start: float = 1.0,
 ) -> tuple[Tensor, int]:
     """Fill the masks of x (N, L) with ``options.steps`` analytic steps, then one denoiser draw at eps."""
     n = x.shape[0]
@@ -225,7 +239,7 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def _sample(model: MDLM, options: SampleOptions, generator: torch.Generator | None, *, kind: str) -> SampleOutput:
+def _sample(model: MaskedModel, options: SampleOptions, generator: torch.Generator | None, *, kind: str) -> SampleOutput:
     options.validate()
     notes: list[str] = []
     cache = kind == "ddpm_cache"
@@ -256,17 +270,17 @@ def _sample(model: MDLM, options: SampleOptions, generator: torch.Generator | No
     return SampleOutput(tokens=x, fixed=fixed, nfe=nfe, notes=notes)
 
 
-def ddpm(model: MDLM, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+def ddpm(model: MaskedModel, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """MDLM's ancestral sampler, one network call per step (see the module docstring)."""
     return _sample(model, options, generator, kind="ddpm")
 
 
-def ddpm_cache(model: MDLM, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+def ddpm_cache(model: MaskedModel, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """ddpm reusing the network output while no token changes; same tokens as :func:`ddpm` for one seed."""
     return _sample(model, options, generator, kind="ddpm_cache")
 
 
-def analytic(model: MDLM, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+def analytic(model: MaskedModel, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """SEDD/MDLM's analytic (Tweedie tau-leaping) sampler; no low-confidence remasking."""
     if options.remasking != "random":
         raise SamplingError("remasking=low_confidence works with the ddpm and ddpm_cache samplers, not analytic")

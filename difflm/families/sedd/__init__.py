@@ -4,7 +4,7 @@
     graphs.py    absorb / uniform graphs: corruption, log score, DSE, reverse-step pieces
     samplers.py  euler and analytic (Tweedie tau-leaping) samplers with the denoising step
 
-Importing the package registers the family.
+Importing the package registers the family, with its samplers (analytic first: the default).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from difflm.families.sedd.config import SeddConfig, SeddModelConfig
 from difflm.families.registry import FamilySpec, register_family
 from difflm.families.sedd.graphs import GRAPHS, Absorbing, Graph, Uniform, get_graph
+from difflm.families.sedd import samplers as ss
 from difflm.families.sedd.model import SEDD, SEDD_NOISES, build_sedd, check_sedd
 
 register_family(
@@ -23,6 +24,7 @@ register_family(
         schedules=tuple(SEDD_NOISES),
         description="Score-entropy discrete diffusion (SEDD): absorb or uniform graph, denoising score entropy.",
         check=check_sedd,
+        samplers={"analytic": ss.analytic, "euler": ss.euler},
     )
 )
 

@@ -20,21 +20,19 @@ scores are normalised. A sweep therefore ranks sedd, mdlm and ar on one scale.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from difflm.evaluation import ValNoise
-from difflm.families.base import DenoiseResult, Family, LossOutput, wide_float
+from difflm.families.base import Family, masked_denoise_metrics, wide_float
 from difflm.families.config import DiffusionConfig
-from difflm.families.sedd import samplers as ss
+from difflm.families.sedd import samplers as ss  # the reverse-process loop denoise reuses (samplers never import this module)
 from difflm.families.sedd.graphs import Graph, get_graph
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
-from difflm.sampling.core import SampleOptions, Sampler
 from difflm.schedules import Geometric, LogLinear, NoiseSchedule, sample_times
+from difflm.types import DenoiseResult, LossOutput, SampleOptions, ValNoise
 
 #: sedd's noise schedules (``diffusion.schedule``), default first; geometric reads sigma_min / sigma_max.
 SEDD_NOISES = {
@@ -175,16 +173,7 @@ class SEDD(Family):
             out[:, k] = noise.weights[:, k].to(wide) * per_seq / (1 - m.to(wide))
         return out
 
-    # ---- sampling ------------------------------------------------------------------------------
-
-    def samplers(self) -> dict[str, Sampler]:
-        """analytic (Tweedie tau-leaping, default) and euler; both end with the denoising step."""
-        return {"analytic": functools.partial(ss.analytic, self), "euler": functools.partial(ss.euler, self)}
-
-    @torch.no_grad()
-    def sample(self, num: int, length: int, steps: int, generator: torch.Generator | None = None) -> Tensor:
-        """The default sampler without a prompt: (num, length) ids < vocab_size."""
-        return ss.analytic(self, SampleOptions(num=num, length=length, steps=steps), generator).tokens
+    # ---- denoising (sampling itself is registered in the FamilySpec: samplers.py) -------------
 
     @torch.no_grad()
     def denoise(
@@ -216,14 +205,7 @@ class SEDD(Family):
             method = f"analytic sampler from t={t:g} to 1e-5 in {steps} steps (a sample, not the argmax)"
         if not self.graph.absorb:
             method += "; uniform graph: the model saw a random token at each corrupted position"
-        n_valid = valid.sum().clamp(min=1)
-        n_noised = noised.sum()
-        correct = recon == tokens
-        metrics = {
-            "mask_rate": float(n_noised / n_valid),
-            "accuracy": float((correct & valid).sum() / n_valid),
-            "masked_accuracy": float((correct & noised).sum() / n_noised) if int(n_noised) else float("nan"),
-        }
+        metrics = masked_denoise_metrics(recon, tokens, valid, noised)
         return DenoiseResult(corrupted=xt, noised=noised, reconstructed=recon, metrics=metrics, method=method)
 
 
@@ -242,17 +224,7 @@ def check_sedd(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> None:
 def build_sedd(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, **special_ids: Any) -> SEDD:
     """Registry builder: backbone reading the graph's states (V + MASK, or V) and writing V values."""
     graph = get_graph(diffusion_cfg.graph, vocab_size)
-    d = model_cfg.dims()
-    backbone = Backbone(
-        vocab_in=graph.input_vocab,
-        vocab_out=vocab_size,
-        d_model=d["d_model"],
-        n_layers=d["n_layers"],
-        n_heads=d["n_heads"],
-        cond_dim=d["cond_dim"],
-        dropout=model_cfg.dropout,
-        causal=False,
-    )
+    backbone = Backbone.from_config(model_cfg, vocab_in=graph.input_vocab, vocab_out=vocab_size)
     schedule = SEDD_NOISES[diffusion_cfg.schedule or "loglinear"](diffusion_cfg)
     return SEDD(
         backbone,

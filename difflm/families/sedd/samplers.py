@@ -22,7 +22,7 @@ than ``options.window`` are made in semi-autoregressive windows (:func:`difflm.f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -36,11 +36,29 @@ from difflm.sampling.core import (
     start_tokens,
 )
 from difflm.families.mdlm.samplers import window_starts
+from difflm.families.sedd.graphs import Graph
+from difflm.schedules import NoiseSchedule
 
-if TYPE_CHECKING:
-    from difflm.families.sedd.model import SEDD
 
-__all__ = ["euler", "analytic", "run", "denoise_argmax", "MIN_T"]
+class ScoreModel(Protocol):
+    """What these samplers need of a score-entropy model (the sedd family): a protocol, so this module never
+    names the model class that uses it."""
+
+    graph: Graph
+    schedule: NoiseSchedule
+    vocab_size: int
+
+    @property
+    def mask_id(self) -> int | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def float_dtype(self) -> torch.dtype: ...
+
+    def log_score(self, xt: Tensor, sigma: Tensor) -> Tensor: ...
+
+__all__ = ["ScoreModel", "euler", "analytic", "run", "denoise_argmax", "MIN_T"]
 
 Kind = Literal["euler", "analytic"]
 #: the smallest time the network is queried at (sigma(0) may be 0, where the absorb score is infinite)
@@ -69,14 +87,14 @@ def _move(
     return x
 
 
-def _active(model: SEDD, x: Tensor, hold: Tensor) -> Tensor:
+def _active(model: ScoreModel, x: Tensor, hold: Tensor) -> Tensor:
     """Positions (N, L) a step may change: not held, and (absorb) still masked."""
     free = ~hold
     return free & (x == model.mask_id) if model.graph.absorb else free
 
 
 def run(
-    model: SEDD, x: Tensor, hold: Tensor, options: SampleOptions, generator: torch.Generator | None, *,
+    model: ScoreModel, x: Tensor, hold: Tensor, options: SampleOptions, generator: torch.Generator | None, *,
     kind: Kind, t_start: float = 1.0,
 ) -> tuple[Tensor, int]:
     """Sample from x (N, L) at time ``t_start``: ``options.steps`` steps of ``kind`` to ``options.eps``,
@@ -119,7 +137,7 @@ def run(
     return torch.where(hold, kept, x), nfe
 
 
-def _denoiser(model: SEDD, x: Tensor, active: Tensor, sigma: Tensor) -> Tensor:
+def _denoiser(model: ScoreModel, x: Tensor, active: Tensor, sigma: Tensor) -> Tensor:
     """Tweedie denoiser probabilities (M, V) over the real tokens at the ``active`` positions of x (N, L)."""
     wide = _wide(x.device)
     score = model.log_score(x, sigma)[active].to(wide).exp()  # (M, dim)
@@ -129,7 +147,7 @@ def _denoiser(model: SEDD, x: Tensor, active: Tensor, sigma: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def denoise_argmax(model: SEDD, xt: Tensor, hold: Tensor, t: float) -> Tensor:
+def denoise_argmax(model: ScoreModel, xt: Tensor, hold: Tensor, t: float) -> Tensor:
     """The most likely id of the Tweedie denoiser at sigma(t) at every position not held; (B, L)."""
     n = xt.shape[0]
     tt = torch.full((n,), t, device=xt.device, dtype=model.float_dtype())
@@ -140,7 +158,7 @@ def denoise_argmax(model: SEDD, xt: Tensor, hold: Tensor, t: float) -> Tensor:
     return out
 
 
-def _sample(model: SEDD, options: SampleOptions, generator: torch.Generator | None, kind: Kind) -> SampleOutput:
+def _sample(model: ScoreModel, options: SampleOptions, generator: torch.Generator | None, kind: Kind) -> SampleOutput:
     options.validate()
     reject_unsupported(options, kind)  # prompts, temperature and top-p: yes; low-confidence remasking: no
     device = model.device
@@ -167,12 +185,12 @@ def _sample(model: SEDD, options: SampleOptions, generator: torch.Generator | No
     return SampleOutput(tokens=x, fixed=fixed, nfe=nfe, notes=notes)
 
 
-def euler(model: SEDD, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+def euler(model: ScoreModel, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """SEDD's Euler sampler (reverse-rate steps) with the final denoising step."""
     return _sample(model, options, generator, "euler")
 
 
-def analytic(model: SEDD, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+def analytic(model: ScoreModel, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """SEDD's analytic (Tweedie tau-leaping) sampler with the final denoising step."""
     return _sample(model, options, generator, "analytic")
 
