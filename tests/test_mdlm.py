@@ -1,4 +1,7 @@
-"""MDLM family: SUBS, loss normalisation and weighting, time sampling, sampler, memorisation."""
+"""MDLM family: SUBS, loss normalisation and weighting, time sampling, the denoise step.
+
+What every family must do (memorise a batch, ignore padding, val invariance, samplers, checkpoint round
+trip) is tests/test_family_contract.py's."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from difflm.families import build_model, family_names, get_family
 from difflm.families.config import DiffusionConfig
@@ -139,17 +141,6 @@ def test_unbiased_at_init() -> None:
     assert sum(losses) / len(losses) == pytest.approx(math.log(V) * (1 - 1e-3), rel=0.05)
 
 
-def test_padding_is_neither_noised_nor_counted() -> None:
-    m = make()
-    tokens, valid = data()
-    valid[:, 8:] = False
-    out = m(tokens, valid, gen(0))
-    assert out.num_tokens.item() == 4 * 8
-    assert 0 < out.metrics["mask_rate"].item() <= 1.0
-    none = m(tokens, torch.zeros_like(valid), gen(0))
-    assert none.loss.item() == 0.0 and none.nll_sum.item() == 0.0 and none.num_tokens.item() == 0
-
-
 def test_likelihood_weight_changes_loss_not_nelbo() -> None:
     tokens, valid = data()
     outs = {w: make(likelihood_weight=w)(tokens, valid, gen(5)) for w in (0.0, 0.5, 1.0)}
@@ -212,17 +203,6 @@ def test_time_conditioning_passes_sigma_only_when_on(on: bool) -> None:
         assert seen == [None]
 
 
-def test_sampler_valid_and_reproducible() -> None:
-    m = make()
-    s1 = m.sample(3, 12, steps=8, generator=gen(0))
-    assert s1.shape == (3, 12) and s1.dtype == torch.int64
-    assert torch.all((s1 >= 0) & (s1 < V))  # no mask id left
-    assert torch.equal(s1, m.sample(3, 12, steps=8, generator=gen(0)))
-    assert not torch.equal(s1, m.sample(3, 12, steps=8, generator=gen(1)))
-    one = m.sample(2, 12, steps=1, generator=gen(0))  # one step: the final argmax fills the rest
-    assert torch.all(one < V)
-
-
 def test_denoise_step_posterior() -> None:
     """From t=1 to s=0.5 (loglinear) a mask stays with prob move(s)/move(t) = 0.5; unmasked ids are copied."""
     m = make()
@@ -250,30 +230,3 @@ def test_build_model_validates_schedule() -> None:
         build_model(ModelConfig(family="mdml"), DiffusionConfig(), 259)
     # special ids are accepted (and ignored) by mdlm
     assert isinstance(build_model(ModelConfig(), DiffusionConfig(), 259, bos_id=256, eos_id=257), MDLM)
-
-
-def test_memorises_one_batch() -> None:
-    torch.manual_seed(0)
-    sentence = b"the quick brown fox jumps over t"
-    tokens = torch.tensor(list(sentence)).repeat(4, 1)  # (4, 32)
-    valid = torch.ones_like(tokens, dtype=torch.bool)
-    m = MDLM(Backbone(257, 257, d_model=64, n_layers=2, n_heads=4, cond_dim=32), 256, get_schedule("loglinear"))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    g = gen(0)
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return sum(m(tokens, valid, gen(100 + i)).loss.item() for i in range(8)) / 8
-
-    initial = eval_loss()
-    assert initial == pytest.approx(math.log(256) * (1 - 1e-3), rel=0.15)  # uniform predictor at init
-    for _ in range(300):
-        loss = m(tokens, valid, g).loss
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-    final = eval_loss()
-    # measured 5.42 -> 0.68-1.03 (seeds 0-2, float32 and chunked CE: float rounding moves the trajectory);
-    # a context-free unigram predictor of this sentence stays above 2.5
-    assert final < 0.25 * initial, (initial, final)

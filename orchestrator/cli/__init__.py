@@ -8,6 +8,7 @@
     difflm doctor SPEC                orchestrator/cli/doctor.py
     difflm cluster up | down | status orchestrator/cli/cluster.py
     difflm data prepare | info        orchestrator/cli/data.py
+    difflm new-family NAME            orchestrator/cli/scaffold.py
 
 A new command goes in the module of its group (or a new module) and is added here.
 Bad input prints one message and exits 2 before Ray starts (``cli.common.user_errors``).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli import bench, cluster, data, doctor, inference, spec, sweep, train
+from orchestrator.cli import bench, cluster, data, doctor, inference, scaffold, spec, sweep, train
 from orchestrator.cli.common import debug_option
 
 
@@ -44,6 +45,7 @@ for _cmd in (
     doctor.doctor,
     cluster.cluster,
     data.data,
+    scaffold.new_family,
 ):
     main.add_command(_cmd)
 
