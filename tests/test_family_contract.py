@@ -227,7 +227,7 @@ def check_trains_and_the_cli_reads_its_checkpoint(family: str, root: Path) -> No
     assert runner is not None
     runner.run()
     model = built.model
-    tokens = torch.as_tensor(data.val[:2], dtype=torch.long)
+    tokens = torch.tensor(data.val[:2], dtype=torch.long)
     model.train()
     wanted = {"train/loss", *(f"train/{k}" for k in model(tokens, counted_positions(tokens), gen(0)).metrics)}
     model.eval()
@@ -239,6 +239,8 @@ def check_trains_and_the_cli_reads_its_checkpoint(family: str, root: Path) -> No
     nll = dict(log.scalars["val/nll"])
     assert sorted(nll) == [0, 8, 16] and all(math.isfinite(v) for v in nll.values()), nll
     assert nll[16] < nll[0], f"{family}: val/nll did not fall: {nll}"
+    se = dict(log.scalars["val/nll_se"])[16]  # an exact NLL (ar) has no noise: standard error 0; a bound has some
+    assert (se == 0.0) if model.exact_likelihood else (0.0 < se < 1.0), (family, se)
     assert len(log.texts["samples/text"]) == 2  # evals at 8 and 16
     run_dir = root / family
     runner.save(run_dir / CKPT_NAME)

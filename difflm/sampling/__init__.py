@@ -4,7 +4,8 @@
     out = get_sampler(model, "ddpm_cache")(SampleOptions(num=4, length=128, steps=1000), generator)
 
 Plain PyTorch (no ray/deepspeed). The family-specific samplers live in each family's package
-(``difflm/families/<name>/samplers.py``); a family lists its own in ``Family.samplers()``.
+(``difflm/families/<name>/samplers.py``) and are registered in its ``FamilySpec.samplers``;
+``Family.samplers()`` binds them to a model. The request/result types are :mod:`difflm.types`'.
 """
 
 from difflm.sampling.core import (
