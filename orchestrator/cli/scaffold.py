@@ -250,7 +250,7 @@ def _register_in_tree(name: str, families_dir: Path) -> Path:
     marker = "\n\ndef build_model("
     if marker not in text:
         raise SpecError(f"new-family: cannot find where to add the import in {init}; add `{line.strip()}` by hand")
-    init.write_text(text.replace(marker, "\n" + line + marker, 1))
+    init.write_text(text.replace(marker, line + marker, 1))
     return init
 
 
