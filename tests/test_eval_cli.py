@@ -283,6 +283,7 @@ def test_mauve_with_an_ar_judge_prints_its_settings(runs: dict[str, Path], tmp_p
     got = json.loads(res.stdout)["mauve"]
     assert 0 < got["score"] <= 1 and got["num_buckets"] == 2 and got["p"] == got["q"] == 8 and got["steps"] == 2
     assert f"MAUVE       {got['score']:.4f} (8 samples at T=2 vs 8 lines of {ref}; num_buckets 2" in res.output
+    assert json.loads((runs["mdlm"] / "eval" / "mauve.json").read_text())["mauve"]["score"] == got["score"]
     res = cli("eval", str(runs["mdlm"]), "--mauve", str(tmp_path / "missing.txt"), "--judge", str(runs["ar"]), "--num", "2")
     assert res.exit_code == 2 and "no such file" in res.output, res.output
 
