@@ -318,7 +318,10 @@ def test_lm_eval_adapter_on_a_local_task(runs: dict[str, Path], tmp_path: Path) 
     lm_eval = pytest.importorskip("lm_eval")
     from orchestrator.eval.lm_eval import register
 
-    register()
+    cls = register()  # lm-eval's CLI passes its --device (default cuda:0, even without CUDA); model_args' wins
+    on_default = cls.create_from_arg_string(f"run={runs['ar']}", {"device": "cuda:0", "batch_size": 1})
+    assert on_default.ckpt.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cls.create_from_arg_string(f"run={runs['ar']},device=cpu", {"device": "cuda:0"}).ckpt.device.type == "cpu"
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"q": f"Item {i} is", "choices": [" red", " blue"], "gold": i % 2})
                               for i in range(4)))

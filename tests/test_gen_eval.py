@@ -311,10 +311,10 @@ def test_results_table_shows_gen_ppl_and_entropy_of_evaluated_trials(tmp_path: P
     write_tables(tmp_path, {"sweep": {"search": {"diffusion.schedule": {}}}}, configs)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["gen_ppl"] for r in saved] == [50.0, 120.0, None] and saved[1]["entropy_se"] == 0.2
-    evaluated("c1", [(32, 70.0, 7.0, 3.0, 0.1)], dtype="float32")  # no common T any more, and another precision
+    evaluated("c1", [(64, 70.0, 7.0, 3.0, 0.1)], dtype="float32")  # no common T any more, and another precision
     notes = attach_sample_quality(configs, trials)  # type: ignore[arg-type]
-    assert c.gen_steps == 32 and a.gen_steps == 128
-    assert any("float32 and float64" in n for n in notes) and any("T = 32, 128" in n for n in notes)
+    assert (a.gen_steps, a.gen_ppl, b.gen_steps, c.gen_steps, c.gen_ppl) == (128, 50.0, 128, 64, 70.0)  # seeds share T
+    assert any("float32 and float64" in n for n in notes) and any("T = 64, 128" in n for n in notes)
     plain = markdown_table({"sweep": {"search": {"diffusion.schedule": {}}, "metric": "val/nll"}},
                            [config("x", ["none"], 1)])
     assert "gen-PPL" not in plain  # runs without evals: the table is unchanged
@@ -347,3 +347,16 @@ def test_mauve_is_one_for_the_same_distribution_and_low_for_a_different_one() ->
     assert same == pytest.approx(1.0, abs=1e-6)
     assert fresh > 0.9 and far < 0.2 and fresh > near > far, (fresh, near, far)
     assert settings["num_buckets"] == 12 and settings["seed"] == 25 and settings["p"] == settings["q"] == n
+
+
+def test_eval_results_go_to_the_run_folder_for_both_checkpoint_layouts(tmp_path: Path) -> None:
+    """`difflm train` keeps RUN/checkpoint_N (last) and the best as RUN/checkpoints/best-checkpoint_N; a run dir
+    resolves to the latter. Both must write RUN/eval (where `difflm results` and `difflm export` read)."""
+    from orchestrator.eval.genppl import eval_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best-checkpoint_00000300").mkdir(parents=True)
+    (run / "checkpoint_00000300").mkdir()
+    assert eval_dir(run / "checkpoints" / "best-checkpoint_00000300") == run / "eval"
+    assert eval_dir(run / "checkpoint_00000300") == run / "eval"
+    assert eval_dir(tmp_path / "exported") == tmp_path / "exported" / "eval"  # a folder outside a run

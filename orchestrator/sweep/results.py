@@ -317,8 +317,8 @@ def attach_sample_quality(configs: list[ConfigResult], trials: dict[str, TrialRe
     """Fill each configuration's gen-PPL / entropy fields from its trials' eval results; return note lines.
 
     Which point: a run evaluated at several ``--steps`` has one row per T; the table shows the largest T
-    that every evaluated trial has (so rows compare at equal T), else each trial's largest T (a note
-    says the rows differ). Seeds: the mean over the configuration's evaluated trials, SE =
+    that every evaluated trial has (so rows compare at equal T), else per configuration the largest T
+    its seeds share (a note says the rows differ). Seeds: the mean over the configuration's evaluated trials, SE =
     sqrt(sum SE_i^2) / n (independent samples per trial). gen-PPL is only comparable under one judge
     and one sampling precision, so a note names it when trials differ."""
     found: dict[str, dict[str, Any]] = {}
@@ -334,14 +334,12 @@ def attach_sample_quality(configs: list[ConfigResult], trials: dict[str, TrialRe
     common = set.intersection(*({int(r["steps"]) for r in d["gen_ppl"]} for d in found.values()))
     notes: list[str] = []
     for c in configs:
-        rows = []
-        for tid in c.trials:
-            if tid not in found:
-                continue
-            by_t = {int(r["steps"]): r for r in found[tid]["gen_ppl"]}
-            rows.append((found[tid], by_t[max(common)] if common else by_t[max(by_t)]))
-        if not rows:
+        mine = [(found[tid], {int(r["steps"]): r for r in found[tid]["gen_ppl"]}) for tid in c.trials if tid in found]
+        if not mine:
             continue
+        own = set.intersection(*(set(by_t) for _, by_t in mine))  # its seeds at one T even when configs differ
+        pick = max(common) if common else max(own) if own else None
+        rows = [(data, by_t[pick] if pick is not None else by_t[max(by_t)]) for data, by_t in mine]
         n = len(rows)
 
         def mean_se(key: str) -> tuple[float, float]:
