@@ -271,6 +271,23 @@ def test_gen_ppl_frontier_with_an_ar_judge(runs: dict[str, Path], tmp_path: Path
     assert res.exit_code == 2 and "--judge" in res.output
 
 
+def test_mauve_with_an_ar_judge_prints_its_settings(runs: dict[str, Path], tmp_path: Path) -> None:
+    """--mauve with a difflm ar judge (its final hidden states are the features): a score in (0, 1], the
+    settings printed and saved; a missing reference file exits 2."""
+    pytest.importorskip("mauve")
+    ref = tmp_path / "held_out.txt"
+    ref.write_text("= Heading =\n" + "\n".join(f"line {i} of the held out text has more than eight words" for i in range(8)))
+    res = cli("eval", str(runs["mdlm"]), "--mauve", str(ref), "--judge", str(runs["ar"]), "--num", "8", "--steps", "2",
+              "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["mauve"]
+    assert 0 < got["score"] <= 1 and got["num_buckets"] == 2 and got["p"] == got["q"] == 8 and got["steps"] == 2
+    assert f"MAUVE       {got['score']:.4f} (8 samples at T=2 vs 8 lines of {ref}; num_buckets 2" in res.output
+    assert json.loads((runs["mdlm"] / "eval" / "mauve.json").read_text())["mauve"]["score"] == got["score"]
+    res = cli("eval", str(runs["mdlm"]), "--mauve", str(tmp_path / "missing.txt"), "--judge", str(runs["ar"]), "--num", "2")
+    assert res.exit_code == 2 and "no such file" in res.output, res.output
+
+
 def test_export_round_trip_is_bit_identical(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "exported"
     res = cli("export", str(runs["mdlm"]), "--to", str(out))
@@ -301,7 +318,10 @@ def test_lm_eval_adapter_on_a_local_task(runs: dict[str, Path], tmp_path: Path) 
     lm_eval = pytest.importorskip("lm_eval")
     from orchestrator.eval.lm_eval import register
 
-    register()
+    cls = register()  # lm-eval's CLI passes its --device (default cuda:0, even without CUDA); model_args' wins
+    on_default = cls.create_from_arg_string(f"run={runs['ar']}", {"device": "cuda:0", "batch_size": 1})
+    assert on_default.ckpt.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cls.create_from_arg_string(f"run={runs['ar']},device=cpu", {"device": "cuda:0"}).ckpt.device.type == "cpu"
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"q": f"Item {i} is", "choices": [" red", " blue"], "gold": i % 2})
                               for i in range(4)))

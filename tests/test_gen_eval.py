@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,55 @@ def test_hf_judge_windows_match_direct_scoring(hf_judge_dir: Path) -> None:
     assert judge.features([short, long]).shape == (2, 16)
 
 
+class _HFStyle(torch.nn.Module):
+    """A difflm ar network seen the way a Hugging Face causal LM is called (.logits, .hidden_states)."""
+
+    def __init__(self, ar: torch.nn.Module) -> None:
+        super().__init__()
+        self.ar = ar
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> SimpleNamespace:
+        logits, hidden = self.ar.backbone(input_ids, None, return_hidden=True)
+        return SimpleNamespace(logits=logits, hidden_states=(hidden,))
+
+
+class _HFStyleTokenizer:
+    """The byte tokenizer behind a Hugging Face tokenizer's call convention."""
+
+    bos_token_id = TOK.bos_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": TOK.encode(text)}
+
+
+def test_ar_judge_and_the_same_model_as_hf_give_the_same_gen_ppl() -> None:
+    """One scoring path: a difflm ar judge and the same network behind the Hugging Face interface agree on
+    every per-sample NLL sum (re-tokenised texts, windows), hence on gen-PPL, and on the MAUVE features;
+    and both equal a direct full-context computation for a sample that fits one window."""
+    from orchestrator.eval.judge import CausalJudge
+
+    model = tiny("ar", seed=3)
+    randomize_zero_init(model, seed=3)
+    ar = DifflmJudge(ckpt=SimpleNamespace(model=model, tokenizer=TOK, device=torch.device("cpu"),
+                                          path=Path("/nonexistent"), spec=SimpleNamespace(data=SimpleNamespace(seq_len=16))))
+    hf = HFJudge(model=_HFStyle(model), tokenizer=_HFStyleTokenizer(), context=16)
+    assert isinstance(ar, CausalJudge) and isinstance(hf, CausalJudge)
+    texts = ["The cat sat.", "A longer sample that needs three windows of sixteen bytes each, or more."]
+    samples = [TOK.encode(t) for t in texts]
+    a_sums, a_counts = ar.score(texts)  # re-tokenised from the text
+    h_sums, h_counts = hf.score(texts)
+    assert a_counts == h_counts == [len(s) for s in samples]
+    assert a_sums == h_sums  # the same code on the same numbers: bit-identical, not approximately
+    assert gen_ppl(a_sums, a_counts, samples).ppl == gen_ppl(h_sums, h_counts, samples).ppl
+    ids = torch.tensor([[TOK.bos_id, *samples[0]]])
+    with torch.no_grad():
+        logp = model.backbone(ids)[0, :-1].double().log_softmax(-1)
+    assert a_sums[0] == pytest.approx(-float(logp.gather(-1, ids[0, 1:, None]).sum()), rel=1e-9)
+    assert ar.score(texts, samples) == (a_sums, a_counts)  # given ids = re-tokenised text with the same tokenizer
+    fa, fh = ar.features(texts), hf.features(texts)
+    assert fa.shape == (2, 32) and torch.equal(fa, fh) and not torch.equal(fa[0], fa[1])
+
+
 def test_bad_judges_raise_with_the_reason(hf_judge_dir: Path, tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
@@ -208,3 +258,105 @@ def test_rolling_windows_cover_every_token_once() -> None:
         wins = rolling_windows(n, 32)
         assert [i for _, first, end in wins for i in range(first, end)] == list(range(n))
         assert all(end - start + 1 <= 32 for start, _, end in wins)
+
+
+# ---- `difflm results`: gen-PPL / entropy columns -----------------------------------------------------
+
+
+def test_results_table_shows_gen_ppl_and_entropy_of_evaluated_trials(tmp_path: Path) -> None:
+    """Hand-made trial folders (no Ray): two seeds of one configuration evaluated at T=32, 128 (and 1000 for one
+    seed), one configuration at T=32 and 128, one not evaluated. The table compares at the largest T every
+    evaluated trial has (128), averages the
+    seeds (SE = sqrt(sum SE^2) / n) and shows '-' where no eval ran; results.json carries the numbers."""
+    import json
+
+    from orchestrator.sweep.results import ConfigResult, attach_sample_quality, markdown_table, write_tables
+
+    def evaluated(trial: str, points: list[tuple[int, float, float, float, float]], dtype: str = "float64") -> None:
+        folder = tmp_path / trial / "train" / "eval"  # where `difflm eval TRIAL/train --gen-ppl` writes
+        folder.mkdir(parents=True)
+        rows = [{"steps": t, "gen_ppl": p, "gen_ppl_se": pse, "entropy": e, "entropy_se": ese} for t, p, pse, e, ese in points]
+        (folder / "sample_quality.json").write_text(json.dumps({"judge": "difflm ar run J", "sample_dtype": dtype,
+                                                                "gen_ppl": rows}))
+
+    evaluated("a1", [(32, 90.0, 9.0, 4.0, 0.1), (128, 60.0, 3.0, 4.2, 0.3)])
+    evaluated("a2", [(32, 80.0, 8.0, 4.1, 0.1), (128, 40.0, 4.0, 4.4, 0.4), (1000, 30.0, 3.0, 4.0, 0.4)])
+    evaluated("b1", [(32, 150.0, 15.0, 5.5, 0.2), (128, 120.0, 12.0, 5.0, 0.2)])
+
+    def config(key: str, trials: list[str], rank: int) -> ConfigResult:
+        return ConfigResult(config=key, params={"diffusion.schedule": key}, family="mdlm", trials=trials, seeds=[None],
+                            n_seeds=len(trials), step=30, val_nll_mean=2.0 + rank, val_nll_se=0.01, seed_sd=None,
+                            per_seed=[None], rank=rank, overall_rank=rank, is_best=rank == 1, diff_to_best=None,
+                            diff_se=None, diff_at_step=None, paired=False, seeds_paired=0, tied=False, why_tied="",
+                            full_budget=True, stopped_early=False, steps=30, status="TERMINATED", wall_time_s=1.0,
+                            error=None, best_checkpoint=None, trial_dir=str(tmp_path / trials[0]))
+
+    configs = [config("loglinear", ["a1", "a2"], 1), config("linear", ["b1"], 2), config("cosine", ["c1"], 3)]
+    trials = {k: SimpleNamespace(trial_dir=str(tmp_path / k), best_checkpoint=None) for k in ("a1", "a2", "b1", "c1")}
+    notes = attach_sample_quality(configs, trials)  # type: ignore[arg-type]
+    a, b, c = configs
+    assert (a.gen_steps, a.gen_trials, b.gen_steps, c.gen_ppl) == (128, 2, 128, None)
+    assert a.gen_ppl == pytest.approx(50.0) and a.gen_ppl_se == pytest.approx(math.sqrt(3.0**2 + 4.0**2) / 2)
+    assert a.entropy == pytest.approx(4.3) and a.entropy_se == pytest.approx(0.25)
+    assert (b.gen_ppl, b.gen_ppl_se, b.entropy) == (120.0, 12.0, 5.0)
+    assert notes == ["gen-PPL / entropy: T=128 steps, float64 draws, judge difflm ar run J (`difflm eval TRIAL/train "
+                     "--gen-ppl`); ± SE over samples, mean over seeds"]
+    md = markdown_table({"sweep": {"search": {"diffusion.schedule": {}}, "metric": "val/nll"}}, configs).splitlines()
+    head = [h.strip() for h in md[0].strip("|").split("|")]
+    assert head[head.index("tied") + 1: head.index("tied") + 3] == ["gen-PPL ± SE", "entropy ± SE"]
+    cells = [[x.strip() for x in line.strip("|").split("|")] for line in md[2:]]
+    at = head.index("gen-PPL ± SE")
+    assert [r[at:at + 2] for r in cells] == [["50.00 ± 2.50", "4.300 ± 0.250"], ["120.00 ± 12.00", "5.000 ± 0.200"],
+                                             ["-", "-"]]
+    write_tables(tmp_path, {"sweep": {"search": {"diffusion.schedule": {}}}}, configs)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["gen_ppl"] for r in saved] == [50.0, 120.0, None] and saved[1]["entropy_se"] == 0.2
+    evaluated("c1", [(64, 70.0, 7.0, 3.0, 0.1)], dtype="float32")  # no common T any more, and another precision
+    notes = attach_sample_quality(configs, trials)  # type: ignore[arg-type]
+    assert (a.gen_steps, a.gen_ppl, b.gen_steps, c.gen_steps, c.gen_ppl) == (128, 50.0, 128, 64, 70.0)  # seeds share T
+    assert any("float32 and float64" in n for n in notes) and any("T = 64, 128" in n for n in notes)
+    plain = markdown_table({"sweep": {"search": {"diffusion.schedule": {}}, "metric": "val/nll"}},
+                           [config("x", ["none"], 1)])
+    assert "gen-PPL" not in plain  # runs without evals: the table is unchanged
+
+
+# ---- MAUVE ------------------------------------------------------------------------------------------
+
+
+def test_mauve_is_one_for_the_same_distribution_and_low_for_a_different_one() -> None:
+    """mauve_score on fixed features (no feature model): a set against itself scores 1, against fresh draws
+    of the same distribution near 1, against a clearly shifted distribution far lower; MAUVE falls as the
+    shift grows. The settings returned are those documented (buckets = max(2, n / 10), seed 25)."""
+    pytest.importorskip("mauve")
+    from orchestrator.eval.mauve import mauve_score
+
+    rng = np.random.default_rng(0)
+    n, d = 120, 16
+    centers = rng.normal(size=(4, d)) * 3  # a 4-cluster mixture, as text embeddings cluster by topic
+
+    def draw(shift: float) -> np.ndarray:
+        x = centers[rng.integers(0, 4, n)] + rng.normal(size=(n, d))
+        x[:, 0] += shift
+        return x.astype(np.float32)
+
+    p = draw(0.0)
+    same, settings = mauve_score(p, p)
+    fresh, _ = mauve_score(p, draw(0.0))
+    near, _ = mauve_score(p, draw(3.0))
+    far, _ = mauve_score(p, draw(12.0))
+    assert same == pytest.approx(1.0, abs=1e-6)
+    assert fresh > 0.9 and far < 0.2 and fresh > near > far, (fresh, near, far)
+    assert settings["num_buckets"] == 12 and settings["seed"] == 25 and settings["p"] == settings["q"] == n
+
+
+def test_eval_results_go_to_the_run_folder_for_both_checkpoint_layouts(tmp_path: Path) -> None:
+    """`difflm train` keeps RUN/checkpoint_N (last) and the best as RUN/checkpoints/best-checkpoint_N; a run dir
+    resolves to the latter. Both must write RUN/eval (where `difflm results` and `difflm export` read)."""
+    from orchestrator.eval.genppl import eval_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best-checkpoint_00000300").mkdir(parents=True)
+    (run / "checkpoint_00000300").mkdir()
+    assert eval_dir(run / "checkpoints" / "best-checkpoint_00000300") == run / "eval"
+    assert eval_dir(run / "checkpoint_00000300") == run / "eval"
+    assert eval_dir(tmp_path / "exported") == tmp_path / "exported" / "eval"  # a folder outside a run

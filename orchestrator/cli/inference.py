@@ -259,7 +259,7 @@ def _eval_blocks(ckpt: LoadedCheckpoint, data_ref: str | None, split: str, hf_co
 @click.option("--steps", "steps", metavar="T[,T...]", help="--gen-ppl: sampler steps, comma-separated for the frontier, e.g. 32,128,1000 (default: the run's diffusion.sample_steps).")
 @click.option("--sampler", help="--gen-ppl: sampler name (default: the family's default).")
 @click.option("--sample-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="--gen-ppl: float type of the Gumbel noise of categorical draws; float32 lowers entropy (reproduces older published numbers).")
-@click.option("--mauve", "mauve_ref", type=click.Path(dir_okay=False, path_type=Path), metavar="REF_FILE", help="MAUVE between --num samples and the documents of REF_FILE (.txt, one per blank-line-separated paragraph), on --judge features (mauve-text).")
+@click.option("--mauve", "mauve_ref", type=click.Path(dir_okay=False, path_type=Path), metavar="REF_FILE", help="MAUVE between --num samples and the first --num lines of REF_FILE with 8+ words (headings '= ... =' skipped), on --judge features (mauve-text).")
 @click.option("--plot", "plot_to", type=click.Path(dir_okay=False, path_type=Path), help="--gen-ppl with several --steps: the frontier PNG (default: RUN_DIR/eval/gen_ppl_frontier.png).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line on stdout (the readable report moves to stderr).")

@@ -83,6 +83,7 @@ def sample_quality(ckpt: Any, say: Callable[[str], None], *, gen_ppl: bool, judg
         say(f"MAUVE       {score:.4f} ({len(texts)} samples at T={grid[-1]} vs {len(refs)} lines of {mauve_ref}; "
             + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")")
         result["mauve"] = {"score": score, "reference": str(mauve_ref), "steps": grid[-1], **settings}
-    saved = save_results(eval_dir(ckpt.path), "sample_quality", result)
+    # --mauve alone goes to its own file: it must not replace the gen-PPL results `difflm results` reads
+    saved = save_results(eval_dir(ckpt.path), "sample_quality" if gen_ppl else "mauve", result)
     say(f"saved       {saved}")
     return result

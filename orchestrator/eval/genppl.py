@@ -124,9 +124,15 @@ def plot_frontier(points: list[GenPoint], path: Path, title: str) -> Path:
 
 
 def eval_dir(checkpoint: Path) -> Path:
-    """Where eval results of a checkpoint go: RUN_DIR/eval for a run's checkpoint, else CHECKPOINT/eval."""
-    run = checkpoint.parent
-    return (run if (run / "checkpoints").is_dir() else checkpoint) / "eval"
+    """Where eval results of a checkpoint go: RUN_DIR/eval for a run's checkpoint, else CHECKPOINT/eval.
+
+    A run keeps ``RUN_DIR/checkpoint_N`` (``last`` links there) and its best as a copy
+    ``RUN_DIR/checkpoints/best-checkpoint_N``, which is what a run dir resolves to; both map to
+    ``RUN_DIR/eval``, where `difflm results` and `difflm export` look."""
+    parent = checkpoint.parent
+    if parent.name == "checkpoints":
+        return parent.parent / "eval"
+    return (parent if (parent / "checkpoints").is_dir() else checkpoint) / "eval"
 
 
 def save_results(folder: Path, name: str, payload: dict[str, Any]) -> Path:

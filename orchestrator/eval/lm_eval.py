@@ -125,8 +125,16 @@ def register() -> type:
             from lm_eval.utils import simple_parse_args_string
 
             args = simple_parse_args_string(arg_string)
-            extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k == "device"}
-            return cls(**args, **extra)
+            device = (additional_config or {}).get("device")
+            # model_args' device wins; lm-eval's own --device defaults to cuda:0 even on a machine without
+            # CUDA, so that default falls back to auto (mps or cpu) with a note instead of a CUDA traceback
+            if "device" not in args and device is not None:
+                if str(device).startswith("cuda") and not torch.cuda.is_available():
+                    print(f"difflm: lm-eval asked for device {device}, but no CUDA device is visible; using auto "
+                          "(pass --device cpu|mps or model_args device=... to choose)", file=sys.stderr)
+                    device = "auto"
+                args["device"] = device
+            return cls(**args)
 
     return register_model("difflm")(DifflmLM)
 

@@ -150,6 +150,16 @@ class ConfigResult:
     error: str | None
     best_checkpoint: str | None
     trial_dir: str
+    # Sample quality from `difflm eval TRIAL_RUN --gen-ppl` (RUN_DIR/eval/sample_quality.json), mean over the
+    # configuration's trials that have it (see attach_sample_quality); None when no trial was evaluated.
+    gen_ppl: float | None = None
+    gen_ppl_se: float | None = None
+    entropy: float | None = None
+    entropy_se: float | None = None
+    gen_steps: int | None = None
+    gen_judge: str | None = None
+    gen_sample_dtype: str | None = None
+    gen_trials: int = 0
 
 
 def _trial_seed(params: dict[str, Any], meta: dict[str, Any]) -> int | None:
@@ -284,6 +294,80 @@ def collect_configs(sweep_dir: Path) -> tuple[dict[str, Any], list[TrialResult],
     return meta, out, configs, ranking
 
 
+def sample_quality_file(trial_dir: str | Path, best_checkpoint: str | None = None) -> Path | None:
+    """The ``sample_quality.json`` an eval of the trial's run wrote: ``TRIAL/train/eval/`` (what
+    `difflm eval TRIAL/train --gen-ppl` writes), else the best checkpoint's ``eval/`` folder; None if neither."""
+    from orchestrator.eval.genppl import eval_dir
+
+    candidates = [Path(trial_dir) / "train" / "eval" / "sample_quality.json"]
+    if best_checkpoint:
+        candidates.append(eval_dir(Path(best_checkpoint)) / "sample_quality.json")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _read_sample_quality(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a file cut by a kill: as if the trial was not evaluated
+    return data if isinstance(data, dict) and data.get("gen_ppl") else None
+
+
+def attach_sample_quality(configs: list[ConfigResult], trials: dict[str, TrialResult]) -> list[str]:
+    """Fill each configuration's gen-PPL / entropy fields from its trials' eval results; return note lines.
+
+    Which point: a run evaluated at several ``--steps`` has one row per T; the table shows the largest T
+    that every evaluated trial has (so rows compare at equal T), else per configuration the largest T
+    its seeds share (a note says the rows differ). Seeds: the mean over the configuration's evaluated trials, SE =
+    sqrt(sum SE_i^2) / n (independent samples per trial). gen-PPL is only comparable under one judge
+    and one sampling precision, so a note names it when trials differ."""
+    found: dict[str, dict[str, Any]] = {}
+    for c in configs:
+        for tid in c.trials:
+            t = trials.get(tid)
+            path = sample_quality_file(t.trial_dir, t.best_checkpoint) if t is not None else None
+            data = _read_sample_quality(path) if path else None
+            if data is not None:
+                found[tid] = data
+    if not found:
+        return []
+    common = set.intersection(*({int(r["steps"]) for r in d["gen_ppl"]} for d in found.values()))
+    notes: list[str] = []
+    for c in configs:
+        mine = [(found[tid], {int(r["steps"]): r for r in found[tid]["gen_ppl"]}) for tid in c.trials if tid in found]
+        if not mine:
+            continue
+        own = set.intersection(*(set(by_t) for _, by_t in mine))  # its seeds at one T even when configs differ
+        pick = max(common) if common else max(own) if own else None
+        rows = [(data, by_t[pick] if pick is not None else by_t[max(by_t)]) for data, by_t in mine]
+        n = len(rows)
+
+        def mean_se(key: str) -> tuple[float, float]:
+            return (sum(float(r[key]) for _, r in rows) / n,
+                    math.sqrt(sum(float(r.get(f"{key}_se") or 0.0) ** 2 for _, r in rows)) / n)
+
+        c.gen_ppl, c.gen_ppl_se = mean_se("gen_ppl")
+        c.entropy, c.entropy_se = mean_se("entropy")
+        c.gen_steps = int(rows[0][1]["steps"])
+        c.gen_judge = str(rows[0][0].get("judge"))
+        c.gen_sample_dtype = str(rows[0][0].get("sample_dtype"))
+        c.gen_trials = n
+    judges = {str(d.get("judge")) for d in found.values()}
+    dtypes = {str(d.get("sample_dtype")) for d in found.values()}
+    steps = {c.gen_steps for c in configs if c.gen_steps is not None}
+    if len(judges) > 1:
+        notes.append(f"gen-PPL: trials were judged by {len(judges)} different judges; their gen-PPL do not compare")
+    if len(dtypes) > 1:
+        notes.append(f"gen-PPL: trials were sampled in {' and '.join(sorted(dtypes))}; float32 draws lower entropy and gen-PPL")
+    if len(steps) > 1:
+        notes.append(f"gen-PPL: no sampler step count is common to every evaluated trial; rows use T = "
+                     f"{', '.join(map(str, sorted(steps)))}")
+    elif judges and dtypes:
+        notes.append(f"gen-PPL / entropy: T={steps.pop()} steps, {dtypes.pop()} draws, judge {judges.pop()} "
+                     "(`difflm eval TRIAL/train --gen-ppl`); ± SE over samples, mean over seeds")
+    return notes
+
+
 def expected_trials(meta: dict[str, Any]) -> int:
     """Trials a complete sweep has: num_samples x the product of grid sizes."""
     n = int(meta["sweep"]["num_samples"]) * int(meta["sweep"].get("seeds") or 1)
@@ -308,6 +392,10 @@ def markdown_table(meta: dict[str, Any], configs: list[ConfigResult], mixed: boo
     metric = meta["sweep"]["metric"]
     head = ["rank", "trial(s)", *[p.split(".")[-1] for p in params], f"{metric} mean ± SE", "seed SD", "seeds",
             "at step", "Δ to best ± SE", "tied", "steps", "early stop", "wall s", "status", "best checkpoint"]
+    quality = any(c.gen_ppl is not None for c in configs)
+    at = head.index("tied") + 1  # sample quality goes after the val NLL columns, before the bookkeeping ones
+    if quality:
+        head[at:at] = ["gen-PPL ± SE", "entropy ± SE"]
     if mixed:
         head[1:1] = ["family", "overall (bounds differ)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -320,10 +408,18 @@ def markdown_table(meta: dict[str, Any], configs: list[ConfigResult], mixed: boo
                fmt_sd(c.seed_sd, c.n_seeds), str(c.n_seeds), "-" if c.step is None else str(c.step), _diff_cell(c),
                "tied" if c.tied else "", str(c.steps), "yes" if c.stopped_early else "no", f"{c.wall_time_s:.0f}",
                status.replace("|", "/"), c.best_checkpoint or "-"]
+        if quality:
+            row[at:at] = [_pm(c.gen_ppl, c.gen_ppl_se, 2), _pm(c.entropy, c.entropy_se, 3)]
         if mixed:
             row[1:1] = [c.family, "-" if c.overall_rank is None else str(c.overall_rank)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _pm(value: float | None, se: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and math.isfinite(se) else "")
 
 
 def _diff_cell(c: ConfigResult) -> str:
@@ -473,10 +569,11 @@ def write_plots(sweep_dir: Path, meta: dict[str, Any], trials: list[TrialResult]
 def report(sweep_dir: Path, *, write_hparams_data: bool = True) -> tuple[str, list[TrialResult]]:
     """Collect, write CSV/JSON/plots (+ HParams), return the markdown table with its verdict lines."""
     meta, trials, configs, ranking = collect_configs(sweep_dir)
+    quality_notes = attach_sample_quality(configs, {t.trial_id: t for t in trials})
     write_tables(sweep_dir, meta, configs)
     write_plots(sweep_dir, meta, trials, configs)
     if write_hparams_data:
         write_hparams(meta, trials, configs)
     text = markdown_table(meta, configs, mixed=ranking.mixed)
-    notes = ([MIXED_NOTE] if ranking.mixed else []) + ranking.verdicts
+    notes = ([MIXED_NOTE] if ranking.mixed else []) + ranking.verdicts + quality_notes
     return text + ("\n\n" + "\n".join(notes) if notes else ""), trials
