@@ -316,3 +316,30 @@ def test_unbiased_weights_give_the_plain_nelbo_on_a_context_free_toy(source: str
     (biased, se_b), (fixed, se_u) = means[False], means[True]
     assert abs(fixed - known) < 4 * se_u, (source, fixed, known, se_u)
     assert biased - known > 5 * se_b, (source, biased, known, se_b)
+
+
+@pytest.mark.parametrize("move", [0.05, 0.5, 0.95])
+def test_unbiased_weights_stay_below_e_to_the_strength_and_the_clip_binds_only_above_it(move: float) -> None:
+    """rate / p_i <= r + (1 - r) e^strength <= e^strength for the rate-preserving probabilities (the docs' claim
+    that max_weight is inactive while strength <= ln(max_weight)); with max_weight below that bound the clip
+    caps exactly the rarely masked tokens and leaves the others at rate / p_i; unmasked tokens weigh 0."""
+    strength = 3.0
+    importance = torch.linspace(0, 1, 64)[None].repeat(2, 1)
+    valid = torch.ones(2, 64, dtype=torch.bool)
+    rate = torch.full((2,), move)
+    probs = at.adaptive_mask_probs(rate, at.focus_bias(at.rank_quantiles(importance, valid), "hard", strength),
+                                   valid, strength)
+    masked = torch.ones_like(valid)
+    masked[1, ::2] = False
+    free = at.unbiased_weights(rate, probs, masked, max_weight=1e9)  # no clip
+    assert float(free.max()) <= move + (1 - move) * math.exp(strength) + 1e-4
+    assert float(free.max()) > 1.05  # the rarely masked tokens are weighted up
+    torch.testing.assert_close(free[masked], (move / probs)[masked])
+    assert torch.all(free[~masked] == 0)
+    cap = 0.5 * float(free.max())
+    clipped = at.unbiased_weights(rate, probs, masked, max_weight=cap)
+    assert float(clipped.max()) == pytest.approx(cap)
+    below = free < cap
+    torch.testing.assert_close(clipped[below], free[below])
+    assert bool((free > cap).any()) and torch.all(clipped[free > cap] == cap)
+    assert torch.equal(at.unbiased_weights(rate, probs, masked, max_weight=math.exp(strength)), free)  # inactive
