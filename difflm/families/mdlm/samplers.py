@@ -244,10 +244,15 @@ def _sample(model: MDLM, options: SampleOptions, generator: torch.Generator | No
             f"semi-autoregressive: {options.length} tokens in {len(starts)} windows of {window} "
             f"(stride {stride}), {options.steps} steps each"
         )
+    fast = options.remasking == "threshold" or options.block_length is not None or options.cache != "none"
+    if fast:
+        from difflm.families.mdlm.fast import run_blocks  # threshold / block decoding / Fast-dLLM caches
     nfe = 0
     for a in starts:
         part = x[:, a:a + window]  # (N, W)
-        if kind == "analytic":
+        if fast:
+            filled, calls = run_blocks(model, part, options, generator)
+        elif kind == "analytic":
             filled, calls = run_analytic(model, part, options, generator)
         else:
             filled, calls = run_ddpm(model, part, options, generator, cache=cache)
@@ -269,5 +274,7 @@ def ddpm_cache(model: MDLM, options: SampleOptions, generator: torch.Generator |
 def analytic(model: MDLM, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """SEDD/MDLM's analytic (Tweedie tau-leaping) sampler; no low-confidence remasking."""
     if options.remasking != "random":
-        raise SamplingError("remasking=low_confidence works with the ddpm and ddpm_cache samplers, not analytic")
+        raise SamplingError(f"remasking={options.remasking} works with the ddpm and ddpm_cache samplers, not analytic")
+    if options.block_length is not None or options.cache != "none":
+        raise SamplingError("block_length and cache work with the ddpm and ddpm_cache samplers, not analytic")
     return _sample(model, options, generator, kind="analytic")
