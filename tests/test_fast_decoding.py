@@ -125,3 +125,20 @@ def test_fast_options_refused_where_they_do_not_apply() -> None:
         run(m, "analytic", num=1, length=8, steps=2, cache="dual", block_length=4)
     with pytest.raises(SamplingError, match="threshold"):
         run(m, num=1, length=8, steps=2, remasking="threshold", threshold=0.0)
+
+
+def test_sample_help_documents_fast_options_and_bench_parses_settings() -> None:
+    from click.testing import CliRunner
+
+    from orchestrator.bench.sampling import parse_setting
+    from orchestrator.cli import main
+
+    out = CliRunner().invoke(main, ["sample", "--help"]).output
+    for opt in ("--remasking", "threshold", "--threshold", "--block-length", "--cache", "prefix", "dual"):
+        assert opt in out, opt
+    assert parse_setting("threshold=0.7,block=64,cache=dual", 32, 100) == (
+        None, {"steps": 100, "remasking": "threshold", "threshold": 0.7, "block_length": 32, "cache": "dual"})
+    assert parse_setting("sampler=ddpm,remasking=low_confidence,steps=L", 32, 100) == (
+        "ddpm", {"steps": 32, "remasking": "low_confidence"})
+    with pytest.raises(ValueError, match="unknown key 'blocks'"):
+        parse_setting("blocks=4", 32, 100)
