@@ -31,12 +31,14 @@ import torch
 from torch import Tensor
 
 from difflm.models.backbone import KV, Backbone
-from difflm.sampling.core import SampleOptions, SamplingError, adjust_log_probs, draw
+from difflm.sampling.core import SampleOptions, SampleOutput, SamplingError, adjust_log_probs, draw
 
 if TYPE_CHECKING:
     from difflm.families.mdlm.model import MDLM
 
-__all__ = ["threshold_step", "decode_block", "run_blocks", "block_bounds"]
+from difflm.families.mdlm import samplers as ms
+
+__all__ = ["threshold_step", "decode_block", "run_blocks", "block_bounds", "ddpm", "ddpm_cache"]
 
 #: x_block (N, W) -> adjusted log p(x0 | ...) (N, W, V+1) at the block's positions
 LogProbFn = Callable[[Tensor], Tensor]
@@ -82,8 +84,7 @@ def decode_block(
             nfe += 1
             x, _ = threshold_step(x, logp, options.threshold, mask_id, options.temperature, generator)
         return x, nfe
-    from difflm.families.mdlm.samplers import _low_confidence_step, ddpm_step
-
+    _low_confidence_step, ddpm_step = ms._low_confidence_step, ms.ddpm_step
     dtype = model.float_dtype()
     times = torch.linspace(1.0, options.eps, options.steps + 1, device=x.device, dtype=dtype)
     move = model.schedule.move_chance(times)  # (T+1,)
@@ -181,3 +182,13 @@ def run_blocks(
         x[:, a:b] = filled
         nfe += calls
     return x, nfe
+
+
+def ddpm(model: MDLM, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+    """mdlm's ddpm sampler, with threshold remasking, block decoding and caches routed to :func:`run_blocks`."""
+    return ms._sample(model, options, generator, kind="ddpm", runner=run_blocks)
+
+
+def ddpm_cache(model: MDLM, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
+    """mdlm's ddpm_cache sampler, with the same routing as :func:`ddpm`."""
+    return ms._sample(model, options, generator, kind="ddpm_cache", runner=run_blocks)

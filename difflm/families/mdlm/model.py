@@ -36,6 +36,7 @@ from difflm.families.mdlm import atat as at
 from difflm.models.backbone import Backbone
 from difflm.models.config import ModelConfig
 from difflm.families.mdlm import samplers as ms
+from difflm.families.mdlm import fast
 from difflm.losses import token_cross_entropy
 from difflm.sampling.core import SampleOptions, Sampler
 from difflm.schedules import NoiseSchedule, get_schedule, sample_times
@@ -335,8 +336,8 @@ class MDLM(Family):
     def samplers(self) -> dict[str, Sampler]:
         """ddpm_cache (default; plain ddpm first when time-conditioned, where caching is invalid), ddpm, analytic."""
         table: dict[str, Sampler] = {
-            "ddpm_cache": functools.partial(ms.ddpm_cache, self),
-            "ddpm": functools.partial(ms.ddpm, self),
+            "ddpm_cache": functools.partial(fast.ddpm_cache, self),
+            "ddpm": functools.partial(fast.ddpm, self),
             "analytic": functools.partial(ms.analytic, self),
         }
         if self.time_conditioning:

@@ -41,7 +41,7 @@ Semi-autoregressive windows (``options.window``)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -225,7 +225,9 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def _sample(model: MDLM, options: SampleOptions, generator: torch.Generator | None, *, kind: str) -> SampleOutput:
+def _sample(model: MDLM, options: SampleOptions, generator: torch.Generator | None, *, kind: str,
+            runner: Callable[..., tuple[Tensor, int]] | None = None) -> SampleOutput:
+    """runner: fast.run_blocks, passed by the wrappers in fast.py (threshold / block decoding / caches)."""
     options.validate()
     notes: list[str] = []
     cache = kind == "ddpm_cache"
@@ -245,13 +247,15 @@ def _sample(model: MDLM, options: SampleOptions, generator: torch.Generator | No
             f"(stride {stride}), {options.steps} steps each"
         )
     fast = options.remasking == "threshold" or options.block_length is not None or options.cache != "none"
-    if fast:
-        from difflm.families.mdlm.fast import run_blocks  # threshold / block decoding / Fast-dLLM caches
+    if fast and runner is None:
+        raise SamplingError("threshold remasking, block_length and cache run through difflm.families.mdlm.fast "
+                            "(the family's samplers() entries); this sampler function does not do them")
     nfe = 0
     for a in starts:
         part = x[:, a:a + window]  # (N, W)
         if fast:
-            filled, calls = run_blocks(model, part, options, generator)
+            assert runner is not None
+            filled, calls = runner(model, part, options, generator)
         elif kind == "analytic":
             filled, calls = run_analytic(model, part, options, generator)
         else:
