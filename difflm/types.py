@@ -28,8 +28,10 @@ from torch import Tensor
 RATE_MIN: float = 0.0
 RATE_MAX: float = 1.0
 
-Remasking = Literal["random", "low_confidence"]
-REMASKING: tuple[str, ...] = ("random", "low_confidence")
+Remasking = Literal["random", "low_confidence", "threshold"]
+REMASKING: tuple[str, ...] = ("random", "low_confidence", "threshold")
+CacheKind = Literal["none", "prefix", "dual"]
+CACHES: tuple[str, ...] = ("none", "prefix", "dual")
 SampleDtype = Literal["float64", "float32"]
 SAMPLE_DTYPES: tuple[str, ...] = ("float64", "float32")
 
@@ -149,6 +151,16 @@ class SampleOptions:
                         semi-autoregressively, ``window`` tokens at a time (None: no limit).
     stride:             semi-AR: new tokens per window after the first (None: window // 2).
     eps:                mdlm: the last time of the grid 1 -> eps.
+    threshold:          remasking ``threshold`` (Fast-dLLM): each step reveals every mask of the current
+                        block whose drawn token has probability > threshold, and at least the most
+                        confident one per row; ``steps`` is then unused (a block ends when it has no mask).
+    block_length:       semi-autoregressive block decoding inside the sample (Fast-dLLM / LLaDA): blocks
+                        of this many positions are decoded left to right, the network seeing the whole
+                        sample; ``steps`` is per block. None: one block (the whole sample). bd3lm: its
+                        own trained block size is used and this must be None.
+    cache:              mdlm block decoding: ``prefix`` reuses the keys/values of the positions before the
+                        current block, ``dual`` also those after it, both refreshed once per block by a
+                        full forward (approximate, Fast-dLLM v1); ``none`` recomputes everything.
     sample_dtype:       float type of the Gumbel noise of every categorical draw. ``float64`` (default)
                         samples the model's distribution; ``float32`` truncates the Gumbel tail (no
                         uniform closer to 1 than 2^-24), so ids with a relative probability below
@@ -168,6 +180,9 @@ class SampleOptions:
     stride: int | None = None
     eps: float = 1e-5
     sample_dtype: SampleDtype = "float64"
+    threshold: float = 0.9
+    block_length: int | None = None
+    cache: CacheKind = "none"
 
     def validate(self) -> None:
         """Raise :class:`SamplingError` naming the bad value and its allowed range."""
@@ -185,6 +200,12 @@ class SampleOptions:
             raise SamplingError(f"sample_dtype must be one of {', '.join(SAMPLE_DTYPES)}, got {self.sample_dtype!r}")
         if self.remasking not in REMASKING:
             raise SamplingError(f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise SamplingError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.block_length is not None and self.block_length < 1:
+            raise SamplingError(f"block_length must be at least 1, got {self.block_length}")
+        if self.cache not in CACHES:
+            raise SamplingError(f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
         if self.window is not None and self.window < 2:
             raise SamplingError(f"window must be at least 2, got {self.window}")
         if self.stride is not None and (self.stride < 1 or (self.window is not None and self.stride > self.window)):

@@ -18,6 +18,7 @@ from difflm.models.config import ModelConfig
 # Imported for their register_family side effect (after the registry itself).
 from difflm.families import ar, diffusion_lm, mdlm  # noqa: E402,F401  isort: skip
 from difflm.families import bijective, sedd  # noqa: E402,F401  isort: skip
+from difflm.families import bd3lm  # noqa: E402,F401  isort: skip
 
 
 def build_model(

@@ -39,6 +39,20 @@ def rotary_cos_sin(length: int, head_dim: int, device: torch.device) -> tuple[Te
     return angles.cos(), angles.sin()
 
 
+def rotary_cos_sin_at(positions: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (L, head_dim/2) for explicit integer positions (L,): block diffusion feeds a clean and a
+    noisy copy of the same positions, and a KV-cached call feeds a slice that does not start at 0.
+    Same arithmetic as :func:`rotary_cos_sin`, so positions ``arange(L)`` give the same tables bit for bit."""
+    head = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (10000.0 ** (head / head_dim))
+    angles = torch.outer(positions.to(torch.float32), inv_freq)  # (L, hd/2)
+    return angles.cos(), angles.sin()
+
+
+#: per-layer (keys, values), each (B, H, L, hd), keys already rotated: a KV cache (see :meth:`Backbone.forward`)
+KV = list[tuple[Tensor, Tensor]]
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, H, L, hd) pairs (x[:hd/2], x[hd/2:]) by position-dependent angles (GPT-NeoX layout)."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, L, hd/2) each
@@ -90,7 +104,11 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
+                past_kv: tuple[Tensor, Tensor] | None = None, kv_out: KV | None = None) -> Tensor:
+        """attn_mask (Lq, Lk) bool, True = may attend (block diffusion's block-causal mask); past_kv: cached
+        keys/values (B, H, Lp, hd) placed before this call's own (Lk = Lp + Lq); kv_out: this call's own
+        (keys, values) are appended to it (to build a cache). All None: the plain (causal or full) attention."""
         B, L, D = x.shape
         mods = self.adaLN_modulation(c)[:, None, :]  # (B, 1, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)  # (B, 1, D) each
@@ -99,7 +117,16 @@ class DiTBlock(nn.Module):
         qkv = self.qkv(h).view(B, L, 3, self.n_heads, D // self.n_heads)  # (B, L, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        if attn_mask is None and past_kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
+        else:
+            if self.causal:
+                raise ValueError("attn_mask / past_kv are for bidirectional backbones (block diffusion, caches)")
+            if past_kv is not None:
+                k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)  # (B, H, Lp+L, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, hd)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
         x = x + gate_a * self.dropout(self.attn_out(y))  # (B, L, D)
 
@@ -180,11 +207,25 @@ class Backbone(nn.Module):
             sigma = torch.zeros(batch, device=device)
         return F.silu(self.sigma_map(sigma))  # (B, cond_dim)
 
-    def hidden(self, x: Tensor, c: Tensor) -> Tensor:
-        """Run the blocks on input embeddings x (B, L, D) under conditioning c; returns (B, L, D)."""
-        cos, sin = rotary_cos_sin(x.shape[1], self.d_model // self.n_heads, x.device)  # (L, hd/2) each
-        for block in self.blocks:
-            x = block(x, c, cos, sin)  # (B, L, D)
+    def hidden(self, x: Tensor, c: Tensor, *, positions: Tensor | None = None, attn_mask: Tensor | None = None,
+               past_kv: KV | None = None, kv_out: KV | None = None) -> Tensor:
+        """Run the blocks on input embeddings x (B, L, D) under conditioning c; returns (B, L, D).
+
+        Optional (all None: the plain forward, unchanged bit for bit): ``positions`` (L,) rotary positions
+        (default arange(L)); ``attn_mask`` (L, Lp + L) bool, True = may attend; ``past_kv`` one cached
+        (keys, values) per block for Lp earlier positions, attended before this call's own; ``kv_out`` a
+        list that receives each block's own (keys, values), to build such a cache."""
+        hd = self.d_model // self.n_heads
+        if positions is None:
+            cos, sin = rotary_cos_sin(x.shape[1], hd, x.device)  # (L, hd/2) each
+        else:
+            cos, sin = rotary_cos_sin_at(positions, hd)
+        if attn_mask is None and past_kv is None and kv_out is None:
+            for block in self.blocks:
+                x = block(x, c, cos, sin)  # (B, L, D)
+            return x
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, cos, sin, attn_mask, None if past_kv is None else past_kv[i], kv_out)  # (B, L, D)
         return x
 
     def forward_embeddings(self, x: Tensor, c: Tensor) -> Tensor:
@@ -198,13 +239,21 @@ class Backbone(nn.Module):
     @overload
     def forward(self, ids: Tensor, sigma: Tensor | None, return_hidden: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
-    def forward(self, ids: Tensor, sigma: Tensor | None = None, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, ids: Tensor, sigma: Tensor | None = None, return_hidden: bool = False, *,
+                positions: Tensor | None = None, attn_mask: Tensor | None = None, past_kv: KV | None = None,
+                kv_out: KV | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, L, vocab_out); with ``return_hidden`` also the final blocks' hidden states (B, L, D)
         (before the output layer's norm), for heads that read the backbone's features (mdlm's ATAT
-        importance estimator). The default return is unchanged: logits only."""
+        importance estimator). The default return is unchanged: logits only.
+
+        positions / attn_mask / past_kv / kv_out: block diffusion's masks and KV caches (see :meth:`hidden`);
+        left None, the forward is exactly the plain one."""
         B = ids.shape[0]
         x = self.embed(ids)  # (B, L, D)
         c = self.condition(sigma, B, ids.device)  # (B, cond_dim)
+        if positions is not None or attn_mask is not None or past_kv is not None or kv_out is not None:
+            h = self.hidden(x, c, positions=positions, attn_mask=attn_mask, past_kv=past_kv, kv_out=kv_out)
+            return (self.final(h, c), h) if return_hidden else self.final(h, c)
         if not return_hidden:
             return self.forward_embeddings(x, c)  # (B, L, V)
         h = self.hidden(x, c)  # (B, L, D)

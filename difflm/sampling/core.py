@@ -24,8 +24,10 @@ from torch import Tensor
 
 # The request/result types live in the leaf types module (families and evaluation share it); re-exported here.
 from difflm.types import (
+    CACHES,
     REMASKING,
     SAMPLE_DTYPES,
+    CacheKind,
     Remasking,
     SampleDtype,
     SampleOptions,
@@ -148,4 +150,10 @@ def reject_unsupported(options: SampleOptions, sampler: str, *, prompt: bool = T
     if not temperature and (options.temperature != 1.0 or options.top_p != 1.0):
         raise SamplingError(f"sampler {sampler!r} does not support temperature / top-p (leave them at 1)")
     if not remasking and options.remasking != "random":
-        raise SamplingError(f"sampler {sampler!r} does not support remasking={options.remasking!r}")
+        raise SamplingError(
+            f"sampler {sampler!r} does not support remasking={options.remasking!r}; remasking low_confidence and "
+            "threshold apply to the masked families: mdlm and bijective (samplers ddpm, ddpm_cache) and bd3lm")
+    if options.cache != "none" or options.block_length is not None:
+        raise SamplingError(
+            f"sampler {sampler!r} does not do block decoding or KV caches (block_length / cache); they apply to "
+            "mdlm's ddpm and ddpm_cache samplers (cache) and to bd3lm (its own exact cache)")

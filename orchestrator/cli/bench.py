@@ -144,13 +144,26 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="torch.set_num_threads (CPU); default: torch's choice.")
+@click.option("--setting", "settings", multiple=True, metavar="K=V[,K=V...]",
+              help="A trade-off setting; repeat for several. Keys: sampler, remasking (random|low_confidence|threshold), "
+              "threshold, block (block length), cache (none|prefix|dual), steps (L = the length), e.g. "
+              "threshold=0.9,block=32,cache=dual. Default: a masked family's standard set (the first is the quality "
+              "reference: one token per step).")
+@click.option("--judge", metavar="AR_RUN_OR_HF_DIR", help="Score each setting's samples by gen-PPL + entropy under this causal LM instead of agreement with the first setting's tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), help="Sampling temperature of the trade-off settings (default: 0 for agreement, 1 with --judge).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="PNG of the frontier (default: RUN/eval/sampling_frontier.png).")
+@click.option("--compare-cache/--no-compare-cache", default=True, show_default=True, help="Also print the ddpm vs ddpm_cache table.")
 @user_errors
 def sampling(checkpoint: str, steps: int, length: int, num: tuple[int, ...], repeats: int, seed: int, device: str,
-             threads: int | None) -> None:
-    """ddpm_cache vs ddpm side by side on one checkpoint: best wall time, network calls, same tokens."""
+             threads: int | None, settings: tuple[str, ...], judge: str | None, temperature: float | None,
+             plot: str | None, compare_cache: bool) -> None:
+    """Sampling speed against quality on one checkpoint: per setting tokens/s, NFE per token and a quality figure
+    (agreement with the reference setting, or gen-PPL under --judge), as a table and a PNG frontier; plus
+    ddpm_cache vs ddpm (best wall time, network calls, same tokens)."""
     from orchestrator.bench.sampling import SamplingBench, run_sampling_bench
 
-    sys.exit(run_sampling_bench(SamplingBench(checkpoint, steps, length, list(num) or [1], repeats, seed, device, threads)))
+    sys.exit(run_sampling_bench(SamplingBench(checkpoint, steps, length, list(num) or [1], repeats, seed, device, threads,
+                                              list(settings), judge, temperature, plot, compare_cache)))
 
 
 @bench.command()

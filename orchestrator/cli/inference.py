@@ -72,7 +72,10 @@ def _indent(text: str) -> str:
 @click.option("--sampler", help="Sampler name (default: the family's first; mdlm: ddpm_cache; diffusion_lm: ancestral, or ancestral_clamp when the run set clamp_sampling). A wrong name lists the valid ones.")
 @click.option("--length", type=click.IntRange(min=1), help="Tokens per sample (default: the trained length; for an infill prompt, the template's).")
 @click.option("--block", type=click.IntRange(min=1), help="mdlm, longer than trained: new tokens per semi-autoregressive window (default: half the trained length).")
-@click.option("--remasking", type=click.Choice(["random", "low_confidence"]), default="random", show_default=True, help="mdlm ddpm/ddpm_cache: reveal random masks (ancestral) or the most confident ones (LLaDA).")
+@click.option("--remasking", type=click.Choice(["random", "low_confidence", "threshold"]), default="random", show_default=True, help="Masked families (mdlm, bijective: ddpm/ddpm_cache; bd3lm): which masks a step reveals. random: ancestral; low_confidence: the scheduled number, most confident first (LLaDA); threshold: every mask whose drawn token's probability exceeds --threshold, at least one per row (Fast-dLLM; --steps unused).")
+@click.option("--threshold", default=0.9, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="--remasking threshold: confidence a mask must exceed to be revealed in parallel (1 = one per step).")
+@click.option("--block-length", type=click.IntRange(min=1), help="mdlm, bijective: decode the sample in blocks of this many positions, left to right (LLaDA/Fast-dLLM semi-AR); --steps is then per block. bd3lm always decodes in its trained blocks.")
+@click.option("--cache", type=click.Choice(["none", "prefix", "dual"]), default="none", show_default=True, help="mdlm: Fast-dLLM KV cache in block decoding (use with --block-length): prefix reuses the keys/values before the block, dual also after it, refreshed once per block (approximate). bd3lm's exact cache is always on (sampler ddpm_uncached turns it off).")
 @click.option("--prompt", help="Prefix to continue, or text with [MASK:n] spans to infill, e.g. 'The capital of India is [MASK:5].'")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sampler's generator: same seed, same samples (on one device).")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0), help="Divides log-probabilities of every draw; 0 = greedy. diffusion_lm: scales the noise of each reverse step (0 = deterministic DDIM).")
@@ -83,7 +86,7 @@ def _indent(text: str) -> str:
 @user_errors
 @_as_spec_errors
 def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, length: int | None, block: int | None,
-           remasking: str, prompt: str | None, seed: int, temperature: float, top_p: float, out: Path | None,
+           remasking: str, threshold: float, block_length: int | None, cache: str, prompt: str | None, seed: int, temperature: float, top_p: float, out: Path | None,
            sample_dtype: str, device: str) -> None:
     """Draw samples from RUN_OR_CHECKPOINT; print them, the throughput and sample diagnostics."""
     import torch
@@ -110,6 +113,9 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
         window=trained,
         stride=block,
         sample_dtype=sample_dtype,  # type: ignore[arg-type]
+        threshold=threshold,
+        block_length=block_length,
+        cache=cache,  # type: ignore[arg-type]
     )
     options.validate()
     gen = torch.Generator(device=ckpt.device).manual_seed(seed)
@@ -125,6 +131,8 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
         f"sampler     {name}: {num} x {total} tokens, {options.steps} steps, temperature {temperature:g}, "
         f"top-p {top_p:g}, remasking {remasking}, seed {seed}"
         + (f", {sample_dtype} draws" if sample_dtype != "float64" else "")
+        + (f", threshold {threshold:g}" if remasking == "threshold" else "")
+        + (f", blocks of {block_length}" if block_length else "") + (f", cache {cache}" if cache != "none" else "")
     )
     if template is not None:
         click.echo(f"prompt      {prompt!r} ({template.kind}: {template.num_free} of {total} tokens generated)")
@@ -142,7 +150,7 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
     new_tokens = int(free.sum())
     rate = new_tokens / max(elapsed, 1e-9)
     click.echo(f"throughput  {new_tokens} new tokens in {elapsed:.2f} s = {rate:,.0f} tokens/s "
-               f"({result.nfe} network calls)")
+               f"({result.nfe} network calls = NFE, {result.nfe / max(new_tokens / num, 1):.3f} NFE per token)")
     diag = sample_diagnostics(generated)
     what = "generated text" if template is not None else "samples"
     click.echo(f"diagnostics ({what}): {diag.summary()}")
@@ -152,7 +160,8 @@ def sample(checkpoint: str, num: int, steps: int | None, sampler: str | None, le
         settings = {
             "checkpoint": str(ckpt.path), "family": spec.model.family, "step": ckpt.step, "sampler": name,
             "num": num, "length": total, "steps": options.steps, "temperature": temperature, "top_p": top_p,
-            "remasking": remasking, "block": block, "prompt": prompt, "seed": seed, "device": ckpt.device.type,
+            "remasking": remasking, "threshold": threshold, "block_length": block_length, "cache": cache,
+            "block": block, "prompt": prompt, "seed": seed, "device": ckpt.device.type,
             "seconds": elapsed, "tokens_per_s": rate, "network_calls": result.nfe,
         }
         out.parent.mkdir(parents=True, exist_ok=True)

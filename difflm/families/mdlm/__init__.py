@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from difflm.schedules import MDLM_SCHEDULES
-from difflm.families.mdlm import samplers as ms
+from difflm.families.mdlm import fast, samplers as ms
 from difflm.families.mdlm.model import MDLM, build_mdlm
 from difflm.families.mdlm.config import MdlmConfig, MdlmModelConfig
 from difflm.families.registry import FamilySpec, register_family
 
 #: mdlm's samplers (bijective registers the same ones: it is an MDLM on invertible blocks)
-MDLM_SAMPLERS = {"ddpm_cache": ms.ddpm_cache, "ddpm": ms.ddpm, "analytic": ms.analytic}
+#: ddpm / ddpm_cache go through fast.py: the same loops, plus threshold decoding, block decoding and the KV caches
+MDLM_SAMPLERS = {"ddpm_cache": fast.ddpm_cache, "ddpm": fast.ddpm, "analytic": ms.analytic}
 
 
 def default_masked_sampler(model: Any) -> str:

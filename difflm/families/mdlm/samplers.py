@@ -41,7 +41,7 @@ Semi-autoregressive windows (``options.window``)
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -239,7 +239,9 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def _sample(model: MaskedModel, options: SampleOptions, generator: torch.Generator | None, *, kind: str) -> SampleOutput:
+def _sample(model: MaskedModel, options: SampleOptions, generator: torch.Generator | None, *, kind: str,
+            runner: Callable[..., tuple[Tensor, int]] | None = None) -> SampleOutput:
+    """runner: fast.run_blocks, passed by the wrappers in fast.py (threshold / block decoding / caches)."""
     options.validate()
     notes: list[str] = []
     cache = kind == "ddpm_cache"
@@ -258,10 +260,17 @@ def _sample(model: MaskedModel, options: SampleOptions, generator: torch.Generat
             f"semi-autoregressive: {options.length} tokens in {len(starts)} windows of {window} "
             f"(stride {stride}), {options.steps} steps each"
         )
+    fast = options.remasking == "threshold" or options.block_length is not None or options.cache != "none"
+    if fast and runner is None:
+        raise SamplingError("threshold remasking, block_length and cache run through difflm.families.mdlm.fast "
+                            "(the family's samplers() entries); this sampler function does not do them")
     nfe = 0
     for a in starts:
         part = x[:, a:a + window]  # (N, W)
-        if kind == "analytic":
+        if fast:
+            assert runner is not None
+            filled, calls = runner(model, part, options, generator)
+        elif kind == "analytic":
             filled, calls = run_analytic(model, part, options, generator)
         else:
             filled, calls = run_ddpm(model, part, options, generator, cache=cache)
@@ -283,5 +292,7 @@ def ddpm_cache(model: MaskedModel, options: SampleOptions, generator: torch.Gene
 def analytic(model: MaskedModel, options: SampleOptions, generator: torch.Generator | None = None) -> SampleOutput:
     """SEDD/MDLM's analytic (Tweedie tau-leaping) sampler; no low-confidence remasking."""
     if options.remasking != "random":
-        raise SamplingError("remasking=low_confidence works with the ddpm and ddpm_cache samplers, not analytic")
+        raise SamplingError(f"remasking={options.remasking} works with the ddpm and ddpm_cache samplers, not analytic")
+    if options.block_length is not None or options.cache != "none":
+        raise SamplingError("block_length and cache work with the ddpm and ddpm_cache samplers, not analytic")
     return _sample(model, options, generator, kind="analytic")
