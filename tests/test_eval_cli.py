@@ -79,8 +79,9 @@ def test_sample_prints_samples_throughput_and_writes_jsonl(runs: dict[str, Path]
     assert res.exit_code == 0, res.output
     assert "sampler     ddpm_cache: 3 x 32 tokens, 20 steps" in res.output
     assert all(f"[{i}] " in res.output for i in range(3))
-    rate = re.search(r"96 new tokens in [\d.]+ s = ([\d,]+) tokens/s \((\d+) network calls\)", res.output)
+    rate = re.search(r"96 new tokens in [\d.]+ s = ([\d,]+) tokens/s \((\d+) network calls = NFE, ([\d.]+) NFE per token\)", res.output)
     assert rate and float(rate.group(1).replace(",", "")) > 0 and 1 <= int(rate.group(2)) <= 21, res.output
+    assert float(rate.group(3)) == round(int(rate.group(2)) / 32, 3), res.output  # calls of the whole batch / tokens per row
     assert "diagnostics (samples): distinct-1/2/3" in res.output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3 and [r["index"] for r in lines] == [0, 1, 2]
