@@ -47,7 +47,7 @@ def test_quick_json_has_every_path_and_field(tmp_path: Path) -> None:
     assert report["paths"][0]["relative"] == 1.0
     train = report["paths"][3]
     assert (Path(report["folder"]) / "train-r1" / "summary.json").exists()
-    assert train["label"].startswith("`difflm train`, 1 Ray worker")
+    assert train["label"].startswith("`difflm train`, 1 worker process")
     table = format_markdown(report).splitlines()
     rows = [ln for ln in table if ln.startswith("| ") and not ln.startswith("| path")]
     assert len(rows) == 4 and all(ln.count("|") == 10 for ln in rows)

@@ -5,7 +5,7 @@ Paths, all on the same model (same seed, so the same initial weights), batch, pr
 * ``bare``: the yardstick. forward, loss, backward, clip, AdamW step, nothing else.
 * ``torch``: :class:`Runner` + :class:`TorchEngine` in this process (difflm's loop without Ray).
 * ``deepspeed``: :class:`Runner` + :class:`DeepSpeedEngine` (ZeRO) in this process, a 1-rank group.
-* ``train``: the full `difflm train` command in a subprocess, one Ray worker with the benchmark's
+* ``train``: the full `difflm train` command in a subprocess (one worker process, orchestrator.train.local) with the benchmark's
   threads as ``cpus_per_worker``; its per-step times come from the run's TensorBoard
   (``train/tokens_per_sec`` at ``log_every: 1``) and its start-up from ``summary.json``.
 
@@ -280,7 +280,7 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
     if "train" in cfg.paths:
         where = f"{cfg.threads} CPU(s)" if dev.type != "cuda" else "1 GPU"
         rows["train"] = {"path": "train", "first_step_s": [], "peak_memory": [], "times": [], "rounds": [],
-                         "label": f"`difflm train`, 1 Ray worker x {where}, DeepSpeed ZeRO-{effective_zero_stage(spec)}"}
+                         "label": f"`difflm train`, 1 worker process x {where}, DeepSpeed ZeRO-{effective_zero_stage(spec)}"}
 
     counter = live.get("bare") or BarePath(spec, data, dev)  # the model every path trains
     flops = step_flops(counter.forward_backward)
