@@ -24,7 +24,7 @@ from difflm.atomic import atomic_write_text
 from difflm.data import prepare_data
 from orchestrator.cluster.connect import alive_nodes, check_shared_storage
 from orchestrator.cluster.session import init_ray, lone_private_ray
-from orchestrator.devices import resolve_device
+from orchestrator.devices import precision_problem, resolve_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import spec_yaml
@@ -161,7 +161,7 @@ def launch_train(
         # One worker on this machine: no Ray (orchestrator.train.local). Its process starts now, so that its
         # imports overlap the data preparation and checks below; it waits for the config.
         spec = resolve_cpus(spec, [local_resources()[0]], console.info)
-        worker = LocalWorker(run_dir, float(spec.scaling.cpus_per_worker))
+        worker = LocalWorker(run_dir, float(spec.scaling.cpus_per_worker), resolve_device(spec.scaling.device))
     try:
         return _launch_prepared(spec, address, console, resume, run_dir, started_at, stamps, worker)
     except BaseException:
@@ -182,6 +182,9 @@ def _launch_prepared(spec: RunSpec, address: str | None, console: TrainConsole, 
         spec, chosen = resolve_precision(spec, device, prepared.tokenizer.vocab_size)
         if chosen:
             console.info(chosen)
+        problem = precision_problem(device, spec.train.precision)
+        if problem is not None:
+            raise SpecError(problem)
     console.info(
         f"data: {len(prepared.train):,} train / {len(prepared.val):,} val blocks of {spec.data.seq_len} tokens, "
         f"vocab {prepared.tokenizer.vocab_size:,}"

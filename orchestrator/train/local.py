@@ -33,6 +33,7 @@ from multiprocessing import Pipe
 from pathlib import Path
 from typing import Any
 
+from orchestrator.devices import worker_env
 from orchestrator.train.failures import DIED, TrainingFailed, failure_line
 from orchestrator.train.startup import thread_env
 
@@ -57,7 +58,7 @@ def runs_locally(num_workers: int, address: str | None) -> bool:
 class LocalWorker:
     """One training worker process and its end of the event socket (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, cpus_per_worker: float) -> None:
+    def __init__(self, run_dir: Path, cpus_per_worker: float, device_type: str = "cpu") -> None:
         self.logs = run_dir / LOGS
         self.logs.mkdir(parents=True, exist_ok=True)
         self.conn, child = Pipe(duplex=True)
@@ -65,7 +66,9 @@ class LocalWorker:
         # The package this driver runs from comes first on the worker's path: the same code on both sides.
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-        env = {**os.environ, **thread_env(cpus_per_worker), "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **thread_env(cpus_per_worker), **worker_env(device_type), "PYTHONPATH": path,
+               "PYTHONUNBUFFERED": "1"}
+        self.device_type = device_type
         with open(pending, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.train.local_worker", str(child.fileno()), str(os.getpid())],
@@ -157,4 +160,4 @@ def supervise(
         left = "no limit" if max_failures < 0 else f"{max_failures - restarts} left"
         console.info(f"worker failure: {line} (restarting from the latest checkpoint; restarts so far: {restarts}, {left})")
         restarts += 1
-        worker = LocalWorker(run_dir, cpus_per_worker)
+        worker = LocalWorker(run_dir, cpus_per_worker, worker.device_type)

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from difflm.atomic import atomic_path, atomic_write_text
+from orchestrator.devices import host_to_device
 from difflm.data import PreparedData, iterate_train_batches
 from difflm.evaluation import (
     RATE_MAX,
@@ -158,12 +159,7 @@ class Runner:
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch: np.ndarray) -> Tensor:
-        tokens = torch.from_numpy(batch)  # (B, L) int64
-        if self.ctx.device.type == "cuda":
-            # From pageable memory CUDA syncs the stream before the copy, so the host would wait for the
-            # previous step's kernels every step; from pinned memory the copy is queued asynchronously.
-            tokens = tokens.pin_memory()
-        return tokens.to(self.ctx.device, non_blocking=True)
+        return host_to_device(batch, self.ctx.device)  # (B, L) int64; CUDA: pinned, non-blocking
 
     def _enter_stage(self, stage: Stage) -> None:
         """Apply ``stage``'s switches to the family (weights, optimizer and data stream carry over)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import raycompat
+from orchestrator.devices import worker_env
 from orchestrator.spec.run import RunSpec
 from orchestrator.train.startup import thread_env
 from orchestrator.train.worker import train_fn_per_worker
@@ -97,6 +98,6 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            worker_runtime_env={"env_vars": thread_env(s.cpus_per_worker)},
+            worker_runtime_env={"env_vars": {**thread_env(s.cpus_per_worker), **worker_env(device)}},
         ),
     )
