@@ -145,12 +145,12 @@ def one_thread() -> Iterator[None]:
 
 def train_workers(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
     """The training worker processes among ``procs``: Ray Train's (Ray titles them ``ray::RayTrainWorker``)
-    or the one worker process of a one-worker run on this machine (``orchestrator.train.local_worker``)."""
+    or the one worker process of a one-worker run on this machine (``orchestrator.local.worker``)."""
     out = []
     for proc in procs:
         try:
             cmd = " ".join(proc.cmdline())
-            if "ray::RayTrainWorker" in cmd or "orchestrator.train.local_worker" in cmd:
+            if "ray::RayTrainWorker" in cmd or "orchestrator.local.worker" in cmd:
                 out.append(proc)
         except psutil.Error:  # gone meanwhile
             pass

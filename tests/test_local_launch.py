@@ -1,4 +1,4 @@
-"""A one-worker `difflm train` without Ray (orchestrator.train.local): when it applies, the failure policy
+"""A one-worker `difflm train` without Ray (orchestrator.local.supervisor): when it applies, the failure policy
 (restart from the latest checkpoint up to max_failures, one line per failure), and a prestarted worker
 that never got a run leaving no trace. In-process and cheap; the SIGKILL end to end is
 tests/test_reliability_e2e.py."""
@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-import orchestrator.train.local as local
+import orchestrator.local.supervisor as local
 from orchestrator.errors import SpecError
 from orchestrator.train.failures import DIED, TrainingFailed
 
@@ -37,8 +37,8 @@ class _Fake:
     made: list["_Fake"] = []
     plan: list[str | None] = []
 
-    def __init__(self, run_dir: Path, cpus: float) -> None:
-        self.pid = 100 + len(_Fake.made)
+    def __init__(self, run_dir: Path, cpus: float, device_type: str = "cpu") -> None:
+        self.pid, self.device_type = 100 + len(_Fake.made), device_type
         self.log = run_dir / "logs" / f"rank0-pid{self.pid}-worker.log"
         self.cause = _Fake.plan[len(_Fake.made)]
         self.sent: list[dict[str, Any]] = []
@@ -95,7 +95,7 @@ def test_a_prestarted_worker_of_a_run_that_never_began_leaves_no_trace(tmp_path:
     run_dir = tmp_path / "run"
     worker = local.LocalWorker(run_dir, 1.0)
     assert worker.log.name == f"rank0-pid{worker.pid}-worker.log" and worker.log.is_file()
-    assert "orchestrator.train.local_worker" in " ".join(psutil.Process(worker.pid).cmdline())
+    assert "orchestrator.local.worker" in " ".join(psutil.Process(worker.pid).cmdline())
     local.discard_unused(worker)
     assert worker.proc.poll() is not None and not run_dir.exists()
 
@@ -106,3 +106,31 @@ def test_the_worker_exits_with_its_driver_gone(tmp_path: Path) -> None:
     worker.conn.close()
     start = time.monotonic()
     assert worker.proc.wait(timeout=60) == 0 and time.monotonic() - start < 60
+
+
+
+def test_the_worker_ends_when_its_driver_is_sigkilled(tmp_path: Path) -> None:
+    """A SIGKILLed driver cannot stop its worker, which may be mid-step and never reading its socket: the
+    worker's watcher sees its parent gone and ends it (a driver process here starts a sleeping 'worker')."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    worker_code = ("import os, time; from orchestrator.local.worker import _exit_with_parent; "
+                   "_exit_with_parent(os.getppid(), every_s=0.1); time.sleep(600)")
+    driver_code = ("import subprocess, sys, time; "
+                   f"p = subprocess.Popen([sys.executable, '-c', {worker_code!r}]); print(p.pid, flush=True); "
+                   "time.sleep(600)")
+    driver = subprocess.Popen([sys.executable, "-c", driver_code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert driver.stdout is not None
+    worker = psutil.Process(int(driver.stdout.readline()))
+    time.sleep(0.5)  # the worker has imported and started watching
+    assert worker.is_running()
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    gone, alive = psutil.wait_procs([worker], timeout=20)
+    for proc in alive:  # do not leave it behind when the check fails
+        proc.kill()
+    assert gone, "the worker outlived its SIGKILLed driver"

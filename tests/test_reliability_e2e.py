@@ -89,7 +89,7 @@ def test_sigkilled_worker_restarts_from_its_checkpoint_and_the_run_finishes(tmp_
             driver.kill()
     assert killed is not None, "never saw a checkpoint and a worker to kill"
     assert driver.returncode == 0, out
-    # a one-worker run on this machine starts no Ray at all (orchestrator.train.local): no GCS, no dashboard,
+    # a one-worker run on this machine starts no Ray at all (orchestrator.local.supervisor): no GCS, no dashboard,
     # nothing listening (a run under Ray Train gets a private Ray with token auth and no dashboard; a sweep
     # starts one on loopback for Tune's state API)
     assert exposure == (set(), set(), False), exposure

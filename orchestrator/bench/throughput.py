@@ -5,7 +5,7 @@ Paths, all on the same model (same seed, so the same initial weights), batch, pr
 * ``bare``: the yardstick. forward, loss, backward, clip, AdamW step, nothing else.
 * ``torch``: :class:`Runner` + :class:`TorchEngine` in this process (difflm's loop without Ray).
 * ``deepspeed``: :class:`Runner` + :class:`DeepSpeedEngine` (ZeRO) in this process, a 1-rank group.
-* ``train``: the full `difflm train` command in a subprocess (one worker process, orchestrator.train.local) with the benchmark's
+* ``train``: the full `difflm train` command in a subprocess (one worker process, orchestrator.local.supervisor) with the benchmark's
   threads as ``cpus_per_worker``; its per-step times come from the run's TensorBoard
   (``train/tokens_per_sec`` at ``log_every: 1``) and its start-up from ``summary.json``.
 

@@ -31,7 +31,7 @@ from orchestrator.spec.yamlio import spec_yaml
 from orchestrator.train.console import TrainConsole
 from orchestrator.train.precision import resolve_precision
 from orchestrator.train.startup import describe, process_start_time, resolve_cpus, seconds_since
-from orchestrator.train.local import LocalWorker, discard_unused, runs_locally, supervise
+from orchestrator.local.supervisor import LocalWorker, discard_unused, runs_locally, supervise
 from orchestrator.train.trainer import build_trainer, loop_config
 
 #: The driver's own last event in the console queue, put when trainer.fit() returns.
@@ -96,7 +96,7 @@ def prepare_and_place(
     the driver makes data errors surface before a private Ray starts; workers read the cache. A
     cluster is checked right after joining it (resources, and paths every node must see), before
     tokenizing. ``stamps`` receives the wall times the data and Ray were ready (the start-up report).
-    ``start_ray=False``: a run on this machine without Ray (orchestrator.train.local).
+    ``start_ray=False``: a run on this machine without Ray (orchestrator.local.supervisor).
     """
     stamps = {} if stamps is None else stamps
     if address is None:
@@ -158,7 +158,7 @@ def launch_train(
 
     worker = None
     if runs_locally(spec.scaling.num_workers, address):
-        # One worker on this machine: no Ray (orchestrator.train.local). Its process starts now, so that its
+        # One worker on this machine: no Ray (orchestrator.local.supervisor). Its process starts now, so that its
         # imports overlap the data preparation and checks below; it waits for the config.
         spec = resolve_cpus(spec, [local_resources()[0]], console.info)
         worker = LocalWorker(run_dir, float(spec.scaling.cpus_per_worker), resolve_device(spec.scaling.device))
@@ -307,7 +307,7 @@ def _fit_local(
     stamps: dict[str, float],
     worker: LocalWorker,
 ) -> TrainResult:
-    """The run in one supervised worker process (orchestrator.train.local): same events, same summary."""
+    """The run in one supervised worker process (orchestrator.local.supervisor): same events, same summary."""
     summary: dict[str, Any] = {}
 
     def on_event(kind: str, payload: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 A run stamps wall-clock milestones (``time.time()``, comparable between the driver and workers on one
 machine): the driver when the spec is read, data prepared and Ray up (a one-worker run on this machine has
-no Ray: orchestrator.train.local; its worker process starts with the data preparation); rank 0 when its function starts,
+no Ray: orchestrator.local.supervisor; its worker process starts with the data preparation); rank 0 when its function starts,
 its engine is built, its loop starts (after the step-0 eval) and its first optimizer step ends. The
 driver prints one line from them and keeps them in ``summary.json`` (``startup``: seconds since the
 command started), which is also what ``difflm bench`` reads for the full `difflm train` path.

@@ -8,7 +8,7 @@ a process to survive (a SIGKILL or the OOM killer must not end the command), a r
 latest checkpoint up to ``scaling.max_failures``, the checkpoint folder and its retention, and the
 console events. Here:
 
-* the worker is ``python -m orchestrator.train.local_worker``, started right after the spec is read,
+* the worker is ``python -m orchestrator.local.worker``, started right after the spec is read,
   so its imports overlap the driver's data preparation and checks (:class:`LocalWorker`);
 * it trains with :func:`orchestrator.train.worker.run_worker` and the same host as a one-worker sweep
   trial (:class:`orchestrator.sweep.in_trial.TrialHost`: checkpoints copied into the run folder under a
@@ -71,7 +71,7 @@ class LocalWorker:
         self.device_type = device_type
         with open(pending, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.train.local_worker", str(child.fileno()), str(os.getpid())],
+                [sys.executable, "-m", "orchestrator.local.worker", str(child.fileno()), str(os.getpid())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         child.close()

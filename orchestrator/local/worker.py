@@ -1,6 +1,6 @@
-"""The training worker process of a one-worker `difflm train` on this machine (``python -m orchestrator.train.local_worker FD``).
+"""The training worker process of a one-worker `difflm train` on this machine (``python -m orchestrator.local.worker FD``).
 
-Started by :mod:`orchestrator.train.local` as soon as the driver has read the spec, so its imports (torch,
+Started by :mod:`orchestrator.local.supervisor` as soon as the driver has read the spec, so its imports (torch,
 DeepSpeed, difflm's worker modules: ~2 s on 2 cores) run while the driver tokenizes, checks resources and
 writes the run folder. It then waits for the loop config on its end of a socket pair (inherited fd ``FD``),
 runs :func:`orchestrator.train.worker.run_worker` with :class:`orchestrator.sweep.in_trial.TrialHost` (the
