@@ -31,7 +31,7 @@ from orchestrator.spec.yamlio import spec_yaml
 from orchestrator.train.console import TrainConsole
 from orchestrator.train.precision import resolve_precision
 from orchestrator.train.startup import describe, process_start_time, resolve_cpus, seconds_since
-from orchestrator.local.supervisor import LocalWorker, discard_unused, runs_locally, supervise
+from orchestrator.local.supervisor import LocalWorker, discard_unused, overlap_note, runs_locally, supervise
 from orchestrator.train.trainer import build_trainer, loop_config
 
 #: The driver's own last event in the console queue, put when trainer.fit() returns.
@@ -309,22 +309,29 @@ def _fit_local(
 ) -> TrainResult:
     """The run in one supervised worker process (orchestrator.local.supervisor): same events, same summary."""
     summary: dict[str, Any] = {}
+    overlap: dict[str, float] = {}
+    current = [worker]  # the worker whose events these are (a restart replaces it)
 
     def on_event(kind: str, payload: dict[str, Any]) -> None:
         if kind == "done":
             summary.update(payload)
         elif kind == "startup":
             stamps.update(payload)
-            console.info(describe(started_at, stamps))
+            console.info(f"{describe(started_at, stamps)}; {overlap_note(current[0], started_at)}")
+            overlap["worker_started"] = round(current[0].started - started_at, 3)
+            if current[0].imported is not None:
+                overlap["worker_imported"] = round(current[0].imported - started_at, 3)
         elif kind not in ("worker", "start", "imported", "error", "exit"):
             console.handle(kind, payload)
 
     config = loop_config(spec, device, data_dir, run_dir, tb_dir, None, started_at)
     try:
         restarts, worker = supervise(worker, config, run_dir, float(spec.scaling.cpus_per_worker),
-                                     spec.scaling.max_failures, console, on_event)
+                                     spec.scaling.max_failures, console, on_event, current)
     finally:
         console.close()
+    if overlap:
+        summary["startup_worker_process"] = overlap  # seconds since the command started (beside the phases)
     return _finish(run_dir, tb_dir, summary, restarts, started_at, stamps)
 
 
