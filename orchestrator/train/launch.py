@@ -328,6 +328,9 @@ def _fit_local(
     try:
         restarts, worker = supervise(worker, config, run_dir, float(spec.scaling.cpus_per_worker),
                                      spec.scaling.max_failures, console, on_event, current)
+    except BaseException:  # Ctrl-C, or the driver's own error: the current worker (a restart's, maybe) stops too
+        current[0].stop()
+        raise
     finally:
         console.close()
     if overlap:
