@@ -61,7 +61,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         + (f"; {flops / 1e9:,.1f} GFLOP/step (matmuls, counted)" if flops else ""),
         f"- Peak: {peak / scale:,.1f} {unit} ({report['peak']['source']})",
         f"- {cfg['rounds']} interleaved round(s) x {cfg['steps']} timed steps per path after {cfg['warmup']} "
-        "warm-up step(s); tokens/s = median over rounds, step times pooled over rounds; vs bare = mean of the "
+        "warm-up step(s); tokens/s = median over rounds of each round's tokens per median step, step times "
+        "pooled over rounds; vs bare = mean of the "
         "per-round ratios to the bare loop [bootstrap 95% interval over rounds]",
         "",
         f"| path | tokens/s | vs bare | step p50 (ms) | step p90 (ms) | {unit} | utilisation | "

@@ -10,7 +10,8 @@ Paths, all on the same model (same seed, so the same initial weights), batch, pr
   (``train/tokens_per_sec`` at ``log_every: 1``) and its start-up from ``summary.json``.
 
 Rounds interleave the paths (order rotated each round) so drifting machine load hits all alike;
-tokens/s is the median over rounds, step-time percentiles pool the timed steps of all rounds.
+a round's tokens/s is tokens per step over its median step time, a path's tokens/s the median over
+its rounds; step-time percentiles pool the timed steps of all rounds.
 "vs bare" is the mean over rounds of each round's paired ratio (the path's tokens/s over the bare
 loop's in the same round), with a bootstrap 95% interval over rounds (:func:`paired_ratio`): a ratio
 resolves a 3% gap when that interval is at most 3% wide. Round-to-round noise on a shared 2-core box
@@ -309,7 +310,8 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
             else:
                 times = _timed_steps(live[name].step, cfg.steps, dev)
             row["times"] += times
-            round_tps = len(times) * tokens_per_step / sum(times) if times else None
+            # a round's rate from its median step: one slow step (a co-tenant, a GC pause) does not swing it
+            round_tps = tokens_per_step / statistics.median(times) if times else None
             row["round_tps"].append(round_tps)  # by round index: the paired ratio needs the same round
             if round_tps:
                 row["rounds"].append(round_tps)
