@@ -144,11 +144,13 @@ def one_thread() -> Iterator[None]:
 
 
 def train_workers(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
-    """The Ray Train worker processes among ``procs`` (Ray titles them ``ray::RayTrainWorker``)."""
+    """The training worker processes among ``procs``: Ray Train's (Ray titles them ``ray::RayTrainWorker``)
+    or the one worker process of a one-worker run on this machine (``orchestrator.local.worker``)."""
     out = []
     for proc in procs:
         try:
-            if "ray::RayTrainWorker" in " ".join(proc.cmdline()):
+            cmd = " ".join(proc.cmdline())
+            if "ray::RayTrainWorker" in cmd or "orchestrator.local.worker" in cmd:
                 out.append(proc)
         except psutil.Error:  # gone meanwhile
             pass

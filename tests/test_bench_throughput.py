@@ -47,7 +47,7 @@ def test_quick_json_has_every_path_and_field(tmp_path: Path) -> None:
     assert report["paths"][0]["relative"] == 1.0
     train = report["paths"][3]
     assert (Path(report["folder"]) / "train-r1" / "summary.json").exists()
-    assert train["label"].startswith("`difflm train`, 1 Ray worker")
+    assert train["label"].startswith("`difflm train`, 1 worker process")
     table = format_markdown(report).splitlines()
     rows = [ln for ln in table if ln.startswith("| ") and not ln.startswith("| path")]
     assert len(rows) == 4 and all(ln.count("|") == 10 for ln in rows)
@@ -102,3 +102,34 @@ def test_auto_precision_on_cpu(
     explicit = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": "fp32"})})
     assert prec.resolve_precision(explicit, "cpu") == (explicit, None)
     assert prec.resolve_precision(spec, "mps")[0].train.precision == "fp32"
+
+
+def test_paired_ratio_interval_resolves_what_the_rounds_allow() -> None:
+    """The ratio is paired by round (drift cancels), its interval is over rounds and narrows with them."""
+    from orchestrator.bench.throughput import paired_ratio
+
+    bare = [100.0, 80.0, 120.0, 90.0]  # the machine drifts 50% between rounds
+    same = paired_ratio([98.0, 78.4, 117.6, 88.2], bare)  # the path is 0.98x in every round
+    assert same is not None and same["mean"] == pytest.approx(0.98) and same["se"] == pytest.approx(0.0, abs=1e-12)
+    assert same["ci"] == pytest.approx([0.98, 0.98])  # unpaired medians would read 0.98 only by luck
+    noisy = paired_ratio([97.0, 83.0, 114.0, 95.0, 99.0, 104.0], [100.0, 80.0, 120.0, 90.0, 100.0, 100.0])
+    assert noisy is not None and noisy["ci"][0] < noisy["mean"] < noisy["ci"][1]
+    assert noisy["rounds"] == pytest.approx([0.97, 1.0375, 0.95, 1.0556, 0.99, 1.04], abs=1e-4)
+    assert paired_ratio([98.0, None, 99.0], [100.0, 100.0, 100.0])["ci"] is None  # type: ignore[index,list-item]
+    assert paired_ratio([], []) is None
+
+
+def test_report_says_whether_3_percent_is_resolved() -> None:
+    from orchestrator.bench.report import resolution_lines
+
+    def row(path: str, rel: float, ci: list[float] | None) -> dict[str, object]:
+        return {"path": path, "relative": rel, "relative_se": 0.004, "relative_ci95": ci}
+
+    lines = resolution_lines({"paths": [row("bare", 1.0, [1.0, 1.0]), row("train", 0.985, [0.975, 0.995]),
+                                        row("torch", 0.95, [0.935, 0.96]), row("deepspeed", 0.97, [0.92, 1.02]),
+                                        row("x", 0.99, None)]})
+    assert lines[0] == ("- train: 0.985x ± 0.004 (SE), 95% interval [0.975, 0.995], 2.0% wide: resolves 3%; "
+                        "at or above 0.97x")
+    assert lines[1].endswith("2.5% wide: resolves 3%; below 0.97x")
+    assert lines[2].endswith("10.0% wide: does NOT resolve 3%; not separated from 0.97x")
+    assert "fewer than 3 paired rounds" in lines[3] and len(lines) == 4

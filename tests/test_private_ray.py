@@ -175,7 +175,9 @@ def test_sigkilled_train_leaves_no_ray_processes(runtime: Path, tmp_path: Path) 
     with open(log, "w") as out:
         driver = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", "train", str(spec)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO), "DIFFLM_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1"},
+            # Ray Train even for one worker (a one-worker run on this machine starts no Ray: orchestrator.local.supervisor)
+            env={**os.environ, "PYTHONPATH": str(REPO), "DIFFLM_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1",
+                 "DIFFLM_TRAIN_LAUNCHER": "ray"},
         )
     me = psutil.Process(driver.pid)
     seen: dict[int, float] = {}

@@ -26,10 +26,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
     )
 
 
@@ -326,9 +326,16 @@ def test_in_trial_runs_match_ray_train_and_survive_a_killed_trial(tmp_path: Path
     first = _rows_at(killed, 20)
     assert first["startup/first_step_s"] < 30 and not (killed / "train" / "checkpoint_manager_snapshot.json").exists()
 
-    proc = _cli("train", str(run_spec), "--output", str(tmp_path / "ray"), "--name", "r")
+    # the reference is a Ray Train run (a one-worker `difflm train` would otherwise run without Ray)
+    proc = _cli("train", str(run_spec), "--output", str(tmp_path / "ray"), "--name", "r", DIFFLM_TRAIN_LAUNCHER="ray")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worker process: started" not in proc.stderr  # it did run under Ray Train
     ref = load_file(str(tmp_path / "ray" / "r" / "checkpoints" / "last" / "model.safetensors"))
+    # and the default one-worker `difflm train` (one local worker process, orchestrator.local) ends the same
+    proc = _cli("train", str(run_spec), "--output", str(tmp_path / "local"), "--name", "l")
+    assert proc.returncode == 0 and "worker process: started" in proc.stderr, proc.stdout + proc.stderr
+    got = load_file(str(tmp_path / "local" / "l" / "checkpoints" / "last" / "model.safetensors"))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     for d in trials:
         got = load_file(str(d / "train" / "checkpoints" / "last" / "model.safetensors"))
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), d

@@ -132,8 +132,14 @@ def test_worker_threads_follow_cpus_per_worker_and_startup_is_reported(tmp_path:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["threads"] == 2
     startup = summary["startup"]
-    assert list(startup) == ["spec", "data", "ray", "worker", "engine", "loop", "step1"]
+    # one worker on this machine: no Ray to start (orchestrator.local.supervisor)
+    assert list(startup) == ["spec", "data", "worker", "engine", "loop", "step1"]
     times = list(startup.values())
     assert all(0 < a <= b for a, b in zip(times, times[1:])), startup
     shown = re.search(r"first optimizer step ([0-9.]+) s after start \(CLI \+ spec", log)
     assert shown and float(shown.group(1)) == pytest.approx(startup["step1"], abs=0.051), log
+    # the worker process started before the data was ready and imported beside the driver
+    beside = summary["startup_worker_process"]
+    assert 0 < beside["worker_started"] <= startup["data"] < startup["worker"], (beside, startup)
+    assert beside["worker_started"] < beside["worker_imported"] < startup["engine"], (beside, startup)
+    assert re.search(r"; worker process: started [0-9.]+ s, imports done [0-9.]+ s", log), log

@@ -5,12 +5,17 @@ Paths, all on the same model (same seed, so the same initial weights), batch, pr
 * ``bare``: the yardstick. forward, loss, backward, clip, AdamW step, nothing else.
 * ``torch``: :class:`Runner` + :class:`TorchEngine` in this process (difflm's loop without Ray).
 * ``deepspeed``: :class:`Runner` + :class:`DeepSpeedEngine` (ZeRO) in this process, a 1-rank group.
-* ``train``: the full `difflm train` command in a subprocess, one Ray worker with the benchmark's
+* ``train``: the full `difflm train` command in a subprocess (one worker process, orchestrator.local.supervisor) with the benchmark's
   threads as ``cpus_per_worker``; its per-step times come from the run's TensorBoard
   (``train/tokens_per_sec`` at ``log_every: 1``) and its start-up from ``summary.json``.
 
 Rounds interleave the paths (order rotated each round) so drifting machine load hits all alike;
-tokens/s is the median over rounds, step-time percentiles pool the timed steps of all rounds.
+a round's tokens/s is tokens per step over its median step time, a path's tokens/s the median over
+its rounds; step-time percentiles pool the timed steps of all rounds.
+"vs bare" is the mean over rounds of each round's paired ratio (the path's tokens/s over the bare
+loop's in the same round), with a bootstrap 95% interval over rounds (:func:`paired_ratio`): a ratio
+resolves a 3% gap when that interval is at most 3% wide. Round-to-round noise on a shared 2-core box
+is 2-5%, so that takes ~10-20 rounds; the interval says whether a given run got there.
 The numbers belong in docs/benchmarks.md, never in a timed test (the suite checks the shape only).
 """
 
@@ -80,6 +85,7 @@ def run_spec_raw(cfg: ThroughputConfig, device: str, precision: str) -> dict[str
             "max_steps": max_steps, "micro_batch_size": cfg.batch, "grad_accum": 1, "lr": 1e-4,
             "warmup_steps": 0, "lr_schedule": "constant", "precision": precision, "log_every": 1,
             "eval_every": max_steps, "checkpoint_every": max_steps, "eval_batches": 1, "num_samples": 0,
+            "eval_at_start": False,  # the `train` path's rounds time steps; a step-0 eval is start-up, not loop
         },
         "scaling": {
             "num_workers": 1, "device": device, "cpus_per_worker": cfg.threads or 1,
@@ -274,13 +280,13 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
         _timed_steps(path.step, 1, dev)
         first = time.perf_counter() - start
         rows[name] = {"path": name, "label": path.label, "first_step_s": first,
-                      "peak_memory": peak_memory_above(dev, baseline), "times": [], "rounds": []}
+                      "peak_memory": peak_memory_above(dev, baseline), "times": [], "rounds": [], "round_tps": []}
         _timed_steps(path.step, cfg.warmup - 1, dev)
         live[name] = path
     if "train" in cfg.paths:
         where = f"{cfg.threads} CPU(s)" if dev.type != "cuda" else "1 GPU"
-        rows["train"] = {"path": "train", "first_step_s": [], "peak_memory": [], "times": [], "rounds": [],
-                         "label": f"`difflm train`, 1 Ray worker x {where}, DeepSpeed ZeRO-{effective_zero_stage(spec)}"}
+        rows["train"] = {"path": "train", "first_step_s": [], "peak_memory": [], "times": [], "rounds": [], "round_tps": [],
+                         "label": f"`difflm train`, 1 worker process x {where}, DeepSpeed ZeRO-{effective_zero_stage(spec)}"}
 
     counter = live.get("bare") or BarePath(spec, data, dev)  # the model every path trains
     flops = step_flops(counter.forward_backward)
@@ -296,6 +302,7 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
                     res = run_train_path(cfg, spec_raw, r + 1, folder)
                 except RuntimeError as exc:
                     row["error"] = str(exc)
+                    row["round_tps"].append(None)
                     continue
                 times = res["times"]
                 row["first_step_s"].append(res["first_step_s"])
@@ -303,8 +310,11 @@ def run_throughput(cfg: ThroughputConfig, log: Callable[[str], None] = lambda m:
             else:
                 times = _timed_steps(live[name].step, cfg.steps, dev)
             row["times"] += times
-            if times:
-                row["rounds"].append(len(times) * tokens_per_step / sum(times))
+            # a round's rate from its median step: one slow step (a co-tenant, a GC pause) does not swing it
+            round_tps = tokens_per_step / statistics.median(times) if times else None
+            row["round_tps"].append(round_tps)  # by round index: the paired ratio needs the same round
+            if round_tps:
+                row["rounds"].append(round_tps)
     peak = device_peak(dev, precision, cfg.matmul_size)
     report = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -344,11 +354,39 @@ def _median(values: list[Any]) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
+#: Resamples of the bootstrap interval of a paired ratio (fixed seed: the same rounds give the same interval).
+BOOTSTRAP = 4000
+
+
+def paired_ratio(path_rounds: list[float], bare_rounds: list[float], level: float = 0.95) -> dict[str, Any] | None:
+    """Mean of the per-round ratios ``path_rounds[i] / bare_rounds[i]`` (each path and the bare loop ran in
+    the same interleaved round, so machine drift cancels in the ratio), its standard error and a
+    percentile-bootstrap ``level`` interval over rounds (None below 3 rounds: no interval to speak of).
+
+    Rounds are the unit, not steps: steps within a round share its load and are not independent, so a
+    step-level interval would claim a precision the bench does not have."""
+    import numpy as np
+
+    pairs = [(p, b) for p, b in zip(path_rounds, bare_rounds) if p and b]
+    if not pairs:
+        return None
+    ratios = np.array([p / b for p, b in pairs])
+    out: dict[str, Any] = {"mean": float(ratios.mean()), "rounds": [float(r) for r in ratios], "se": None, "ci": None}
+    if len(ratios) >= 3:
+        out["se"] = float(ratios.std(ddof=1) / np.sqrt(len(ratios)))
+        rng = np.random.default_rng(0)
+        means = ratios[rng.integers(0, len(ratios), size=(BOOTSTRAP, len(ratios)))].mean(axis=1)
+        tail = (1 - level) / 2
+        out["ci"] = [float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))]
+    return out
+
+
 def _summarise(row: dict[str, Any], bare: dict[str, Any] | None, flops: float | None, peak: float,
                tokens_per_step: int) -> dict[str, Any]:
     times = sorted(row["times"])
     tps = _median(row["rounds"])
     bare_tps = _median(bare["rounds"]) if bare else None
+    paired = paired_ratio(row["round_tps"], bare["round_tps"]) if bare else None
     achieved = flops * tps / tokens_per_step if (flops and tps) else None
     first = row["first_step_s"]
     memory = row["peak_memory"]
@@ -356,7 +394,11 @@ def _summarise(row: dict[str, Any], bare: dict[str, Any] | None, flops: float | 
         "path": row["path"],
         "label": row["label"],
         "tokens_per_s": tps,
-        "relative": tps / bare_tps if (tps and bare_tps) else None,
+        # paired over rounds when every round has both; else the ratio of the medians
+        "relative": paired["mean"] if paired else (tps / bare_tps if (tps and bare_tps) else None),
+        "relative_se": paired["se"] if paired else None,
+        "relative_ci95": paired["ci"] if paired else None,
+        "relative_rounds": paired["rounds"] if paired else [],
         "step_ms_p50": 1000 * _quantile(times, 0.5) if times else None,
         "step_ms_p90": 1000 * _quantile(times, 0.9) if times else None,
         "achieved_flops": achieved,

@@ -24,14 +24,15 @@ from difflm.atomic import atomic_write_text
 from difflm.data import prepare_data
 from orchestrator.cluster.connect import alive_nodes, check_shared_storage
 from orchestrator.cluster.session import init_ray, lone_private_ray
-from orchestrator.devices import resolve_device
+from orchestrator.devices import precision_problem, resolve_device
 from orchestrator.errors import SpecError
 from orchestrator.spec.run import RunSpec
 from orchestrator.spec.yamlio import spec_yaml
 from orchestrator.train.console import TrainConsole
 from orchestrator.train.precision import resolve_precision
 from orchestrator.train.startup import describe, process_start_time, resolve_cpus, seconds_since
-from orchestrator.train.trainer import build_trainer
+from orchestrator.local.supervisor import LocalWorker, discard_unused, overlap_note, runs_locally, supervise
+from orchestrator.train.trainer import build_trainer, loop_config
 
 #: The driver's own last event in the console queue, put when trainer.fit() returns.
 FIT_ENDED = "fit-ended"
@@ -86,6 +87,7 @@ def prepare_and_place(
     console: TrainConsole,
     stamps: dict[str, float] | None = None,
     dashboard: bool = False,
+    start_ray: bool = True,
 ) -> tuple[RunSpec, Any, str, float, float]:
     """Driver set-up shared by train and sweep: check resources, tokenize (cached), start or join Ray.
 
@@ -94,6 +96,7 @@ def prepare_and_place(
     the driver makes data errors surface before a private Ray starts; workers read the cache. A
     cluster is checked right after joining it (resources, and paths every node must see), before
     tokenizing. ``stamps`` receives the wall times the data and Ray were ready (the start-up report).
+    ``start_ray=False``: a run on this machine without Ray (orchestrator.local.supervisor).
     """
     stamps = {} if stamps is None else stamps
     if address is None:
@@ -119,9 +122,10 @@ def prepare_and_place(
         runner = ray_data_runner()
     prepared = prepare_data(spec.data, spec.tokenizer, log=console.info, runner=runner)
     stamps["data"] = time.time()
-    if address is None:  # a cluster was joined above, before tokenizing
+    if address is None and start_ray:  # a cluster was joined above, before tokenizing
         init_ray(None, dashboard)
-    stamps["ray"] = time.time()
+    if start_ray or address is not None:
+        stamps["ray"] = time.time()
     return spec, prepared, device, cpus, gpus
 
 
@@ -152,11 +156,35 @@ def launch_train(
     run_dir = storage / name
     check_run_folder(run_dir, spec.model_dump(mode="json"), resume=resume, allow_spec_change=allow_spec_change)
 
-    spec, prepared, device, _, _ = prepare_and_place(spec, address, console, stamps)
+    worker = None
+    if runs_locally(spec.scaling.num_workers, address):
+        # One worker on this machine: no Ray (orchestrator.local.supervisor). Its process starts now, so that its
+        # imports overlap the data preparation and checks below; it waits for the config.
+        spec = resolve_cpus(spec, [local_resources()[0]], console.info)
+        worker = LocalWorker(run_dir, float(spec.scaling.cpus_per_worker), resolve_device(spec.scaling.device))
+    try:
+        return _launch_prepared(spec, address, console, resume, run_dir, started_at, stamps, worker)
+    except BaseException:
+        if worker is not None and worker.proc.poll() is None and not (run_dir / "spec.yaml").exists():
+            discard_unused(worker)
+        elif worker is not None:
+            worker.stop()
+        raise
+
+
+def _launch_prepared(spec: RunSpec, address: str | None, console: TrainConsole, resume: bool, run_dir: Path,
+                     started_at: float, stamps: dict[str, float], worker: LocalWorker | None) -> TrainResult:
+    """launch_train once the run folder is checked (and a local worker started): data, resources, run."""
+    from orchestrator.rundir.run_folder import STOP_FILE
+
+    spec, prepared, device, _, _ = prepare_and_place(spec, address, console, stamps, start_ray=worker is None)
     if address is None:  # this machine is where the workers run: name the precision in spec.yaml
         spec, chosen = resolve_precision(spec, device, prepared.tokenizer.vocab_size)
         if chosen:
             console.info(chosen)
+        problem = precision_problem(device, spec.train.precision)
+        if problem is not None:
+            raise SpecError(problem)
     console.info(
         f"data: {len(prepared.train):,} train / {len(prepared.val):,} val blocks of {spec.data.seq_len} tokens, "
         f"vocab {prepared.tokenizer.vocab_size:,}"
@@ -173,6 +201,8 @@ def launch_train(
     atomic_write_text(run_dir / "spec.yaml", spec_yaml(spec))
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a previous session's stop reason is not this one's
     tb_dir = run_dir / "tensorboard"
+    if worker is not None:
+        return _fit_local(spec, device, prepared.cache_dir, run_dir, tb_dir, console, started_at, stamps, worker)
     return _fit(spec, device, prepared.cache_dir, run_dir, tb_dir, console, started_at, stamps)
 
 
@@ -197,9 +227,7 @@ def _fit(
 ) -> TrainResult:
     from ray.util.queue import Empty, Queue
 
-    from orchestrator.errors import TrainingStopped
     from orchestrator.train.failures import explain_fit_error, failure_line, failure_reporter, keep_logs
-    from orchestrator.rundir.run_folder import read_stop
 
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(spec, device, data_dir, run_dir, tb_dir, queue, callbacks=[failure_reporter(queue)],
@@ -265,9 +293,59 @@ def _fit(
         keep_logs(workers, run_dir)
         raise explain_fit_error(error, workers) or error
     result = box["result"]
+    return _finish(run_dir, tb_dir, summary or dict(result.metrics or {}), max(0, starts - 1), started_at, stamps)
+
+
+def _fit_local(
+    spec: RunSpec,
+    device: str,
+    data_dir: Path,
+    run_dir: Path,
+    tb_dir: Path,
+    console: TrainConsole,
+    started_at: float,
+    stamps: dict[str, float],
+    worker: LocalWorker,
+) -> TrainResult:
+    """The run in one supervised worker process (orchestrator.local.supervisor): same events, same summary."""
+    summary: dict[str, Any] = {}
+    overlap: dict[str, float] = {}
+    current = [worker]  # the worker whose events these are (a restart replaces it)
+
+    def on_event(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "done":
+            summary.update(payload)
+        elif kind == "startup":
+            stamps.update(payload)
+            console.info(f"{describe(started_at, stamps)}; {overlap_note(current[0], started_at)}")
+            overlap["worker_started"] = round(current[0].started - started_at, 3)
+            if current[0].imported is not None:
+                overlap["worker_imported"] = round(current[0].imported - started_at, 3)
+        elif kind not in ("worker", "start", "imported", "error", "exit"):
+            console.handle(kind, payload)
+
+    config = loop_config(spec, device, data_dir, run_dir, tb_dir, None, started_at)
+    try:
+        restarts, worker = supervise(worker, config, run_dir, float(spec.scaling.cpus_per_worker),
+                                     spec.scaling.max_failures, console, on_event, current)
+    except BaseException:  # Ctrl-C, or the driver's own error: the current worker (a restart's, maybe) stops too
+        current[0].stop()
+        raise
+    finally:
+        console.close()
+    if overlap:
+        summary["startup_worker_process"] = overlap  # seconds since the command started (beside the phases)
+    return _finish(run_dir, tb_dir, summary, restarts, started_at, stamps)
+
+
+def _finish(run_dir: Path, tb_dir: Path, summary: dict[str, Any], restarts: int, started_at: float,
+            stamps: dict[str, float]) -> TrainResult:
+    """summary.json (restarts, start-up, a stop's reason) and the result; TrainingStopped for a stopped run."""
+    from orchestrator.errors import TrainingStopped
+    from orchestrator.rundir.run_folder import read_stop
+
     best, last = read_links(run_dir)
-    summary = summary or dict(result.metrics or {})
-    summary["restarts"] = max(0, starts - 1)
+    summary["restarts"] = restarts
     summary["startup"] = seconds_since(started_at, stamps)
     stop = read_stop(run_dir)
     if stop is not None:

@@ -2,7 +2,7 @@
 
 Rules (measurements behind them in docs/benchmarks.md):
 
-* CUDA: bf16 when the GPU computes it natively (``torch.cuda.is_bf16_supported``: Ampere and
+* CUDA: bf16 when the GPU computes it natively (``orchestrator.devices.cuda_bf16_native``: Ampere and
   newer); tensor cores make it several times faster than fp32. fp32 on older GPUs.
 * CPU: bf16 when the CPU has native bf16 dot products (x86 ``avx512_bf16`` / ``amx_bf16``, ARM
   ``bf16``) *and* the matmuls are big enough (:func:`cpu_bf16_pays`: d_model >= 256, or >= 128 with
@@ -22,8 +22,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
-
+from orchestrator.devices import cuda_bf16_native
 from orchestrator.spec.run import RunSpec
 
 # bf16 autocast against fp32 on a Zen 4 core (avx512_bf16), CPU seconds per step (docs/benchmarks.md):
@@ -57,7 +56,7 @@ def cpu_has_native_bf16() -> bool:
 def auto_precision(device_type: str, d_model: int, vocab_size: int | None = None) -> tuple[str, str]:
     """(precision, reason) for ``train.precision: auto`` on ``device_type`` for a model of this width and vocab."""
     if device_type == "cuda":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if cuda_bf16_native():  # not is_bf16_supported(): that says True for emulated bf16 too
             return "bf16", "GPU with native bf16"
         return "fp32", "GPU without native bf16"
     if device_type == "cpu":

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from difflm.atomic import atomic_path, atomic_write_text
+from orchestrator.devices import host_to_device
 from difflm.data import PreparedData, iterate_train_batches
 from difflm.evaluation import (
     RATE_MAX,
@@ -158,12 +159,7 @@ class Runner:
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch: np.ndarray) -> Tensor:
-        tokens = torch.from_numpy(batch)  # (B, L) int64
-        if self.ctx.device.type == "cuda":
-            # From pageable memory CUDA syncs the stream before the copy, so the host would wait for the
-            # previous step's kernels every step; from pinned memory the copy is queued asynchronously.
-            tokens = tokens.pin_memory()
-        return tokens.to(self.ctx.device, non_blocking=True)
+        return host_to_device(batch, self.ctx.device)  # (B, L) int64; CUDA: pinned, non-blocking
 
     def _enter_stage(self, stage: Stage) -> None:
         """Apply ``stage``'s switches to the family (weights, optimizer and data stream carry over)."""
@@ -179,7 +175,8 @@ class Runner:
         if stage is not self.stage:
             self._enter_stage(stage)
         self.engine.module.set_progress(stage.progress(self.step))
-        self.engine.train(True)
+        if not self.engine.module.training:  # after an eval or sampling; module.train() walks every submodule
+            self.engine.train(True)  # (0.5 ms a step at tiny, 3-4% of its step: docs/benchmarks.md)
         for _ in range(self.spec.train.grad_accum):
             tokens = self._to_device(next(self._batches))
             out = self.engine.forward(tokens, self._valid, self._gen)
@@ -207,8 +204,9 @@ class Runner:
         names = sorted(self._acc)
         sums = torch.stack([*(self._acc[n] for n in names), self._acc_count])
         sums = _all_reduce_sum(sums, self.ctx.world_size)
-        *totals, count = sums.tolist()
-        counters = torch.stack([self._skipped, self._stop_step]).tolist()  # identical on every rank
+        # one host read for both (a CUDA sync each): the counters are identical on every rank, not reduced
+        *totals, count, skipped, stop_step = torch.cat([sums, torch.stack([self._skipped, self._stop_step])]).tolist()
+        counters = [skipped, stop_step]
         self._acc, self._acc_count = {}, torch.zeros_like(self._acc_count)
         out = {f"train/{n}": (v / count if count else math.nan) for n, v in zip(names, totals)}
         out["train/lr"] = self.engine.lr

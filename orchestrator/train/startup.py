@@ -1,7 +1,8 @@
 """Where the seconds before the first optimizer step go, and the threads a worker gets.
 
 A run stamps wall-clock milestones (``time.time()``, comparable between the driver and workers on one
-machine): the driver when the spec is read, data prepared and Ray up; rank 0 when its function starts,
+machine): the driver when the spec is read, data prepared and Ray up (a one-worker run on this machine has
+no Ray: orchestrator.local.supervisor; its worker process starts with the data preparation); rank 0 when its function starts,
 its engine is built, its loop starts (after the step-0 eval) and its first optimizer step ends. The
 driver prints one line from them and keeps them in ``summary.json`` (``startup``: seconds since the
 command started), which is also what ``difflm bench`` reads for the full `difflm train` path.
@@ -21,7 +22,7 @@ PHASES: dict[str, str] = {
     "spec": "CLI + spec",
     "data": "data",
     "ray": "Ray start",
-    "worker": "Train workers up",
+    "worker": "worker up",
     "engine": "model + engine",
     "loop": "step-0 eval",
     "step1": "first step",

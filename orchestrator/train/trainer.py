@@ -24,9 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import raycompat
+from orchestrator.devices import worker_env
 from orchestrator.spec.run import RunSpec
 from orchestrator.train.startup import thread_env
 from orchestrator.train.worker import train_fn_per_worker
+
+#: Seconds a collective may wait before NCCL's watchdog aborts the group (Ray Train sets
+#: TORCH_NCCL_ASYNC_ERROR_HANDLING=1, so the abort fails the workers and FailureConfig restarts them from the
+#: latest checkpoint). Ray's own default, kept on purpose and named here: ranks legitimately wait at a barrier
+#: while rank 0 writes a checkpoint or draws its samples, minutes at base size on a slow disk; a dead peer is
+#: found sooner by Ray's health check, so only a hung-but-alive rank costs the full wait (docs/scaling.md).
+COLLECTIVE_TIMEOUT_S = 1800
 
 #: Per-sequence val draws of every eval point (rank 0): RUN_DIR/val/step_XXXXXXX.npz (difflm.evaluation).
 VAL_DIR = "val"
@@ -83,7 +91,7 @@ def build_trainer(
         train_fn_per_worker,
         pg_cleaner=pg_cleaner,
         train_loop_config=loop_config(spec, device, data_dir, run_dir, tb_dir, queue, started_at),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_dir.name,
@@ -97,6 +105,6 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            worker_runtime_env={"env_vars": thread_env(s.cpus_per_worker)},
+            worker_runtime_env={"env_vars": {**thread_env(s.cpus_per_worker), **worker_env(device)}},
         ),
     )

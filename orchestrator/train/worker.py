@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import torch
 
 from difflm.data import load_prepared
-from orchestrator.devices import peak_memory_above, start_memory_window
-from orchestrator.errors import TrainingStopped
+from orchestrator.devices import configure_device, peak_memory_above, precision_problem, start_memory_window
+from orchestrator.errors import SpecError, TrainingStopped
 from orchestrator.spec.run import spec_from_dict
 from orchestrator.build import build_run
 from orchestrator.rundir.ckpt_files import checkpoint_dir_name, pick_resume_checkpoint, prune_orphans, update_links
@@ -155,6 +155,12 @@ def run_worker(config: dict[str, Any], host: WorkerHost, entered: float | None =
     spec, picked = resolve_precision(spec, device.type, data.tokenizer.vocab_size)
     if picked and rank == 0:
         emit("log", {"message": picked})
+    problem = precision_problem(device.type, spec.train.precision)  # the driver checked what it could see
+    if problem is not None:
+        raise SpecError(problem)
+    configured = configure_device(device)
+    if configured and rank == 0:
+        emit("log", {"message": configured})
 
     def announce(model: Any) -> Any:  # between building the model and wrapping it in the engine
         if rank == 0:

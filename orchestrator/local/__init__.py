@@ -1,0 +1,1 @@
+"""A one-worker `difflm train` on this machine without Ray: the driver's supervisor and the worker process."""
