@@ -17,18 +17,16 @@ from orchestrator.errors import SpecError
 from orchestrator.train.failures import DIED, TrainingFailed
 
 
-def test_one_worker_on_this_machine_runs_locally(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(local.LAUNCHER_ENV, raising=False)
+def test_one_worker_on_this_machine_runs_locally() -> None:
     assert local.runs_locally(1, None)
     assert not local.runs_locally(2, None)  # several workers: Ray Train's group
     assert not local.runs_locally(1, "auto")  # a cluster: Ray Train places the worker
-    monkeypatch.setenv(local.LAUNCHER_ENV, "ray")
-    assert not local.runs_locally(1, None)
-    monkeypatch.setenv(local.LAUNCHER_ENV, "Local")
-    assert local.runs_locally(1, None)
-    monkeypatch.setenv(local.LAUNCHER_ENV, "slurm")
-    with pytest.raises(SpecError, match=r"DIFFLM_TRAIN_LAUNCHER='slurm': allowed values are 'local'.*'ray'"):
-        local.runs_locally(1, None)
+    assert not local.runs_locally(1, None, "ray")  # scaling.launcher: ray
+    assert local.runs_locally(1, None, "local")
+    with pytest.raises(SpecError, match=r"scaling.launcher=local .* scaling.num_workers=2; use scaling.launcher=auto"):
+        local.runs_locally(2, None, "local")
+    with pytest.raises(SpecError, match=r"--address \(a Ray cluster\)"):
+        local.runs_locally(1, "10.0.0.1:6379", "local")
 
 
 class _Fake:

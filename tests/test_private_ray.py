@@ -174,10 +174,9 @@ def test_sigkilled_train_leaves_no_ray_processes(runtime: Path, tmp_path: Path) 
     log = tmp_path / "train.log"
     with open(log, "w") as out:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "train", str(spec)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            # Ray Train even for one worker (a one-worker run on this machine starts no Ray: orchestrator.local.supervisor)
-            env={**os.environ, "PYTHONPATH": str(REPO), "DIFFLM_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1",
-                 "DIFFLM_TRAIN_LAUNCHER": "ray"},
+            [sys.executable, "-m", "orchestrator", "train", str(spec), "--set", "scaling.launcher=ray"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            # scaling.launcher=ray: Ray Train even for one worker (a one-worker run on this machine starts no Ray by default)
+            env={**os.environ, "PYTHONPATH": str(REPO), "DIFFLM_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1"},
         )
     me = psutil.Process(driver.pid)
     seen: dict[int, float] = {}

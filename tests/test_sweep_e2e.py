@@ -339,7 +339,7 @@ def test_in_trial_runs_match_ray_train_and_survive_a_killed_trial(tmp_path: Path
     assert first["startup/first_step_s"] < 30 and not (killed / "train" / "checkpoint_manager_snapshot.json").exists()
 
     # the reference is a Ray Train run (a one-worker `difflm train` would otherwise run without Ray)
-    proc = _cli("train", str(run_spec), "--output", str(tmp_path / "ray"), "--name", "r", DIFFLM_TRAIN_LAUNCHER="ray")
+    proc = _cli("train", str(run_spec), "--output", str(tmp_path / "ray"), "--name", "r", "--set", "scaling.launcher=ray")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "worker process: started" not in proc.stderr  # it did run under Ray Train
     ref = load_file(str(tmp_path / "ray" / "r" / "checkpoints" / "last" / "model.safetensors"))

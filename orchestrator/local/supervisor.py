@@ -20,7 +20,7 @@ console events. Here:
   ``max_failures`` restarts the command fails with that line (:class:`TrainingFailed`).
 
 Runs that need Ray keep Ray Train: several workers, ``--address`` (a cluster), or
-``DIFFLM_TRAIN_LAUNCHER=ray`` in the environment (:func:`runs_locally`).
+``scaling.launcher: ray`` in the spec (:func:`runs_locally`).
 """
 
 from __future__ import annotations
@@ -37,22 +37,23 @@ from orchestrator.devices import worker_env
 from orchestrator.train.failures import DIED, TrainingFailed, failure_line
 from orchestrator.train.startup import thread_env
 
-#: Environment variable that sends a one-worker run through Ray Train anyway (value ``ray``).
-LAUNCHER_ENV = "DIFFLM_TRAIN_LAUNCHER"
-
 #: Folder of the run that holds each worker process's log.
 LOGS = "logs"
 
 
-def runs_locally(num_workers: int, address: str | None) -> bool:
-    """Whether a run trains in one supervised worker process (this module) rather than under Ray Train."""
-    launcher = os.environ.get(LAUNCHER_ENV, "").strip().lower()
-    if launcher not in ("", "local", "ray"):
+def runs_locally(num_workers: int, address: str | None, launcher: str = "auto") -> bool:
+    """Whether a run trains in one supervised worker process (this module) rather than under Ray Train.
+
+    ``launcher`` is ``scaling.launcher``: ``auto`` picks this module for one worker on this machine,
+    ``ray`` never does, ``local`` insists (a SpecError naming the fix when the run needs Ray Train)."""
+    needs_ray = address is not None or num_workers != 1
+    if launcher == "local" and needs_ray:
         from orchestrator.errors import SpecError
 
-        raise SpecError(f"{LAUNCHER_ENV}={launcher!r}: allowed values are 'local' (the default for one worker) "
-                        "and 'ray' (Ray Train even for one worker)")
-    return address is None and num_workers == 1 and launcher != "ray"
+        why = "--address (a Ray cluster)" if address is not None else f"scaling.num_workers={num_workers}"
+        raise SpecError(f"scaling.launcher=local trains one worker on this machine, but the run has {why}; "
+                        "use scaling.launcher=auto (Ray Train for it) or one worker without --address")
+    return launcher != "ray" and not needs_ray
 
 
 class LocalWorker:

@@ -157,7 +157,7 @@ def launch_train(
     check_run_folder(run_dir, spec.model_dump(mode="json"), resume=resume, allow_spec_change=allow_spec_change)
 
     worker = None
-    if runs_locally(spec.scaling.num_workers, address):
+    if runs_locally(spec.scaling.num_workers, address, spec.scaling.launcher):
         # One worker on this machine: no Ray (orchestrator.local.supervisor). Its process starts now, so that its
         # imports overlap the data preparation and checks below; it waits for the config.
         spec = resolve_cpus(spec, [local_resources()[0]], console.info)
