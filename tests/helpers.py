@@ -5,6 +5,7 @@ NaN-injecting test family."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -153,5 +154,16 @@ def train_workers(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
             if "ray::RayTrainWorker" in cmd or "orchestrator.local.worker" in cmd:
                 out.append(proc)
         except psutil.Error:  # gone meanwhile
+            pass
+    return out
+
+
+def result_rows(trial_dir: Path) -> list[dict[str, Any]]:
+    """A Tune trial's result rows so far (``result.json``; a line caught mid-write is skipped)."""
+    out = []
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
             pass
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,17 +14,10 @@ from difflm.families.mdlm.model import MDLM
 from difflm.models import Backbone
 from difflm.sampling import SampleOptions, SamplingError, get_sampler
 from difflm.schedules import get_schedule
-from tests.helpers import randomize_zero_init
+from tests.helpers import one_thread, randomize_zero_init  # noqa: F401 (one_thread: autouse fixture)
 
 V = 12
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def backbone(vocab: int = V) -> Backbone:

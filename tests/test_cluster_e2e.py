@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import pytest
 
 from orchestrator.cluster.procs import processes_under, stop_processes
-from tests.helpers import train_workers
+from tests.helpers import result_rows, train_workers
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -149,14 +149,6 @@ sweep:
 """
 
 
-def _rows(trial_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in (trial_dir / "result.json").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def _checkpointed_on(train_dir: Path) -> set[str]:
@@ -199,7 +191,7 @@ def _uninterrupted_decisions(trial_dirs: list[Path]) -> dict[str, int]:
     for d in trial_dirs:
         trial = type("T", (), {"trial_id": d.name})()
         sched.on_trial_add(None, trial)
-        for row in sorted({int(r["step"]): r for r in _rows(d)}.values(), key=lambda r: r["step"]):
+        for row in sorted({int(r["step"]): r for r in result_rows(d)}.values(), key=lambda r: r["step"]):
             out[d.name] = int(row["step"])
             if sched.on_trial_result(None, trial, row) == TrialScheduler.STOP:
                 break
@@ -226,7 +218,7 @@ def test_resumed_asha_sweep_stops_the_same_trials(cluster: Cluster) -> None:
     # before that is started afresh on --resume (tests/test_raycompat.py), not the path tested here.
     from orchestrator import raycompat
 
-    while not [r for d in sweep_dir.glob("*lr=0.003*") if (d / "result.json").is_file() for r in _rows(d)
+    while not [r for d in sweep_dir.glob("*lr=0.003*") if (d / "result.json").is_file() for r in result_rows(d)
                if r.get("step", 0) >= 5] or not raycompat.saved_trial_count(str(sweep_dir)):
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
@@ -350,10 +342,10 @@ def test_sweep_spreads_and_survives_a_lost_node(cluster: Cluster) -> None:
     # The trial that had its train worker on the lost node recovered: Ray Train restarted its worker group
     # (scaling.max_failures) or Tune its trial (sweep.max_failures), on the surviving node either way.
     lost_trials = [Path(r["trial_dir"]) for r in rows
-                   if any(row.get("worker_nodes") == [worker_node] for row in _rows(Path(r["trial_dir"])))]
+                   if any(row.get("worker_nodes") == [worker_node] for row in result_rows(Path(r["trial_dir"])))]
     assert len(lost_trials) == 1, (rows, starts)
     for lost in lost_trials:
-        assert _rows(lost)[-1]["worker_nodes"] == [head]  # finished on the surviving node
+        assert result_rows(lost)[-1]["worker_nodes"] == [head]  # finished on the surviving node
         # from its last checkpoint: a restart from scratch would log the step-0 eval twice
         acc = EventAccumulator(str(lost / "tensorboard"), purge_orphaned_data=False).Reload()
         val_steps = [e.step for e in acc.Scalars("val/nll")]

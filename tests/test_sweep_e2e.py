@@ -21,6 +21,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from orchestrator.cluster.procs import processes_under, stop_processes
+from tests.helpers import result_rows
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -44,15 +45,6 @@ def _rows_at(trial_dir: Path, step: int) -> dict[str, float]:
     return next(r for r in rows if r.get("step") == step)
 
 
-def _rows(trial_dir: Path) -> list[dict[str, Any]]:
-    """The trial's Tune result rows so far (a line caught mid-write is skipped)."""
-    out = []
-    for line in (trial_dir / "result.json").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def _last_step(trial_dir: Path) -> int:
@@ -335,7 +327,7 @@ def test_in_trial_runs_match_ray_train_and_survive_a_killed_trial(tmp_path: Path
     steps = [e.step for e in acc.Scalars("val/nll")]
     assert steps[0] == 20 and steps[-1] == 200 and len(steps) < 2 * 10, steps  # continued, not from step 0
     # its first reported row: step 20's, or the restarted attempt's first when the kill beat step 20's report
-    first = min(_rows(killed), key=lambda r: r["step"])
+    first = min(result_rows(killed), key=lambda r: r["step"])
     assert first["startup/first_step_s"] < 30 and not (killed / "train" / "checkpoint_manager_snapshot.json").exists()
 
     # the reference is a Ray Train run (a one-worker `difflm train` would otherwise run without Ray)
