@@ -25,6 +25,7 @@ length), ``cache`` (none | prefix | dual), ``steps``. Not a timed test: numbers 
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 import time
@@ -199,7 +200,8 @@ def run_sampling_bench(args: SamplingBench) -> int:
                 sums, counts, _ = score_samples(ckpt, judge, ids)
                 m = gen_ppl(sums, counts, ids)
                 point = Point(text, num, best, out.nfe, args.length, m.ppl, m.ppl_se, m.entropy)
-                q = f"{m.ppl:.1f} ± {m.ppl_se:.1f} / {m.entropy:.2f}"
+                se = f" ± {m.ppl_se:.1f}" if math.isfinite(m.ppl_se) else ""  # one sample: no SE
+                q = f"{m.ppl:.1f}{se} / {m.entropy:.2f}"
             else:
                 reference = tokens if reference is None else reference
                 agree = float((tokens == reference).float().mean())
