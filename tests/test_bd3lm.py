@@ -71,13 +71,13 @@ def test_block_size_one_is_an_autoregressive_factorisation() -> None:
     model = bd3(1, vocab)
     seqs = torch.tensor(list(itertools.product(range(vocab), repeat=L)))  # (27, 3)
     xt = torch.full_like(seqs, model.mask_id)  # every block masked: each predicted from the clean prefix
-    logits = model.noisy_logits(xt, seqs)[..., :vocab].log_softmax(-1)  # (27, L, vocab)
+    logits = model.denoiser_logits(xt, seqs)[..., :vocab].log_softmax(-1)  # (27, L, vocab)
     chain = logits.gather(-1, seqs[..., None]).squeeze(-1).sum(-1)  # (27,) log p(x) by the chain rule
     assert torch.isclose(chain.exp().sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-10)
     # the prediction at i does not depend on x_{>= i}
     changed = seqs.clone()
     changed[:, 2] = (changed[:, 2] + 1) % vocab
-    assert torch.allclose(model.noisy_logits(xt, changed)[:, :2], model.noisy_logits(xt, seqs)[:, :2])
+    assert torch.allclose(model.denoiser_logits(xt, changed)[:, :2], model.denoiser_logits(xt, seqs)[:, :2])
     # and the val NELBO estimate at masking rate 1 is exactly that chain-rule NLL
     counted = torch.ones_like(seqs, dtype=torch.bool)
     noise = make_val_noise(list(range(27)), 1, L, seed=0)

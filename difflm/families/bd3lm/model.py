@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from difflm.families.base import DenoiseResult, LossOutput, wide_float
+from difflm.families.base import DenoiseResult, LossOutput
 from difflm.families.mdlm.model import MDLM
 from difflm.models.backbone import Backbone
 from difflm.schedules import NoiseSchedule, get_schedule, sample_times
 
 if TYPE_CHECKING:
-    from difflm.evaluation import ValNoise
     from difflm.families.bd3lm.config import Bd3lmConfig, Bd3lmModelConfig
 
 
@@ -75,8 +74,9 @@ class BD3LM(MDLM):
 
     # ---- the block-causal forward ------------------------------------------------------------
 
-    def noisy_logits(self, xt: Tensor, x0: Tensor) -> Tensor:
-        """Backbone logits (B, L, V+1) at the noisy positions: one pass over [x_t, x0] with the block mask."""
+    def denoiser_logits(self, xt: Tensor, x0: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """Backbone logits (B, L, V+1) at the noisy positions: one pass over [x_t, x0] with the block mask
+        (no time conditioning: sigma is unused). MDLM's val_nll scores through this, so it is bd3lm's too."""
         B, L = xt.shape
         pos = torch.arange(L, device=xt.device)
         mask = block_diffusion_mask(L, self.block_size, xt.device)
@@ -105,32 +105,9 @@ class BD3LM(MDLM):
         noise = torch.rand(B, L, generator=generator, device=tokens.device, dtype=move.dtype)  # (B, L)
         masked = (noise < move) & valid
         xt = torch.where(masked, self.mask_id, tokens)
-        ce = self.subs_ce(self.noisy_logits(xt, tokens), tokens).masked_fill(~masked, 0.0)  # (B, L)
+        ce = self.subs_ce(self.denoiser_logits(xt, tokens), tokens).masked_fill(~masked, 0.0)  # (B, L)
         nelbo_tok = torch.where(masked, weight, 0.0) * ce  # (B, L)
-        num_tokens = valid.sum()
-        denom = num_tokens.clamp(min=1).to(ce.dtype)
-        nelbo = nelbo_tok.sum() / denom
-        return LossOutput(
-            loss=nelbo,
-            nll_sum=nelbo_tok.detach().sum(dtype=wide_float(tokens.device)),
-            num_tokens=num_tokens,
-            metrics={"nelbo": nelbo.detach(), "masked_ce": (ce.sum() / denom).detach(),
-                     "mask_rate": masked.sum().to(ce.dtype) / denom},
-        )
-
-    @torch.no_grad()
-    def val_nll(self, tokens: Tensor, counted: Tensor, noise: ValNoise) -> Tensor:
-        """K NELBO draws per sequence (B, K), as MDLM's (same rates, masks and weights), block-causal forward."""
-        B, L = tokens.shape
-        wide = wide_float(tokens.device)
-        out = torch.empty(B, noise.samples, dtype=wide, device=tokens.device)
-        for k in range(noise.samples):
-            m = noise.rates[:, k]  # (B,)
-            masked = noise.masked(k, counted)  # (B, L)
-            xm = torch.where(masked, self.mask_id, tokens)
-            ce = self.subs_ce(self.noisy_logits(xm, tokens), tokens).masked_fill(~masked, 0.0)
-            out[:, k] = ce.sum(dim=-1, dtype=wide) * (noise.weights[:, k].to(wide) / m.to(wide))
-        return out
+        return self.loss_output(nelbo_tok, ce, masked, valid)
 
     # ---- sampling / denoise ----------------------------------------------------------------------
 
@@ -148,7 +125,7 @@ class BD3LM(MDLM):
         noise = torch.rand(B, L, generator=generator, device=tokens.device, dtype=tt.dtype)
         noised = (noise < self.schedule.move_chance(tt)[:, None]) & valid
         xt = torch.where(noised, self.mask_id, tokens)
-        logits = self.noisy_logits(xt, tokens)[..., : self.mask_id]
+        logits = self.denoiser_logits(xt, tokens)[..., : self.mask_id]
         recon = torch.where(noised, logits.argmax(dim=-1), tokens)
         n_valid, n_noised = valid.sum().clamp(min=1), noised.sum()
         correct = recon == tokens

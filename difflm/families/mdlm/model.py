@@ -98,6 +98,11 @@ class MDLM(Family):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.pad(logits[..., : self.mask_id], (0, 1), value=float("-inf"))  # (B, L, V+1)
 
+    def denoiser_logits(self, xt: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+        """Backbone logits (B, L, V+1) of the noised ids xt (B, L) that the loss and val/nll score. MDLM sees xt
+        (and sigma (B,) with time conditioning); bd3lm overrides this with its block-causal pass over [xt, x0]."""
+        return self.backbone(xt, sigma if self.time_conditioning else None)
+
     def subs_ce(self, logits: Tensor, tokens: Tensor) -> Tensor:
         """Per-token -log p(x0 | x_t) under SUBS, (B, L) float32, from backbone logits (B, L, V+1).
 
@@ -152,8 +157,7 @@ class MDLM(Family):
         masked = (noise < probs) & valid  # (B, L)
         xt = torch.where(masked, self.mask_id, tokens)  # (B, L)
 
-        logits = self.backbone(xt, sigma if self.time_conditioning else None)  # (B, L, V+1)
-        ce = self.subs_ce(logits, tokens).masked_fill(~masked, 0.0)  # (B, L); SUBS carry-over: unmasked cost 0
+        ce = self.subs_ce(self.denoiser_logits(xt, tokens, sigma), tokens).masked_fill(~masked, 0.0)  # (B, L); SUBS: unmasked cost 0
         # Weight zeroed off the masked set first: at t == 0 it is inf and inf * 0 would be nan (also in backward).
         weight = torch.where(masked, self.schedule.nelbo_weight(t)[:, None], 0.0)  # (B, L)
         return weight * ce, ce, masked
@@ -166,7 +170,11 @@ class MDLM(Family):
         if self.training and self.importance is not None and self.atat.active:
             return self._atat_forward(tokens, valid, t, generator)
         nelbo_tok, ce, masked = self.nelbo_terms(tokens, valid, t, generator)  # (B, L) each
+        return self.loss_output(nelbo_tok, ce, masked, valid)
 
+    def loss_output(self, nelbo_tok: Tensor, ce: Tensor, masked: Tensor, valid: Tensor) -> LossOutput:
+        """The training loss and metrics from per-token NELBO, masked CE and mask (B, L), averaged over the
+        ``valid`` tokens; ``likelihood_weight`` mixes NELBO and masked CE (bd3lm keeps 1: the NELBO)."""
         num_tokens = valid.sum()  # int64 scalar
         denom = num_tokens.clamp(min=1).to(ce.dtype)
         nelbo = nelbo_tok.sum() / denom
@@ -175,7 +183,7 @@ class MDLM(Family):
         loss = nelbo if w == 1.0 else masked_ce if w == 0.0 else w * nelbo + (1 - w) * masked_ce
         return LossOutput(
             loss=loss,
-            nll_sum=nelbo_tok.detach().sum(dtype=wide_float(tokens.device)),
+            nll_sum=nelbo_tok.detach().sum(dtype=wide_float(nelbo_tok.device)),
             num_tokens=num_tokens,
             metrics={
                 "nelbo": nelbo.detach(),
@@ -294,8 +302,7 @@ class MDLM(Family):
             masked = noise.masked(k, counted)  # (B, L)
             xm = torch.where(masked, self.mask_id, tokens)  # (B, L)
             sigma = (-torch.log1p(-m)).to(self.float_dtype())  # (B,)
-            logits = self.backbone(xm, sigma if self.time_conditioning else None)  # (B, L, V+1)
-            ce = self.subs_ce(logits, tokens).masked_fill(~masked, 0.0)  # (B, L); SUBS: unmasked cost 0
+            ce = self.subs_ce(self.denoiser_logits(xm, tokens, sigma), tokens).masked_fill(~masked, 0.0)  # (B, L)
             out[:, k] = ce.sum(dim=-1, dtype=wide) * (noise.weights[:, k].to(wide) / m.to(wide))  # (B,)
         return out
 
