@@ -133,7 +133,7 @@ def test_worker_threads_follow_cpus_per_worker_and_startup_is_reported(tmp_path:
     assert summary["threads"] == 2
     startup = summary["startup"]
     # one worker on this machine: no Ray to start (orchestrator.local.supervisor)
-    assert list(startup) == ["spec", "data", "worker", "engine", "loop", "step1"]
+    assert list(startup) == ["spec", "data", "worker", "engine", "ready", "loop", "step1"]
     times = list(startup.values())
     assert all(0 < a <= b for a, b in zip(times, times[1:])), startup
     shown = re.search(r"first optimizer step ([0-9.]+) s after start \(CLI \+ spec", log)

@@ -3,7 +3,8 @@
 A run stamps wall-clock milestones (``time.time()``, comparable between the driver and workers on one
 machine): the driver when the spec is read, data prepared and Ray up (a one-worker run on this machine has
 no Ray: orchestrator.local.supervisor; its worker process starts with the data preparation); rank 0 when its function starts,
-its engine is built, its loop starts (after the step-0 eval) and its first optimizer step ends. The
+its engine is built, its runner is ready (resumed or not), its loop starts (after the step-0 eval: 0 s when
+``train.eval_at_start`` is false or the run resumed) and its first optimizer step ends. The
 driver prints one line from them and keeps them in ``summary.json`` (``startup``: seconds since the
 command started), which is also what ``difflm bench`` reads for the full `difflm train` path.
 """
@@ -24,6 +25,7 @@ PHASES: dict[str, str] = {
     "ray": "Ray start",
     "worker": "worker up",
     "engine": "model + engine",
+    "ready": "runner + resume",
     "loop": "step-0 eval",
     "step1": "first step",
 }

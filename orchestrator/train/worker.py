@@ -237,6 +237,7 @@ def run_worker(config: dict[str, Any], host: WorkerHost, entered: float | None =
     emit("start", {"step": runner.step, "checkpoint": chosen})
     if chosen is not None:
         emit("log", {"message": f"resumed from step {runner.step} ({Path(chosen).name})"})
+    stamps["ready"] = time.time()  # the step-0 eval (if any) is what runs between this and "loop"
     try:
         summary = runner.run()
     except TrainingStopped as exc:  # not retried: a restart would reach the same point again
