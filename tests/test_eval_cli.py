@@ -125,6 +125,13 @@ def test_sample_bad_input_exits_2(runs: dict[str, Path]) -> None:
         (["sample", str(runs["ar"]), "--prompt", "a [MASK:2] b"], "only continue a prefix prompt"),
         (["sample", str(runs["mdlm"]), "--prompt", "a [MASK:two]"], "malformed mask span"),
         (["sample", str(runs["mdlm"]), "--sampler", "analytic", "--remasking", "low_confidence"], "not analytic"),
+        # fast-decoding options where they do not apply name where they do (issue 25)
+        (["sample", str(runs["mdlm"]), "--sampler", "analytic", "--cache", "dual", "--block-length", "16"],
+         "work with the ddpm and ddpm_cache samplers, not analytic"),
+        (["sample", str(runs["ar"]), "--cache", "prefix", "--block-length", "16"],
+         "they apply to mdlm's ddpm and ddpm_cache samplers (cache) and to bd3lm"),
+        (["sample", str(runs["ar"]), "--remasking", "threshold"],
+         "threshold apply to the masked families: mdlm and bijective (samplers ddpm, ddpm_cache) and bd3lm"),
     ]
     for args, message in cases:
         res = cli(*args)
