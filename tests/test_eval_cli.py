@@ -129,7 +129,7 @@ def test_sample_bad_input_exits_2(runs: dict[str, Path]) -> None:
         (["sample", str(runs["mdlm"]), "--sampler", "analytic", "--cache", "dual", "--block-length", "16"],
          "work with the ddpm and ddpm_cache samplers, not analytic"),
         (["sample", str(runs["ar"]), "--cache", "prefix", "--block-length", "16"],
-         "they apply to mdlm's ddpm and ddpm_cache samplers (cache) and to bd3lm"),
+         "they apply to the ddpm and ddpm_cache samplers of mdlm and bijective and to bd3lm"),
         (["sample", str(runs["ar"]), "--remasking", "threshold"],
          "threshold apply to the masked families: mdlm and bijective (samplers ddpm, ddpm_cache) and bd3lm"),
     ]

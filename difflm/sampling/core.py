@@ -156,4 +156,4 @@ def reject_unsupported(options: SampleOptions, sampler: str, *, prompt: bool = T
     if options.cache != "none" or options.block_length is not None:
         raise SamplingError(
             f"sampler {sampler!r} does not do block decoding or KV caches (block_length / cache); they apply to "
-            "mdlm's ddpm and ddpm_cache samplers (cache) and to bd3lm (its own exact cache)")
+            "the ddpm and ddpm_cache samplers of mdlm and bijective and to bd3lm (its own exact cache)")

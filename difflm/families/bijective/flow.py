@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflm.models.backbone import Backbone, DiTBlock, rotary_cos_sin
+from difflm.models.backbone import KV, Backbone, DiTBlock, rotary_cos_sin, rotary_cos_sin_at
 
 #: soft clamp of the coupling log-scales: |s| < S_MAX per block and channel
 S_MAX = 2.0
@@ -60,17 +60,23 @@ class CouplingBlock(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @staticmethod
-    def _scale_shift(net: DiTBlock, proj: nn.Linear, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        raw_s, t = proj(net(h, c, cos, sin)).chunk(2, dim=-1)  # (B, L, D/2) each
+    def _scale_shift(net: DiTBlock, proj: nn.Linear, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor,
+                     past: tuple[Tensor, Tensor] | None = None, kv_out: KV | None = None) -> tuple[Tensor, Tensor]:
+        raw_s, t = proj(net(h, c, cos, sin, None, past, kv_out)).chunk(2, dim=-1)  # (B, L, D/2) each
         return S_MAX * torch.tanh(raw_s / S_MAX), t
 
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, past_kv: KV | None = None,
+                kv_out: KV | None = None) -> tuple[Tensor, Tensor]:
         """x (B, L, D) -> (y (B, L, D), per-position log|det J| contribution (B, L)); the sum over positions
-        is the exact log|det| of this block's Jacobian on the whole (L x D) input."""
+        is the exact log|det| of this block's Jacobian on the whole (L x D) input.
+
+        past_kv / kv_out (sampling caches only): the two sub-networks' cached (keys, values), net1's then
+        net2's, as :meth:`difflm.models.backbone.DiTBlock.forward` takes them."""
         x1, x2 = x.chunk(2, dim=-1)  # (B, L, D/2) each
-        s1, t1 = self._scale_shift(self.net1, self.proj1, x2, c, cos, sin)
+        p1, p2 = (None, None) if past_kv is None else past_kv
+        s1, t1 = self._scale_shift(self.net1, self.proj1, x2, c, cos, sin, p1, kv_out)
         y1 = x1 * torch.exp(s1) + t1
-        s2, t2 = self._scale_shift(self.net2, self.proj2, y1, c, cos, sin)
+        s2, t2 = self._scale_shift(self.net2, self.proj2, y1, c, cos, sin, p2, kv_out)
         y2 = x2 * torch.exp(s2) + t2
         return torch.cat([y1, y2], dim=-1), s1.sum(dim=-1) + s2.sum(dim=-1)
 
@@ -136,5 +142,23 @@ class BijectiveBackbone(Backbone):
         z, logdet = self.flow_forward(self.flow_input(ids), c)
         return self.forward_embeddings(z, c), z, logdet
 
-    def forward(self, ids: Tensor, sigma: Tensor | None = None) -> Tensor:
-        return self.forward_flow(ids, sigma)[0]  # (B, L, V)
+    def forward(self, ids: Tensor, sigma: Tensor | None = None, *, positions: Tensor | None = None,
+                past_kv: KV | None = None, kv_out: KV | None = None) -> Tensor:
+        """Logits (B, L, V). ``positions`` / ``past_kv`` / ``kv_out``: Fast-dLLM's prefix/dual KV caches when
+        sampling (difflm.families.mdlm.fast), as :meth:`Backbone.forward` takes them. The cache holds two
+        entries per coupling block (its sub-networks, D/2 wide) and then one per ordinary block. All None:
+        the plain forward, unchanged bit for bit."""
+        if positions is None and past_kv is None and kv_out is None:
+            return self.forward_flow(ids, sigma)[0]  # (B, L, V)
+        c = self.condition(sigma, ids.shape[0], ids.device)  # (B, cond_dim)
+        h = self.flow_input(ids)  # (B, L, D)
+        if positions is None:
+            cos, sin = self._rotary(h.shape[1], h.device)
+        else:
+            cos, sin = rotary_cos_sin_at(positions, self.d_model // 2 // self.n_heads)
+        k = len(self.flow)
+        for i, block in enumerate(self.flow):
+            pair = None if past_kv is None else (past_kv[2 * i], past_kv[2 * i + 1])
+            h, _ = block(h, c, cos, sin, pair, kv_out)
+        rest = None if past_kv is None else past_kv[2 * k:]
+        return self.final(self.hidden(h, c, positions=positions, past_kv=rest, kv_out=kv_out), c)  # (B, L, V)

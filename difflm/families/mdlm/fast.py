@@ -25,6 +25,8 @@ Caches (Fast-dLLM v1, ``cache``: prefix | dual)
 
 from __future__ import annotations
 
+import inspect
+
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -162,9 +164,10 @@ def run_blocks(
         raise SamplingError(
             "threshold remasking, block_length and cache need a model without time conditioning "
             "(model.time_conditioning: false): they reuse outputs across steps of unknown time")
-    if options.cache != "none" and type(model.backbone) is not Backbone:
-        raise SamplingError(f"cache={options.cache!r} needs the plain transformer backbone (family mdlm); "
-                            f"use cache none for family {model.name!r}")
+    if options.cache != "none" and "past_kv" not in inspect.signature(model.backbone.forward).parameters:
+        raise SamplingError(f"cache={options.cache!r} needs a backbone whose forward takes positions / past_kv / "
+                            f"kv_out (mdlm's and bijective's do); {type(model.backbone).__name__} of family "
+                            f"{model.name!r} does not: use cache none")
     nfe = 0
     for a, b in block_bounds(x.shape[1], options.block_length):
         if not bool((x[:, a:b] == model.mask_id).any()):
