@@ -28,6 +28,7 @@ saved with the weights and a resumed run continues with the searched range.
 
 from __future__ import annotations
 
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -123,11 +124,14 @@ class BD3LM(MDLM):
         return logits[:, :L]  # (B, L, V+1)
 
     def block_times(self, B: int, L: int, device: torch.device, generator: torch.Generator | None,
-                    clip: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+                    clip: tuple[float, float] | None | EllipsisType = ...) -> tuple[Tensor, Tensor]:
         """Per-token masking rate (B, L) and NELBO weight (B, L): one time per block, antithetic over all blocks.
 
-        ``clip`` None: the schedule's draw; with one block this is MDLM's draw (``sample_times(B)``), so
-        block_size >= L reproduces mdlm's loss. [beta, omega]: rates uniform in it, weight 1/m."""
+        ``clip`` ``...`` (default): the training range in use (``self.noise_clip``). None: the schedule's draw;
+        with one block this is MDLM's draw (``sample_times(B)``), so block_size >= L reproduces mdlm's loss.
+        [beta, omega]: rates uniform in it, weight 1/m."""
+        if clip is ...:
+            clip = self.noise_clip
         nb = -(-L // self.block_size)
         if clip is None:
             t = self.sample_times(B * nb, device, generator).view(B, nb)
