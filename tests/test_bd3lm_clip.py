@@ -255,3 +255,76 @@ def test_runner_searches_at_eval_points_and_resumes_with_the_range(tmp_path: Pat
     assert back.engine.module.noise_clip == (EPS, 1.0)  # type: ignore[union-attr]
     back.load(tmp_path / "ckpt")
     assert back.engine.module.noise_clip == model.noise_clip  # type: ignore[union-attr]
+
+
+CPU_ = torch.device("cpu")
+TWO = {
+    "model": {"family": "bd3lm", "size": None, "d_model": 16, "n_layers": 1, "n_heads": 2, "cond_dim": 8},
+    "diffusion": {"block_size": 4, "sample_steps": 2, "clip_search": {"widths": [0.5, 0.8], "delta": 0.1, "batches": 2}},
+    "data": {"source": "builtin", "seq_len": 16, "max_documents": 60},
+    "train": {"max_steps": 4, "micro_batch_size": 2, "eval_every": 4, "checkpoint_every": 4, "num_samples": 0},
+    "scaling": {"deepspeed": False, "device": "cpu", "num_workers": 2},
+}
+
+
+def _two_worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from difflm.data import prepare_data
+    from orchestrator.spec.run import RunSpec
+    from orchestrator.train.engine import TorchEngine
+    from orchestrator.train.runner import Runner, WorkerContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    spec = RunSpec.model_validate({**TWO, "data": {**TWO["data"], "cache_dir": cache}})
+    data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size)
+    runner = Runner(spec, data, TorchEngine(model, spec.train, CPU_), WorkerContext(rank, world, CPU_))
+    seen: dict = {}
+    inner = model.val_tune
+
+    def spy(bs, gen, all_reduce):  # type: ignore[no-untyped-def]
+        seen.update(batches=[(x.clone(), c.clone()) for x, c in bs], state=gen.get_state())
+        return inner(bs, gen, all_reduce)
+
+    model.val_tune = spy  # type: ignore[method-assign]
+    runner.step = 3
+    tuned = runner.val_tune()
+    torch.save({"scalars": tuned.scalars, "clip": model.noise_clip, **seen}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+
+def test_two_workers_pick_one_range_from_their_summed_moments(tmp_path: Path) -> None:
+    """Two gloo processes, each with its own val shard and noise, end with the same range, and its variances are
+    those of the blocks of both workers together (recomputed here from what each worker was given)."""
+    import torch.multiprocessing as mp
+
+    from difflm.data import prepare_data
+    from orchestrator.spec.run import RunSpec
+    from tests.helpers import free_port
+
+    cache = tmp_path / "cache"
+    spec = RunSpec.model_validate({**TWO, "data": {**TWO["data"], "cache_dir": str(cache)}})
+    data = prepare_data(spec.data, spec.tokenizer, log=lambda _: None)
+    mp.spawn(_two_worker, args=(2, free_port(), str(cache), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["clip"] == r1["clip"] and r0["scalars"] == r1["scalars"]
+    assert not torch.equal(r0["batches"][0][0], r1["batches"][0][0])  # different val shards
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.diffusion, data.tokenizer.vocab_size).eval()
+    cands = model.clip_candidates()
+    moments = []
+    for r in (r0, r1):
+        g = torch.Generator()
+        g.set_state(r["state"])
+        clipped.search(lambda x, c, gen, rng: model.loss_terms(x, c, gen, rng)[0], cands, r["batches"], 4, g,
+                       lambda t: moments.append(t.clone()) or t)
+    var = clipped.summed_variances(moments[0] + moments[1]) / len(r0["batches"])
+    got = torch.tensor([r0["scalars"][f"clip_var_{lo:.3f}_{hi:.3f}"] for lo, hi in cands], dtype=torch.float64)
+    assert torch.allclose(got, var, rtol=1e-6)
+    assert r0["clip"] == pytest.approx(cands[int(torch.argmin(var))])
+    alone = clipped.summed_variances(moments[0]) / len(r0["batches"])
+    assert not torch.allclose(got, alone, rtol=1e-3)  # rank 0's blocks alone give other numbers
