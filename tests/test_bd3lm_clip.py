@@ -1,5 +1,11 @@
 """bd3lm's data-driven clipped noise schedule (difflm/families/bd3lm/clipped.py): BD3-LMs' candidate grid, the
-variance argmin (summed across workers), in-range mask resampling, the range in the weights, the runner's hook."""
+variance argmin (summed across workers), in-range mask resampling, the range in the weights, the runner's hook.
+
+Each test was seen red with the code broken once: the grid's last window dropped; argmax for argmin; a biased
+(n) variance; the all-reduce result ignored (in clipped.search and in the runner); training drawing from the
+schedule instead of the range; resampling without the lower bound or with one mask too many; the loaded buffer
+not copied to the host range or an old checkpoint's missing key not filled; the width/resample validators off;
+the runner not calling the hook or seeding it with fresh entropy."""
 
 from __future__ import annotations
 
