@@ -13,6 +13,8 @@ for its annotations, so there is no import knot (not even a ``TYPE_CHECKING`` on
 * The optional hooks' results and protocols: :class:`DenoiseResult` / :class:`Denoiser`,
   :class:`Diagnostics` / :class:`Diagnoser`. A family without them is valid; callers check with
   ``isinstance(model, Denoiser)`` (the protocols are runtime-checkable).
+* An optional hook that adapts a training setting to val data at each eval point: :class:`ValTuner`
+  (bd3lm's clip search), returning :class:`ValTuning`.
 * What evaluation and the sampler lookup need of a model: :class:`Scorer`, :class:`SamplerHost`.
 """
 
@@ -295,3 +297,35 @@ class Diagnoser(Protocol):
     def diagnostics(
         self, tokens: Tensor, generator: torch.Generator | None, decode: Callable[[list[int]], str]
     ) -> Diagnostics: ...
+
+
+@dataclass
+class ValTuning:
+    """What a :class:`ValTuner` returns at an eval point.
+
+    scalars: logged to TensorBoard under ``val/<name>`` (e.g. each candidate's loss variance).
+    metrics: merged into the eval point's val metrics as ``val/<name>`` (TensorBoard, Tune's results,
+             ``trainer_state.json``): the setting now in use (e.g. bd3lm's ``clip_beta``, ``clip_omega``).
+    message: one console line for the user saying what changed (empty: nothing to say).
+    """
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+@runtime_checkable
+class ValTuner(Protocol):
+    """Optional hook: set a training-only setting from val data at each eval point after step 0 (bd3lm: the
+    clipped noise range of lowest loss variance). The runner calls it on every rank, after validation, on
+    the EMA weights in eval mode, with the worker's first ``val_tune_batches()`` val micro-batches as
+    (tokens (B, L), counted (B, L)) pairs (the same count on every rank; a padding batch counts nothing),
+    a generator seeded from (eval_seed, step, rank) and ``all_reduce`` (sum across workers, in place) so
+    that every worker reaches the same setting. ``val_tune_batches() == 0``: nothing to tune this run.
+    The setting must travel in the weights (a buffer) so that a resumed run continues with it."""
+
+    def val_tune_batches(self) -> int: ...
+
+    def val_tune(
+        self, batches: list[tuple[Tensor, Tensor]], generator: torch.Generator, all_reduce: Callable[[Tensor], Tensor]
+    ) -> ValTuning: ...

@@ -60,7 +60,7 @@ from difflm.evaluation import (
     val_pass,
     val_shard,
 )
-from difflm.types import Diagnoser, Diagnostics
+from difflm.types import Diagnoser, Diagnostics, ValTuner, ValTuning
 from difflm.sampling.diagnostics import sample_diagnostics
 from orchestrator.errors import TrainingStopped
 from orchestrator.rundir.ckpt_files import TRAINER_STATE, WEIGHTS, write_manifest
@@ -307,6 +307,31 @@ class Runner:
         self.engine.train(True)
         return diag
 
+    @torch.no_grad()
+    def val_tune(self) -> ValTuning:
+        """The family's optional val-tuning hook (:class:`difflm.types.ValTuner`, bd3lm's clip search): the
+        worker's first ``val_tune_batches()`` micro-batches of its val shard (every rank the same count: a
+        padding batch counts nothing), a generator seeded from (eval_seed, step, rank) so a resumed run tunes
+        identically, and a sum over workers so every rank picks the same setting."""
+        model = self.engine.module
+        if not isinstance(model, ValTuner) or model.val_tune_batches() <= 0 or len(self.data.val) == 0:
+            return ValTuning()
+        t = self.spec.train
+        size = t.micro_batch_size
+        num = val_count(len(self.data.val), t.eval_batches, size)
+        lo, hi = val_shard(num, self.ctx.rank, self.ctx.world_size)
+        batches = []
+        for i in range(min(model.val_tune_batches(), val_batches_per_worker(num, size, self.ctx.world_size))):
+            a, b = min(lo + i * size, hi), min(lo + (i + 1) * size, hi)
+            tokens = self._to_device(np.asarray(self.data.val[a:b] if b > a else self.data.val[:1], dtype=np.int64))
+            batches.append((tokens, counted_positions(tokens) & (b > a)))
+        seed = int(np.random.SeedSequence([t.eval_seed, self.step, self.ctx.rank]).generate_state(1, np.uint64)[0])
+        gen = torch.Generator(device=self.ctx.device).manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        self.engine.train(False)
+        out = model.val_tune(batches, gen, lambda x: _all_reduce_sum(x, self.ctx.world_size))
+        self.engine.train(True)
+        return out
+
     # ------------------------------------------------------------ checkpoints
     def save(self, directory: Path) -> None:
         """Weights (safetensors), optimizer + scheduler, EMA, generators, loop state, spec, tokenizer.
@@ -409,6 +434,8 @@ class Runner:
             # Samples of the untrained model are noise, and cost sample_steps forwards before the first step.
             texts = self.sample_texts() if self.step > 0 else []
             diag = self.diagnostics()
+            tuned = self.val_tune() if self.step > 0 else ValTuning()  # e.g. bd3lm's clip search (BD3-LMs skip step 0)
+        val = {**val, **{f"val/{k}": v for k, v in tuned.metrics.items()}}
         self.last_val = val
         if val["val/nll"] < self.best_val_nll:
             self.best_val_nll, self.best_val_nll_se = val["val/nll"], val.get("val/nll_se", math.nan)
@@ -417,7 +444,10 @@ class Runner:
             # per-sequence draws: `difflm results` computes paired errors between trials from them
             save_val_draws(draws_path(self.val_dir, self.step), self.last_draws)
         if self.ctx.rank == 0:
-            self.logger.log_scalars({**val, **{f"val/{k}": v for k, v in diag.scalars.items()}}, self.step)
+            self.logger.log_scalars({**val, **{f"val/{k}": v for k, v in {**diag.scalars, **tuned.scalars}.items()}},
+                                    self.step)
+            if tuned.message:
+                self.emit("log", {"message": f"step {self.step}: {tuned.message}"})
             for name, text in diag.texts.items():
                 self.logger.log_text(f"diagnostics/{name}", text, self.step)
             for warning in diag.warnings:
