@@ -18,7 +18,7 @@ from difflm.models.config import BackboneConfig
 
 class ClipSearchConfig(StrictModel):
     """BD3-LMs' data-driven clipped schedule ("var_min"): at every eval point, pick the training clip range
-    whose training loss has the least variance on val batches (difflm/families/bd3lm/clip_search.py)."""
+    whose training loss has the least variance on val batches (difflm/families/bd3lm/clipped.py)."""
 
     widths: list[float] = Field(
         [0.5, 0.6, 0.7, 0.8, 0.9], min_length=1, max_length=20,
