@@ -17,7 +17,8 @@ batch size, the best tokens/s, the network evaluations (NFE) per generated token
 * with ``--judge`` (an ar run or a Hugging Face causal LM): gen-PPL and unigram entropy of the samples
   (orchestrator/eval/genppl.py), at ``--temperature`` (default 1).
 
-The frontier is also drawn as a PNG (x: NFE per token, y: the quality figure; one line per batch size).
+The frontier is also drawn as a PNG (x: tokens/s, y: the quality figure; one marker per batch size,
+the settings numbered in a key beside it).
 A setting is ``key=value`` pairs joined by commas: ``sampler`` (family sampler name), ``remasking``
 (random | low_confidence | threshold), ``threshold`` (implies remasking threshold), ``block`` (block
 length), ``cache`` (none | prefix | dual), ``steps``. Not a timed test: numbers go to docs/benchmarks.md.
@@ -223,24 +224,33 @@ def _default_plot(ckpt: Any) -> Path:
 
 
 def plot_frontier(points: list[Point], path: Path, title: str, ylabel: str) -> Path:
-    """NFE per token (x, log) against the quality figure (y), one line per batch size, points labelled."""
+    """Speed against quality: tokens/s (x, log) against the quality figure (y), one marker per batch size.
+
+    Speed, not NFE, is the x axis: a cache keeps the network calls and cuts their cost, so on an NFE axis
+    every cached setting would sit on top of its uncached one. Points carry a number; the key beside the
+    plot names each setting (NFE per token is in the printed table), so long setting strings do not overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for num in sorted({p.num for p in points}):
-        pts = sorted((p for p in points if p.num == num), key=lambda p: p.nfe_per_token)
-        ax.plot([p.nfe_per_token for p in pts], [p.quality for p in pts], "o-", label=f"batch {num}")
+    settings = list(dict.fromkeys(p.setting for p in points))  # first-seen order
+    number = {name: i + 1 for i, name in enumerate(settings)}
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    for marker, num in zip("osD^v<>", sorted({p.num for p in points})):
+        pts = [p for p in points if p.num == num]
+        ax.scatter([p.tokens_per_s for p in pts], [p.quality for p in pts], marker=marker, label=f"batch {num}")
         for p in pts:
-            ax.annotate(f"{p.setting} ({p.tokens_per_s:,.0f} tok/s)", (p.nfe_per_token, p.quality),
-                        textcoords="offset points", xytext=(3, 3), fontsize=6)
+            ax.annotate(str(number[p.setting]), (p.tokens_per_s, p.quality), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per token")
+    ax.set_xlabel("tokens / s (higher is faster)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
+    key.axis("off")
+    key.text(0.0, 1.0, "\n".join(f"{number[n]}. {n}" for n in settings),
+             va="top", ha="left", fontsize=7, family="monospace", transform=key.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
