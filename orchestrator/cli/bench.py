@@ -146,7 +146,7 @@ def asha(sweep_file: Path, overrides: tuple[str, ...], output: Path) -> None:
 @click.option("--threads", type=click.IntRange(1), help="torch.set_num_threads (CPU); default: torch's choice.")
 @click.option("--setting", "settings", multiple=True, metavar="K=V[,K=V...]",
               help="A trade-off setting; repeat for several. Keys: sampler, remasking (random|low_confidence|threshold), "
-              "threshold, block (block length), cache (none|prefix|dual), steps (L = the length), e.g. "
+              "threshold, block (block length), cache (none|prefix|dual), steps (L = the length; per block with block decoding and for bd3lm), e.g. "
               "threshold=0.9,block=32,cache=dual. Default: a masked family's standard set (the first is the quality "
               "reference: one token per step).")
 @click.option("--judge", metavar="AR_RUN_OR_HF_DIR", help="Score each setting's samples by gen-PPL + entropy under this causal LM instead of agreement with the first setting's tokens.")
