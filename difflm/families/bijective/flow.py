@@ -119,13 +119,19 @@ class BijectiveBackbone(Backbone):
     def _rotary(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         return rotary_cos_sin(length, self.d_model // 2 // self.n_heads, device)  # sub-networks are D/2 wide
 
-    def flow_forward(self, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    def flow_forward(self, h: Tensor, c: Tensor, *, positions: Tensor | None = None, past_kv: KV | None = None,
+                     kv_out: KV | None = None) -> tuple[Tensor, Tensor]:
         """h (B, L, D) -> (z (B, L, D), per-position log|det J| (B, L)); summed over positions it is the exact
-        log|det| of the Jacobian dz/dh of the whole sequence."""
-        cos, sin = self._rotary(h.shape[1], h.device)
+        log|det| of the Jacobian dz/dh of the whole sequence. ``positions`` / ``past_kv`` (two entries per
+        coupling block) / ``kv_out``: the sampling caches of :meth:`forward`; all None, the plain flow."""
+        if positions is None:
+            cos, sin = self._rotary(h.shape[1], h.device)
+        else:
+            cos, sin = rotary_cos_sin_at(positions, self.d_model // 2 // self.n_heads)
         logdet = torch.zeros(h.shape[:2], device=h.device, dtype=h.dtype)  # (B, L)
-        for block in self.flow:
-            h, ld = block(h, c, cos, sin)
+        for i, block in enumerate(self.flow):
+            pair = None if past_kv is None else (past_kv[2 * i], past_kv[2 * i + 1])
+            h, ld = block(h, c, cos, sin, pair, kv_out)
             logdet = logdet + ld
         return h, logdet
 
@@ -151,14 +157,8 @@ class BijectiveBackbone(Backbone):
         if positions is None and past_kv is None and kv_out is None:
             return self.forward_flow(ids, sigma)[0]  # (B, L, V)
         c = self.condition(sigma, ids.shape[0], ids.device)  # (B, cond_dim)
-        h = self.flow_input(ids)  # (B, L, D)
-        if positions is None:
-            cos, sin = self._rotary(h.shape[1], h.device)
-        else:
-            cos, sin = rotary_cos_sin_at(positions, self.d_model // 2 // self.n_heads)
-        k = len(self.flow)
-        for i, block in enumerate(self.flow):
-            pair = None if past_kv is None else (past_kv[2 * i], past_kv[2 * i + 1])
-            h, _ = block(h, c, cos, sin, pair, kv_out)
-        rest = None if past_kv is None else past_kv[2 * k:]
-        return self.final(self.hidden(h, c, positions=positions, past_kv=rest, kv_out=kv_out), c)  # (B, L, V)
+        k = 2 * len(self.flow)  # cache entries of the coupling blocks, then one per ordinary block
+        z, _ = self.flow_forward(self.flow_input(ids), c, positions=positions,
+                                 past_kv=None if past_kv is None else past_kv[:k], kv_out=kv_out)
+        rest = None if past_kv is None else past_kv[k:]
+        return self.final(self.hidden(z, c, positions=positions, past_kv=rest, kv_out=kv_out), c)  # (B, L, V)
