@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from difflm.families.mdlm.fast import block_bounds, decode_block
+from difflm.families.mdlm.fast import block_bounds, decode_block, subs_log_probs
 from difflm.models.backbone import KV
-from difflm.sampling.core import SampleOptions, SampleOutput, SamplingError, adjust_log_probs, start_tokens
+from difflm.sampling.core import SampleOptions, SampleOutput, SamplingError, start_tokens
 
 if TYPE_CHECKING:
     from difflm.families.bd3lm.model import BD3LM
@@ -32,11 +32,7 @@ __all__ = ["ddpm", "ddpm_uncached", "run_blockwise"]
 
 def _logp(model: BD3LM, logits: Tensor, ids: Tensor, options: SampleOptions) -> Tensor:
     """SUBS log-probs (N, W, V+1) of backbone logits at ids (N, W), temperature / top-p applied."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logp = torch.nn.functional.pad(logits[..., : model.mask_id], (0, 1), value=float("-inf")).log_softmax(-1)
-    copy = torch.full_like(logp, float("-inf")).scatter_(-1, ids[..., None], 0.0)
-    return adjust_log_probs(torch.where((ids != model.mask_id)[..., None], copy, logp), options.temperature,
-                            options.top_p)
+    return subs_log_probs(logits, ids, model.mask_id, options)
 
 
 def _prefix_mask(a: int, b: int, block_size: int, device: torch.device) -> Tensor:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 from difflm.families.mdlm import samplers as ms
 
-__all__ = ["threshold_step", "decode_block", "run_blocks", "block_bounds", "ddpm", "ddpm_cache"]
+__all__ = ["threshold_step", "decode_block", "run_blocks", "block_bounds", "subs_log_probs", "ddpm", "ddpm_cache"]
 
 #: x_block (N, W) -> adjusted log p(x0 | ...) (N, W, V+1) at the block's positions
 LogProbFn = Callable[[Tensor], Tensor]
@@ -120,6 +120,17 @@ def block_bounds(length: int, block: int | None) -> list[tuple[int, int]]:
     return [(a, min(a + block, length)) for a in range(0, length, block)]
 
 
+def subs_log_probs(logits: Tensor, ids: Tensor, mask_id: int, options: SampleOptions) -> Tensor:
+    """SUBS log-probs (N, W, V+1) from raw backbone logits at ids (N, W): no mass on the mask id, unmasked
+    positions carry their token over; temperature / top-p applied. The cached paths' (mdlm's Fast-dLLM caches,
+    bd3lm's exact cache) stand-in for ``MDLM.log_probs``, which runs the whole backbone itself."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.nn.functional.pad(logits[..., :mask_id], (0, 1), value=float("-inf")).log_softmax(-1)
+    copy = torch.full_like(logp, float("-inf")).scatter_(-1, ids[..., None], 0.0)
+    logp = torch.where((ids != mask_id)[..., None], copy, logp)  # SUBS carry-over
+    return adjust_log_probs(logp, options.temperature, options.top_p)
+
+
 class _Cached:
     """mdlm log-probs at one block's positions, with Fast-dLLM's prefix/dual KV cache refreshed per block."""
 
@@ -128,11 +139,7 @@ class _Cached:
         self.past: KV | None = None
 
     def _adjust(self, logits: Tensor, ids: Tensor) -> Tensor:
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logp = torch.nn.functional.pad(logits[..., : self.model.mask_id], (0, 1), value=float("-inf")).log_softmax(-1)
-        copy = torch.full_like(logp, float("-inf")).scatter_(-1, ids[..., None], 0.0)
-        logp = torch.where((ids != self.model.mask_id)[..., None], copy, logp)  # SUBS carry-over
-        return adjust_log_probs(logp, self.options.temperature, self.options.top_p)
+        return subs_log_probs(logits, ids, self.model.mask_id, self.options)
 
     def __call__(self, block: Tensor) -> Tensor:
         model, a, b = self.model, self.a, self.b
